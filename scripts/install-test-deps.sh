@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing llm-edge needs on Debian; safe to re-run
+# (each step is skipped when already done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+apt_packages=()
+command -v cmake >/dev/null 2>&1 || apt_packages+=(cmake)
+command -v python3 >/dev/null 2>&1 || apt_packages+=(python3 python3-venv)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${apt_packages[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
+
+# Python test clients (the official openai package, latest) in a project venv.
+stamp=.venv/.requirements
+if [ ! -x .venv/bin/python ] || ! cmp -s tests/python/requirements.txt "$stamp"; then
+  echo "setting up .venv with tests/python/requirements.txt"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q --upgrade -r tests/python/requirements.txt
+  cp tests/python/requirements.txt "$stamp"
+fi

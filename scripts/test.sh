@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of llm-edge: Rust unit and integration tests, then the
+# official-client tests in tests/python. Installs missing test dependencies first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+
+echo "== cargo test"
+cargo build --bins --examples
+cargo test --all-targets
+
+echo "== official OpenAI client tests"
+export LLM_EDGE_BIN="$PWD/target/debug/llm-edge"
+export MOCK_LLAMA_BIN="$PWD/target/debug/examples/mock-llama-server"
+.venv/bin/python -m pytest tests/python -q -p no:cacheprovider

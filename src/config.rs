@@ -1,0 +1,752 @@
+//! Configuration: the YAML file, the seed's environment variables, and the
+//! validated, immutable [`Config`] the gateway runs on.
+//!
+//! Parsing is strict (`deny_unknown_fields`): a typo in a production config
+//! must stop the start or the reload, not silently fall back to a default.
+//! Every error names the path of the offending field (`upstream.url`,
+//! `models[1].aliases[0]`, ...).
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{self, ApiKey, KeyTable};
+use crate::models::{Catalogue, ModelRoute};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8080";
+pub const DEFAULT_MODEL: &str = "local";
+
+/// A configuration problem, with the path of the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file, as written by the operator.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub listen: String,
+    pub upstream: UpstreamSection,
+    pub default_model: Option<String>,
+    pub models: Vec<ModelSection>,
+    pub keys: Vec<KeySection>,
+    pub allow_anonymous: bool,
+    pub limits: LimitsSection,
+    pub downstream: DownstreamSection,
+    pub server: ServerSection,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            listen: DEFAULT_LISTEN.into(),
+            upstream: UpstreamSection::default(),
+            default_model: None,
+            models: Vec::new(),
+            keys: Vec::new(),
+            allow_anonymous: false,
+            limits: LimitsSection::default(),
+            downstream: DownstreamSection::default(),
+            server: ServerSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    pub url: String,
+    pub api_key: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub health_timeout: Duration,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            url: DEFAULT_UPSTREAM.into(),
+            api_key: None,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(10 * 60),
+            idle_timeout: Duration::from_secs(5 * 60),
+            total_timeout: None,
+            pool_idle_timeout: Duration::from_secs(4),
+            health_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    pub upstream_name: Option<String>,
+    pub owned_by: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    pub id: String,
+    pub sha256: String,
+    pub models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_body_bytes: usize,
+    pub max_buffered_body_bytes: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_body_bytes: 32 << 20,
+            max_buffered_body_bytes: 512 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamSection {
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for DownstreamSection {
+    fn default() -> Self {
+        DownstreamSection {
+            read_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub threads: usize,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub error_log: Option<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            pid_file: "/tmp/llm-edge.pid".into(),
+            upgrade_sock: "/tmp/llm-edge-upgrade.sock".into(),
+            grace_period_seconds: 120,
+            graceful_shutdown_timeout_seconds: 5,
+            error_log: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration the gateway runs on.
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `host:port` as configured, for messages.
+    pub authority: String,
+    pub host: String,
+    pub addr: SocketAddr,
+    pub api_key: Option<String>,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Option<Duration>,
+    pub pool_idle_timeout: Duration,
+    pub health_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_buffered_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub upstream: Upstream,
+    pub catalogue: Catalogue,
+    pub keys: KeyTable,
+    pub limits: Limits,
+    pub downstream: Downstream,
+    pub server: ServerSection,
+}
+
+/// Reads the environment; a parameter so tests can pass their own.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl Config {
+    /// Loads `path` (or the built-in defaults), applies the environment, validates.
+    pub fn load(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let file = match path {
+            None => FileConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| err(p.display().to_string(), format!("cannot read: {e}")))?;
+                parse_yaml(&text)?
+            }
+        };
+        apply_env(file, env).validate()
+    }
+}
+
+impl Config {
+    /// Applies `--listen HOST:PORT`.
+    pub fn set_listen(&mut self, listen: &str) -> Result<(), ConfigError> {
+        self.listen = validate_listen(listen)?;
+        Ok(())
+    }
+}
+
+pub fn parse_yaml(text: &str) -> Result<FileConfig, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." {
+            "(top level)".into()
+        } else {
+            path
+        };
+        err(path, e.into_inner().to_string())
+    })
+}
+
+/// The seed's variables: `LLAMA_BASE_URL`, `DEFAULT_MODEL`, `API_KEYS`.
+pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
+    if let Some(url) = env("LLAMA_BASE_URL") {
+        file.upstream.url = url.trim().to_string();
+    }
+    if let Some(model) = env("DEFAULT_MODEL") {
+        let model = model.trim().to_string();
+        let known = file
+            .models
+            .iter()
+            .any(|m| m.name == model || m.aliases.contains(&model));
+        if !known {
+            file.models.push(ModelSection {
+                name: model.clone(),
+                aliases: vec![],
+                upstream_name: None,
+                owned_by: None,
+            });
+        }
+        file.default_model = Some(model);
+    }
+    if let Some(keys) = env("API_KEYS") {
+        let secrets = keys.split(',').map(str::trim).filter(|k| !k.is_empty());
+        for (i, secret) in secrets.enumerate() {
+            file.keys.push(KeySection {
+                id: format!("env-{}", i + 1),
+                sha256: auth::digest_hex(secret),
+                models: None,
+            });
+        }
+    }
+    file
+}
+
+impl FileConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen = validate_listen(&self.listen)?;
+        let upstream = validate_upstream(self.upstream)?;
+        let catalogue = validate_models(self.models, self.default_model)?;
+        let keys = validate_keys(self.keys, &catalogue, self.allow_anonymous)?;
+
+        let limits = Limits {
+            max_body_bytes: self.limits.max_body_bytes,
+            max_buffered_body_bytes: self.limits.max_buffered_body_bytes,
+        };
+        if limits.max_body_bytes == 0 {
+            return Err(err("limits.max_body_bytes", "must be greater than 0"));
+        }
+        if limits.max_buffered_body_bytes < limits.max_body_bytes {
+            return Err(err(
+                "limits.max_buffered_body_bytes",
+                "must be at least limits.max_body_bytes, or no large request could ever be served",
+            ));
+        }
+        let downstream = Downstream {
+            read_timeout: nonzero("downstream.read_timeout", self.downstream.read_timeout)?,
+            keepalive_timeout: self.downstream.keepalive_timeout,
+        };
+        let server = self.server;
+        if server.threads == 0 {
+            return Err(err("server.threads", "must be at least 1"));
+        }
+        for (path, value) in [
+            ("server.pid_file", &server.pid_file),
+            ("server.upgrade_sock", &server.upgrade_sock),
+        ] {
+            if !Path::new(value).is_absolute() {
+                return Err(err(
+                    path,
+                    format!("must be an absolute path, got '{value}'"),
+                ));
+            }
+        }
+        if let Some(log) = &server.error_log {
+            if !Path::new(log).is_absolute() {
+                return Err(err(
+                    "server.error_log",
+                    format!("must be an absolute path, got '{log}'"),
+                ));
+            }
+        }
+        Ok(Config {
+            listen,
+            upstream,
+            catalogue,
+            keys,
+            limits,
+            downstream,
+            server,
+        })
+    }
+}
+
+fn nonzero(path: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(err(path, "must be greater than 0"))
+    } else {
+        Ok(d)
+    }
+}
+
+fn validate_listen(listen: &str) -> Result<String, ConfigError> {
+    listen.parse::<SocketAddr>().map_err(|_| {
+        err(
+            "listen",
+            format!("'{listen}' is not an IP:PORT address (for example 0.0.0.0:8000 or [::]:8000)"),
+        )
+    })?;
+    Ok(listen.to_string())
+}
+
+fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigError> {
+    let url = s.url.trim();
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        err(
+            "upstream.url",
+            format!("'{url}' must start with http:// (the upstream is llama-server at the end of the SSH tunnel)"),
+        )
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if !matches!(path, "" | "/" | "/v1" | "/v1/") {
+        return Err(err(
+            "upstream.url",
+            format!("'{url}' has a path; give only http://HOST:PORT"),
+        ));
+    }
+    let uri: http::uri::Authority = authority
+        .parse()
+        .map_err(|_| err("upstream.url", format!("'{url}' has no valid HOST:PORT")))?;
+    let host = uri
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    if host.is_empty() {
+        return Err(err("upstream.url", format!("'{url}' has no host")));
+    }
+    // Resolved once here: pingora's HttpPeer::new panics on a name it cannot resolve.
+    let addr = (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| err("upstream.url", format!("cannot resolve host '{host}'")))?;
+    if let Some(key) = &s.api_key {
+        if key.is_empty() || key.bytes().any(|b| b.is_ascii_control()) {
+            return Err(err(
+                "upstream.api_key",
+                "must be a non-empty string without control characters",
+            ));
+        }
+    }
+    Ok(Upstream {
+        authority: format!("{host}:{port}"),
+        host,
+        addr,
+        api_key: s.api_key,
+        connect_timeout: nonzero("upstream.connect_timeout", s.connect_timeout)?,
+        first_byte_timeout: nonzero("upstream.first_byte_timeout", s.first_byte_timeout)?,
+        idle_timeout: nonzero("upstream.idle_timeout", s.idle_timeout)?,
+        total_timeout: match s.total_timeout {
+            Some(d) => Some(nonzero("upstream.total_timeout", d)?),
+            None => None,
+        },
+        pool_idle_timeout: s.pool_idle_timeout,
+        health_timeout: nonzero("upstream.health_timeout", s.health_timeout)?,
+    })
+}
+
+fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && !name.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+fn validate_models(
+    models: Vec<ModelSection>,
+    default_model: Option<String>,
+) -> Result<Catalogue, ConfigError> {
+    let mut models = models;
+    if models.is_empty() {
+        models.push(ModelSection {
+            name: default_model
+                .clone()
+                .unwrap_or_else(|| DEFAULT_MODEL.into()),
+            aliases: vec![],
+            upstream_name: None,
+            owned_by: None,
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut routes = Vec::with_capacity(models.len());
+    for (i, m) in models.into_iter().enumerate() {
+        if !valid_model_name(&m.name) {
+            return Err(err(
+                format!("models[{i}].name"),
+                format!(
+                    "'{}' is not a valid model name (non-empty, no spaces or control characters)",
+                    m.name
+                ),
+            ));
+        }
+        if !seen.insert(m.name.clone()) {
+            return Err(err(
+                format!("models[{i}].name"),
+                format!("'{}' is listed twice", m.name),
+            ));
+        }
+        for (j, alias) in m.aliases.iter().enumerate() {
+            if !valid_model_name(alias) {
+                return Err(err(
+                    format!("models[{i}].aliases[{j}]"),
+                    format!("'{alias}' is not a valid model name"),
+                ));
+            }
+            if !seen.insert(alias.clone()) {
+                return Err(err(
+                    format!("models[{i}].aliases[{j}]"),
+                    format!("'{alias}' is already used by another model or alias"),
+                ));
+            }
+        }
+        let upstream_name = m.upstream_name.unwrap_or_else(|| m.name.clone());
+        if upstream_name.is_empty() {
+            return Err(err(
+                format!("models[{i}].upstream_name"),
+                "must not be empty",
+            ));
+        }
+        routes.push(ModelRoute {
+            name: m.name,
+            aliases: m.aliases,
+            upstream_name,
+            owned_by: m.owned_by.unwrap_or_else(|| "llm-edge".into()),
+        });
+    }
+    let default = default_model.unwrap_or_else(|| routes[0].name.clone());
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if !seen.contains(&default) {
+        return Err(err(
+            "default_model",
+            format!("'{default}' is not one of the models or aliases listed under models"),
+        ));
+    }
+    Catalogue::new(routes, &default, created)
+        .ok_or_else(|| err("models", "names and aliases must be unique"))
+}
+
+fn validate_keys(
+    keys: Vec<KeySection>,
+    catalogue: &Catalogue,
+    allow_anonymous: bool,
+) -> Result<KeyTable, ConfigError> {
+    let mut ids = HashSet::new();
+    let mut digests = HashSet::new();
+    let mut table = Vec::with_capacity(keys.len());
+    for (i, k) in keys.into_iter().enumerate() {
+        if k.id.is_empty()
+            || k.id.len() > 64
+            || !k
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err(
+                format!("keys[{i}].id"),
+                format!("'{}' must be 1-64 characters of letters, digits, '-', '_' or '.' (it appears in logs and metrics)", k.id),
+            ));
+        }
+        if !ids.insert(k.id.clone()) {
+            return Err(err(
+                format!("keys[{i}].id"),
+                format!("'{}' is used twice", k.id),
+            ));
+        }
+        let digest = parse_digest(&k.sha256).ok_or_else(|| {
+            err(
+                format!("keys[{i}].sha256"),
+                "must be 64 hex characters: the SHA-256 of the key, as printed by `llm-edge hash-key`",
+            )
+        })?;
+        if !digests.insert(digest) {
+            return Err(err(
+                format!("keys[{i}].sha256"),
+                "the same key is configured twice",
+            ));
+        }
+        let allowed = match k.models {
+            None => None,
+            Some(list) => {
+                let mut names = Vec::with_capacity(list.len());
+                for (j, name) in list.iter().enumerate() {
+                    let route = catalogue.resolve(Some(name)).ok_or_else(|| {
+                        err(
+                            format!("keys[{i}].models[{j}]"),
+                            format!("'{name}' is not a configured model or alias"),
+                        )
+                    })?;
+                    names.push(route.name.clone());
+                }
+                Some(names)
+            }
+        };
+        table.push(ApiKey::new(k.id, digest, allowed));
+    }
+    Ok(KeyTable::new(table, allow_anonymous))
+}
+
+fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_digest.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load_str(yaml: &str) -> Result<Config, ConfigError> {
+        apply_env(parse_yaml(yaml)?, &no_env).validate()
+    }
+
+    #[test]
+    fn defaults_listen_on_8000_and_forward_to_8080() {
+        let c = Config::load(None, &no_env).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8000");
+        assert_eq!(c.upstream.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.catalogue.default_route().name, "local");
+        assert!(c.keys.is_empty());
+        assert_eq!(c.limits.max_body_bytes, 32 << 20);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../conf/llm-edge.yaml");
+        let c = load_str(text).unwrap();
+        assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
+    }
+
+    #[test]
+    fn full_file() {
+        let key = auth::digest_hex("sk-test");
+        let c = load_str(&format!(
+            r#"
+listen: 127.0.0.1:9000
+upstream:
+  url: http://localhost:8081/
+  api_key: upstream-secret
+  connect_timeout: 2s
+  first_byte_timeout: 3m
+  idle_timeout: 1m
+  total_timeout: 1h
+default_model: qwen
+models:
+  - name: qwen3
+    aliases: [qwen]
+    upstream_name: /models/qwen3.gguf
+  - name: small
+keys:
+  - id: alice
+    sha256: {key}
+    models: [qwen]
+server:
+  grace_period_seconds: 3
+"#
+        ))
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.upstream.addr.port(), 8081);
+        assert_eq!(c.upstream.first_byte_timeout, Duration::from_secs(180));
+        assert_eq!(c.upstream.total_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.catalogue.default_route().name, "qwen3");
+        let alice = c.keys.authenticate(Some(b"Bearer sk-test")).unwrap();
+        assert!(alice.allows("qwen3"));
+        assert!(!alice.allows("small"));
+        assert_eq!(c.server.grace_period_seconds, 3);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let e = load_str("upstream:\n  urll: http://x:1\n").unwrap_err();
+        assert_eq!(e.path, "upstream.urll");
+        assert!(e.message.contains("urll"), "{e}");
+        let e = load_str("models:\n  - name: a\n    alias: [b]\n").unwrap_err();
+        assert!(e.path.starts_with("models[0]"), "{e}");
+        let e = load_str("listn: 1.2.3.4:5\n").unwrap_err();
+        assert!(e.message.contains("listn"));
+    }
+
+    #[test]
+    fn type_errors_name_the_path() {
+        let e = load_str("upstream:\n  connect_timeout: soon\n").unwrap_err();
+        assert_eq!(e.path, "upstream.connect_timeout");
+        let e = load_str("limits:\n  max_body_bytes: lots\n").unwrap_err();
+        assert_eq!(e.path, "limits.max_body_bytes");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_path() {
+        let cases = [
+            ("listen: nowhere\n", "listen"),
+            ("upstream:\n  url: https://x:1\n", "upstream.url"),
+            (
+                "upstream:\n  url: http://127.0.0.1:8080/api\n",
+                "upstream.url",
+            ),
+            (
+                "upstream:\n  connect_timeout: 0s\n",
+                "upstream.connect_timeout",
+            ),
+            ("models:\n  - name: a\n  - name: a\n", "models[1].name"),
+            (
+                "models:\n  - name: a\n    aliases: [a]\n",
+                "models[0].aliases[0]",
+            ),
+            ("models:\n  - name: a\ndefault_model: b\n", "default_model"),
+            ("keys:\n  - id: k\n    sha256: abc\n", "keys[0].sha256"),
+            ("keys:\n  - id: 'bad id'\n    sha256: abc\n", "keys[0].id"),
+            ("server:\n  pid_file: relative.pid\n", "server.pid_file"),
+            ("limits:\n  max_body_bytes: 0\n", "limits.max_body_bytes"),
+            ("server:\n  threads: 0\n", "server.threads"),
+        ];
+        for (yaml, path) in cases {
+            let e = load_str(yaml).unwrap_err();
+            assert_eq!(e.path, path, "{yaml}: {e}");
+        }
+        let key = auth::digest_hex("x");
+        let e = load_str(&format!(
+            "keys:\n  - id: k\n    sha256: {key}\n    models: [nope]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "keys[0].models[0]");
+        let e = load_str(&format!(
+            "keys:\n  - id: a\n    sha256: {key}\n  - id: b\n    sha256: {key}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "keys[1].sha256");
+    }
+
+    #[test]
+    fn seed_environment_works_without_a_file() {
+        let env = |name: &str| match name {
+            "LLAMA_BASE_URL" => Some("http://127.0.0.1:18080".to_string()),
+            "DEFAULT_MODEL" => Some("qwen3-30b-a3b-instruct".to_string()),
+            "API_KEYS" => Some("sk-local-abc, sk-two,".to_string()),
+            _ => None,
+        };
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.upstream.addr.port(), 18080);
+        assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
+        assert_eq!(
+            c.keys
+                .authenticate(Some(b"Bearer sk-local-abc"))
+                .unwrap()
+                .id,
+            "env-1"
+        );
+        let two = c.keys.authenticate(Some(b"Bearer sk-two")).unwrap();
+        assert_eq!(two.id, "env-2");
+        assert!(two.allows("qwen3-30b-a3b-instruct"));
+    }
+
+    #[test]
+    fn default_model_env_reuses_a_listed_alias() {
+        let env = |name: &str| (name == "DEFAULT_MODEL").then(|| "q".to_string());
+        let file = parse_yaml("models:\n  - name: qwen\n    aliases: [q]\n").unwrap();
+        let c = apply_env(file, &env).validate().unwrap();
+        assert_eq!(c.catalogue.routes().len(), 1);
+        assert_eq!(c.catalogue.default_route().name, "qwen");
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c = load_str("").unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+    }
+}

@@ -1,0 +1,159 @@
+//! The per-request record ([`RequestCtx`]) and the access-log line built from it.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use crate::gateway_error::GatewayError;
+use crate::routes::{Route, UNKNOWN_ROUTE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectPhase {
+    BeforeFirstToken,
+    Streaming,
+}
+
+impl DisconnectPhase {
+    pub fn label(self) -> &'static str {
+        match self {
+            DisconnectPhase::BeforeFirstToken => "before_first_token",
+            DisconnectPhase::Streaming => "streaming",
+        }
+    }
+}
+
+/// Status logged when the client went away before the response was complete.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub start: Instant,
+    pub request_id: Option<String>,
+    pub route: Option<Route>,
+    pub key_id: Option<String>,
+    /// Public model name, once resolved.
+    pub model: Option<String>,
+    /// The status the client got (499 when it left first).
+    pub status: Option<u16>,
+    pub upstream_status: Option<u16>,
+    pub first_byte: Option<Duration>,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+    pub error_code: Option<&'static str>,
+    pub upstream_error: Option<&'static str>,
+    pub disconnect: Option<DisconnectPhase>,
+}
+
+impl RequestCtx {
+    pub fn new() -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: None,
+            route: None,
+            key_id: None,
+            model: None,
+            status: None,
+            upstream_status: None,
+            first_byte: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            error_code: None,
+            upstream_error: None,
+            disconnect: None,
+        }
+    }
+
+    /// Records that the client left, and returns the error that ends the request.
+    pub fn client_left(&mut self, phase: DisconnectPhase) -> GatewayError {
+        self.status = Some(CLIENT_CLOSED_REQUEST);
+        self.disconnect = Some(phase);
+        GatewayError::ClientGone
+    }
+
+    pub fn route_label(&self) -> &'static str {
+        self.route.as_ref().map_or(UNKNOWN_ROUTE, Route::label)
+    }
+
+    /// One access-log line. Only bounded, non-secret values: the key id, never the key.
+    pub fn access_log_line(&self, client: &str, method: &str, path: &str, status: u16) -> String {
+        let mut line = String::with_capacity(200);
+        let _ = write!(
+            line,
+            "{client} \"{method} {path}\" {status} route={} key={} model={} upstream_status={} ttfb_ms={} bytes_in={} bytes_out={} duration_ms={}",
+            self.route_label(),
+            self.key_id.as_deref().unwrap_or("-"),
+            self.model.as_deref().unwrap_or("-"),
+            self.upstream_status.map_or("-".to_string(), |s| s.to_string()),
+            self.first_byte.map_or("-".to_string(), |d| d.as_millis().to_string()),
+            self.bytes_in,
+            self.bytes_out,
+            self.start.elapsed().as_millis(),
+        );
+        if let Some(id) = &self.request_id {
+            let _ = write!(line, " request_id={id}");
+        }
+        if let Some(code) = self.error_code {
+            let _ = write!(line, " error={code}");
+        }
+        if let Some(kind) = self.upstream_error {
+            let _ = write!(line, " upstream_error={kind}");
+        }
+        if let Some(phase) = self.disconnect {
+            let _ = write!(line, " disconnect={}", phase.label());
+        }
+        line
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}
+
+/// An `X-Request-Id` we accept from the client: short, printable, no spaces.
+pub fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_line_has_the_fields() {
+        let mut ctx = RequestCtx::new();
+        ctx.route = Some(Route::ChatCompletions);
+        ctx.key_id = Some("alice".into());
+        ctx.model = Some("qwen".into());
+        ctx.upstream_status = Some(200);
+        ctx.first_byte = Some(Duration::from_millis(12));
+        ctx.bytes_out = 345;
+        let _ = ctx.client_left(DisconnectPhase::Streaming);
+        let line = ctx.access_log_line("1.2.3.4", "POST", "/v1/chat/completions", 499);
+        for part in [
+            "1.2.3.4 \"POST /v1/chat/completions\" 499",
+            "route=chat_completions",
+            "key=alice",
+            "model=qwen",
+            "upstream_status=200",
+            "ttfb_ms=12",
+            "bytes_out=345",
+            "duration_ms=",
+            "disconnect=streaming",
+        ] {
+            assert!(line.contains(part), "{line} lacks {part}");
+        }
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id("abc-123_x.y:z"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("a b"));
+        assert!(!valid_request_id("a\nb"));
+        assert!(!valid_request_id(&"a".repeat(129)));
+    }
+}

@@ -1,0 +1,234 @@
+//! The one error type the gateway answers with.
+//!
+//! Every rejection llm-edge writes itself becomes an [`ApiError`]: it knows its
+//! HTTP status, renders the OpenAI error body (`{"error":{"message","type","param","code"}}`)
+//! that every OpenAI SDK can parse, and names itself with a short, bounded label
+//! for logs and metrics. Upstream errors (llama-server's own 4xx/5xx) are passed
+//! through untouched and never go through this type.
+
+use bytes::Bytes;
+use serde_json::json;
+
+/// A failure the gateway reports to the client itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    MissingKey(String),
+    #[error("{0}")]
+    InvalidKey(String),
+    #[error("the API key '{key_id}' is not allowed to use the model '{model}'")]
+    ModelNotAllowed { key_id: String, model: String },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{message}")]
+    InvalidParam { param: String, message: String },
+    #[error("the model '{0}' does not exist")]
+    ModelNotFound(String),
+    #[error("no route for {method} {path}; this gateway serves the OpenAI API under /v1")]
+    NotFound { method: String, path: String },
+    #[error("method {method} is not allowed on {path}; use {allowed}")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("{0}")]
+    UpstreamUnreachable(String),
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    #[error("{0}")]
+    UpstreamUnavailable(String),
+    #[error("{0}")]
+    UpstreamBroken(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::MissingKey(_) | ApiError::InvalidKey(_) => 401,
+            ApiError::ModelNotAllowed { .. } => 403,
+            ApiError::InvalidRequest(_) | ApiError::InvalidParam { .. } => 400,
+            ApiError::ModelNotFound(_) | ApiError::NotFound { .. } => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::BodyTooLarge { .. } => 413,
+            ApiError::Overloaded(_) | ApiError::UpstreamUnavailable(_) => 503,
+            ApiError::UpstreamUnreachable(_) | ApiError::UpstreamBroken(_) => 502,
+            ApiError::UpstreamTimeout(_) => 504,
+            ApiError::Internal(_) => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::MissingKey(_) | ApiError::InvalidKey(_) => "authentication_error",
+            ApiError::ModelNotAllowed { .. } => "permission_error",
+            ApiError::InvalidRequest(_)
+            | ApiError::InvalidParam { .. }
+            | ApiError::ModelNotFound(_)
+            | ApiError::NotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::BodyTooLarge { .. } => "invalid_request_error",
+            ApiError::Overloaded(_) => "overloaded_error",
+            ApiError::UpstreamUnreachable(_)
+            | ApiError::UpstreamTimeout(_)
+            | ApiError::UpstreamUnavailable(_)
+            | ApiError::UpstreamBroken(_)
+            | ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`; also the bounded label used in logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MissingKey(_) => "missing_api_key",
+            ApiError::InvalidKey(_) => "invalid_api_key",
+            ApiError::ModelNotAllowed { .. } => "model_not_allowed",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::InvalidParam { .. } => "invalid_parameter",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::Overloaded(_) => "gateway_overloaded",
+            ApiError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ApiError::UpstreamTimeout(_) => "upstream_timeout",
+            ApiError::UpstreamUnavailable(_) => "upstream_unavailable",
+            ApiError::UpstreamBroken(_) => "upstream_error",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidParam { param, .. } => Some(param),
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body, with the request id when one is known.
+    pub fn body(&self, request_id: Option<&str>) -> Bytes {
+        let mut error = json!({
+            "message": self.to_string(),
+            "type": self.error_type(),
+            "param": self.param(),
+            "code": self.code(),
+        });
+        if let Some(id) = request_id {
+            error["request_id"] = json!(id);
+        }
+        Bytes::from(json!({ "error": error }).to_string())
+    }
+
+    /// The same error as one SSE event, for a stream that already started:
+    /// the client sees why it ended and, without `[DONE]`, knows the reply is cut.
+    pub fn sse_event(&self, request_id: Option<&str>) -> Bytes {
+        let body = self.body(request_id);
+        let mut event = Vec::with_capacity(body.len() + 8);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&body);
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn parse(e: &ApiError) -> Value {
+        serde_json::from_slice(&e.body(None)).unwrap()
+    }
+
+    #[test]
+    fn every_error_has_the_openai_shape() {
+        let all = [
+            ApiError::MissingKey("m".into()),
+            ApiError::InvalidKey("m".into()),
+            ApiError::ModelNotAllowed {
+                key_id: "k".into(),
+                model: "m".into(),
+            },
+            ApiError::InvalidRequest("m".into()),
+            ApiError::InvalidParam {
+                param: "model".into(),
+                message: "m".into(),
+            },
+            ApiError::ModelNotFound("m".into()),
+            ApiError::NotFound {
+                method: "GET".into(),
+                path: "/x".into(),
+            },
+            ApiError::MethodNotAllowed {
+                method: "GET".into(),
+                path: "/v1/chat/completions".into(),
+                allowed: "POST",
+            },
+            ApiError::BodyTooLarge { limit: 10 },
+            ApiError::Overloaded("m".into()),
+            ApiError::UpstreamUnreachable("m".into()),
+            ApiError::UpstreamTimeout("m".into()),
+            ApiError::UpstreamUnavailable("m".into()),
+            ApiError::UpstreamBroken("m".into()),
+            ApiError::Internal("m".into()),
+        ];
+        for e in all {
+            let v = parse(&e);
+            let err = v["error"].as_object().unwrap();
+            assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert_eq!(err["type"], e.error_type());
+            assert_eq!(err["code"], e.code());
+            assert!(err.contains_key("param"));
+            assert!((400..600).contains(&e.status()));
+        }
+    }
+
+    #[test]
+    fn statuses_match_the_contract() {
+        assert_eq!(ApiError::MissingKey(String::new()).status(), 401);
+        assert_eq!(
+            ApiError::ModelNotAllowed {
+                key_id: "a".into(),
+                model: "b".into()
+            }
+            .status(),
+            403
+        );
+        assert_eq!(ApiError::ModelNotFound("x".into()).status(), 404);
+        assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(ApiError::UpstreamTimeout(String::new()).status(), 504);
+        assert_eq!(ApiError::UpstreamUnreachable(String::new()).status(), 502);
+    }
+
+    #[test]
+    fn model_errors_name_the_param() {
+        let v = parse(&ApiError::ModelNotFound("gpt-9".into()));
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[test]
+    fn request_id_is_included_when_known() {
+        let e = ApiError::InvalidRequest("bad".into());
+        let v: Value = serde_json::from_slice(&e.body(Some("req-1"))).unwrap();
+        assert_eq!(v["error"]["request_id"], "req-1");
+    }
+
+    #[test]
+    fn sse_event_is_one_data_frame() {
+        let ev = ApiError::UpstreamBroken("cut".into()).sse_event(None);
+        assert!(ev.starts_with(b"data: {\"error\":"));
+        assert!(ev.ends_with(b"\n\n"));
+        let json: Value = serde_json::from_slice(&ev[6..ev.len() - 2]).unwrap();
+        assert_eq!(json["error"]["code"], "upstream_error");
+    }
+}

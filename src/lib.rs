@@ -1,0 +1,19 @@
+//! llm-edge: an edge gateway, built on Pingora, that puts a self-hosted
+//! llama.cpp `llama-server` on the public internet with API keys, public model
+//! names, unbuffered streaming and cancellation.
+
+pub mod auth;
+pub mod body;
+pub mod budget;
+pub mod cli;
+pub mod config;
+pub mod ctx;
+pub mod errors;
+pub mod gateway_error;
+pub mod headers;
+pub mod models;
+pub mod proxy;
+pub mod relay;
+pub mod routes;
+pub mod server;
+pub mod upstream;

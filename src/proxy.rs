@@ -1,0 +1,542 @@
+//! [`GatewayProxy`]: the Pingora `ProxyHttp` implementation.
+//!
+//! Each phase is a short adapter over the pure modules:
+//! `request_filter` classifies the route, authenticates, answers health and
+//! model listings itself, and for the model routes reads, checks and rewrites
+//! the body and relays the request (see `upstream.rs` for why this path does
+//! not use Pingora's proxy loop). Other `/v1/*` paths continue through
+//! Pingora's ordinary proxy phases below.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use serde_json::json;
+
+use crate::auth::ApiKey;
+use crate::body;
+use crate::budget::{BodyBudget, Reservation};
+use crate::config::Config;
+use crate::ctx::{self, DisconnectPhase, RequestCtx, CLIENT_CLOSED_REQUEST};
+use crate::errors::ApiError;
+use crate::gateway_error::GatewayError;
+use crate::headers;
+use crate::relay;
+use crate::routes::{self, Route};
+use crate::upstream::{HealthReport, UpstreamClient};
+
+/// How long, after answering 413, we keep reading (and discarding) what the
+/// client still sends, so it reads our answer instead of a connection reset.
+const LINGER_AFTER_REJECT: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 64 << 20;
+
+pub struct GatewayProxy {
+    cfg: Arc<Config>,
+    upstream: Arc<UpstreamClient>,
+    budget: Arc<BodyBudget>,
+    /// Peer for Pingora's own proxy loop (other `/v1/*` paths).
+    passthrough_peer: HttpPeer,
+}
+
+enum Next {
+    Responded,
+    Proxy,
+}
+
+impl GatewayProxy {
+    pub fn new(cfg: Arc<Config>) -> GatewayProxy {
+        let upstream = Arc::new(UpstreamClient::new(cfg.upstream.clone()));
+        let mut passthrough_peer = upstream.peer().clone();
+        passthrough_peer.options.idle_timeout = Some(cfg.upstream.pool_idle_timeout);
+        passthrough_peer.options.read_timeout = Some(
+            cfg.upstream
+                .first_byte_timeout
+                .max(cfg.upstream.idle_timeout),
+        );
+        let budget = BodyBudget::new(cfg.limits.max_buffered_body_bytes);
+        GatewayProxy {
+            cfg,
+            upstream,
+            budget,
+            passthrough_peer,
+        }
+    }
+
+    async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Next, GatewayError> {
+        let req = session.req_header();
+        let route = routes::classify(req.method.as_str(), req.uri.path())?;
+        ctx.route = Some(route.clone());
+        match route {
+            Route::Health => {
+                self.respond_json(session, ctx, 200, json!({"status": "ok"}).to_string())
+                    .await?;
+                return Ok(Next::Responded);
+            }
+            Route::HealthUpstream => {
+                self.upstream_health(session, ctx).await?;
+                return Ok(Next::Responded);
+            }
+            _ => {}
+        }
+        let authorization = session.get_header("authorization").map(|v| v.as_bytes());
+        let key = self.cfg.keys.authenticate(authorization)?;
+        ctx.key_id = Some(key.id.clone());
+        match route {
+            Route::ListModels => {
+                let list = self.cfg.catalogue.list_json(|m| key.allows(&m.name));
+                self.respond_json(session, ctx, 200, list).await?;
+                Ok(Next::Responded)
+            }
+            Route::GetModel(id) => {
+                let visible = self
+                    .cfg
+                    .catalogue
+                    .resolve(Some(&id))
+                    .filter(|m| key.allows(&m.name))
+                    .and_then(|_| self.cfg.catalogue.model_json(&id));
+                let model = visible.ok_or(ApiError::ModelNotFound(id))?;
+                self.respond_json(session, ctx, 200, model).await?;
+                Ok(Next::Responded)
+            }
+            r if r.has_model_body() => {
+                self.forward_model_request(session, ctx, key).await?;
+                Ok(Next::Responded)
+            }
+            _ => Ok(Next::Proxy),
+        }
+    }
+
+    async fn forward_model_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+    ) -> Result<(), GatewayError> {
+        let (body, reservation) = self.read_body(session, ctx).await?;
+        let info = body::inspect(&body)?;
+        let requested = info.model.as_ref().map(|m| m.name.as_str());
+        let route =
+            self.cfg.catalogue.resolve(requested).ok_or_else(|| {
+                ApiError::ModelNotFound(requested.unwrap_or_default().to_string())
+            })?;
+        ctx.model = Some(route.name.clone());
+        if !key.allows(&route.name) {
+            return Err(ApiError::ModelNotAllowed {
+                key_id: key.id.clone(),
+                model: requested.unwrap_or(&route.name).to_string(),
+            }
+            .into());
+        }
+        let body = body::rewrite_model(body, &info, &route.upstream_name);
+        let req = headers::upstream_request(
+            session.req_header(),
+            body.len(),
+            &self.cfg.upstream,
+            ctx.request_id.as_deref(),
+        )?;
+        relay::forward(session, ctx, &self.upstream, req, body, reservation).await
+    }
+
+    /// Reads the whole request body, within the per-request limit and the
+    /// global budget. Oversized bodies are refused as soon as that is known
+    /// (from `Content-Length`, or while reading) without reading the rest.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(Bytes, Reservation), GatewayError> {
+        let limit = self.cfg.limits.max_body_bytes;
+        let declared = match session.get_header("content-length") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        ApiError::InvalidRequest("invalid Content-Length header".into())
+                    })?,
+            ),
+        };
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::BodyTooLarge { limit }.into());
+        }
+        let mut reservation = Reservation::empty(&self.budget);
+        if !reservation.grow_to(declared.unwrap_or(0)) {
+            return Err(overloaded().into());
+        }
+        let expects_continue = session
+            .get_header("expect")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await
+                .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
+        }
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 * 1024));
+        loop {
+            let chunk = match session.read_request_body().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) if e.etype() == &ErrorType::ReadTimedout => {
+                    return Err(ApiError::InvalidRequest(
+                        "timed out reading the request body (downstream.read_timeout)".into(),
+                    )
+                    .into())
+                }
+                Err(_) => return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken)),
+            };
+            let total = buf.len() + chunk.len();
+            if total > limit {
+                return Err(ApiError::BodyTooLarge { limit }.into());
+            }
+            if !reservation.grow_to(total) {
+                return Err(overloaded().into());
+            }
+            buf.extend_from_slice(&chunk);
+            ctx.bytes_in = total;
+        }
+        Ok((buf.freeze(), reservation))
+    }
+
+    async fn upstream_health(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        let authority = &self.cfg.upstream.authority;
+        let (state, message) = match self.upstream.health().await {
+            HealthReport::Healthy => {
+                let body = json!({"status": "ok", "upstream": authority}).to_string();
+                return self.respond_json(session, ctx, 200, body).await;
+            }
+            HealthReport::Loading(detail) => (
+                "loading",
+                format!("llama-server at {authority} is still loading its model: {detail}"),
+            ),
+            HealthReport::Unhealthy(detail) => ("unhealthy", detail),
+            HealthReport::Unreachable(detail) => ("unreachable", detail),
+        };
+        let error = ApiError::UpstreamUnavailable(message);
+        ctx.error_code = Some(error.code());
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&error.body(ctx.request_id.as_deref())).unwrap_or_default();
+        body["status"] = json!(state);
+        body["upstream"] = json!(authority);
+        self.respond_json(session, ctx, 503, body.to_string()).await
+    }
+
+    async fn respond_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: String,
+    ) -> Result<(), GatewayError> {
+        let resp = json_response_header(status, body.len(), ctx.request_id.as_deref())?;
+        write_response(session, ctx, resp, Bytes::from(body)).await
+    }
+
+    /// Answers with an OpenAI-shaped error.
+    async fn respond_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: &ApiError,
+    ) -> Result<()> {
+        ctx.error_code = Some(err.code());
+        let body_unread = !session.is_body_done();
+        if body_unread {
+            // Otherwise Pingora would drain the whole unread body before answering.
+            session.set_keepalive(None);
+        }
+        let body = err.body(ctx.request_id.as_deref());
+        let mut resp = json_response_header(err.status(), body.len(), ctx.request_id.as_deref())?;
+        match err {
+            ApiError::MissingKey(_) | ApiError::InvalidKey(_) => {
+                resp.insert_header("WWW-Authenticate", "Bearer")?;
+            }
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                resp.insert_header("Allow", *allowed)?;
+            }
+            ApiError::Overloaded(_) => {
+                resp.insert_header("Retry-After", "1")?;
+            }
+            _ => {}
+        }
+        if write_response(session, ctx, resp, body).await.is_err() {
+            return Error::e_explain(
+                ErrorType::WriteError,
+                "client left before the error response",
+            );
+        }
+        if body_unread {
+            linger(session).await;
+        }
+        Ok(())
+    }
+
+    fn client_addr(session: &Session) -> String {
+        session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or_else(|| "-".to_string(), |a| a.ip().to_string())
+    }
+}
+
+fn overloaded() -> ApiError {
+    ApiError::Overloaded(
+        "the gateway is holding too many request bodies at once (limits.max_buffered_body_bytes); retry shortly".into(),
+    )
+}
+
+fn json_response_header(
+    status: u16,
+    len: usize,
+    request_id: Option<&str>,
+) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("Content-Type", "application/json")?;
+    resp.insert_header("Content-Length", len.to_string())?;
+    if let Some(id) = request_id {
+        resp.insert_header("X-Request-Id", id)?;
+    }
+    Ok(resp)
+}
+
+async fn write_response(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    resp: ResponseHeader,
+    body: Bytes,
+) -> Result<(), GatewayError> {
+    ctx.status = Some(resp.status.as_u16());
+    ctx.bytes_out += body.len();
+    let written = async {
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    };
+    written
+        .await
+        .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))
+}
+
+/// Reads and discards what the client still sends after an early answer,
+/// briefly, so closing the socket does not reset the connection under the
+/// answer the client has not read yet.
+async fn linger(session: &mut Session) {
+    let discard = async {
+        let mut discarded = 0usize;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            discarded += chunk.len();
+            if discarded > LINGER_MAX_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_AFTER_REJECT, discard).await;
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        session.set_read_timeout(Some(self.cfg.downstream.read_timeout));
+        session.set_keepalive(Some(self.cfg.downstream.keepalive_timeout.as_secs().max(1)));
+        let incoming = session
+            .get_header("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| ctx::valid_request_id(id));
+        ctx.request_id = Some(match incoming {
+            Some(id) => id.to_string(),
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        });
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match self.serve(session, ctx).await {
+            Ok(Next::Responded) => Ok(true),
+            Ok(Next::Proxy) => Ok(false),
+            Err(GatewayError::Api(err)) => {
+                self.respond_error(session, ctx, &err).await?;
+                Ok(true)
+            }
+            Err(GatewayError::ClientGone) => {
+                Error::e_explain(ErrorType::ConnectionClosed, "client closed the connection")
+            }
+            Err(GatewayError::Aborted(e)) => Err(e),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.passthrough_peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        headers::rewrite_passthrough_request(
+            upstream_request,
+            &self.cfg.upstream,
+            ctx.request_id.as_deref(),
+        )
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.bytes_in += chunk.len();
+            if ctx.bytes_in > self.cfg.limits.max_body_bytes {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over limits.max_body_bytes",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        ctx.first_byte = Some(ctx.start.elapsed());
+        if let Some(id) = &ctx.request_id {
+            upstream_response.insert_header("X-Request-Id", id.as_str())?;
+        }
+        if headers::is_event_stream(upstream_response) {
+            upstream_response.insert_header("X-Accel-Buffering", "no")?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(chunk) = body {
+            ctx.bytes_out += chunk.len();
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let already_answered = ctx.status.is_some() || session.response_written().is_some();
+        if already_answered {
+            return FailToProxy {
+                error_code: ctx.status.unwrap_or(0),
+                can_reuse_downstream: false,
+            };
+        }
+        let err = match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(413)) => ApiError::BodyTooLarge {
+                limit: self.cfg.limits.max_body_bytes,
+            },
+            (ErrorSource::Downstream, _) => {
+                ctx.status = Some(CLIENT_CLOSED_REQUEST);
+                return FailToProxy {
+                    error_code: CLIENT_CLOSED_REQUEST,
+                    can_reuse_downstream: false,
+                };
+            }
+            (
+                _,
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::ConnectNoRoute,
+            ) => {
+                ctx.upstream_error = Some("refused");
+                ApiError::UpstreamUnreachable(format!(
+                    "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
+                    self.cfg.upstream.authority
+                ))
+            }
+            (_, ErrorType::ReadTimedout) => {
+                ctx.upstream_error = Some("timeout");
+                ApiError::UpstreamTimeout(format!(
+                    "the upstream at {} did not answer in time",
+                    self.cfg.upstream.authority
+                ))
+            }
+            (ErrorSource::Upstream, _) => {
+                ctx.upstream_error = Some("reset");
+                ApiError::UpstreamBroken(format!(
+                    "the upstream at {} failed ({}): check the SSH tunnel and llama-server",
+                    self.cfg.upstream.authority,
+                    e.etype().as_str().to_lowercase()
+                ))
+            }
+            _ => ApiError::Internal("the gateway failed to handle the request".into()),
+        };
+        let code = err.status();
+        if self.respond_error(session, ctx, &err).await.is_err() {
+            ctx.status = Some(CLIENT_CLOSED_REQUEST);
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        ctx.status == Some(CLIENT_CLOSED_REQUEST) || ctx.error_code.is_some()
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = ctx
+            .status
+            .or_else(|| session.response_written().map(|r| r.status.as_u16()))
+            .unwrap_or(if e.is_some() { 500 } else { 0 });
+        let req = session.req_header();
+        let line = ctx.access_log_line(
+            &Self::client_addr(session),
+            req.method.as_str(),
+            req.uri.path(),
+            status,
+        );
+        log::info!(target: "llm_edge::access", "{line}");
+    }
+}

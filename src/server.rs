@@ -1,0 +1,51 @@
+//! Builds and runs the Pingora server from a validated [`Config`].
+
+use std::sync::Arc;
+
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+
+use crate::config::Config;
+use crate::proxy::GatewayProxy;
+
+fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
+    let s = &cfg.server;
+    ServerConf {
+        daemon,
+        threads: s.threads,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        error_log: s.error_log.clone(),
+        grace_period_seconds: Some(s.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
+        ..ServerConf::default()
+    }
+}
+
+/// Serves until stopped (SIGTERM/SIGINT) or upgraded away (SIGQUIT); never returns.
+pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
+    let opt = Opt {
+        upgrade,
+        daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&cfg, daemon));
+    server.bootstrap();
+    let listen = cfg.listen.clone();
+    if cfg.keys.is_empty() && !cfg.keys.allows_anonymous() {
+        log::warn!("no API keys are configured: every /v1 request will be refused with 401; set API_KEYS or add keys to the config");
+    }
+    log::info!(
+        "llm-edge {} listening on {listen}, upstream http://{}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.upstream.authority
+    );
+    let mut service = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        GatewayProxy::new(Arc::new(cfg)),
+        "llm-edge",
+    );
+    service.add_tcp(&listen);
+    server.add_service(service);
+    server.run_forever()
+}

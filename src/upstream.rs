@@ -1,0 +1,239 @@
+//! The connection to llama-server, usually through the SSH reverse tunnel.
+//!
+//! Model routes are forwarded by llm-edge itself rather than by Pingora's
+//! proxy loop: the whole body has to be read and checked before anything is
+//! sent upstream, and on stock Pingora 0.9.1 a body read in `request_filter`
+//! is only re-sent from a 64 KiB retry buffer (larger prompts would hang).
+//! Owning this path also gives separate first-byte and between-chunk
+//! timeouts, and a retry when a pooled connection turns out to be stale.
+//!
+//! Every new TCP connection is a new SSH channel, so connections are pooled;
+//! llama-server closes idle ones after 5 s and any after 100 requests, so a
+//! pooled connection can be dead when we pick it. A request that fails on a
+//! reused connection before any response byte arrived is sent again once, on
+//! a fresh connection.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
+use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_error::{Error, ErrorType};
+use pingora_http::RequestHeader;
+
+use crate::config;
+use crate::errors::ApiError;
+
+/// Why the upstream did not produce a response header.
+#[derive(Debug)]
+pub enum UpstreamFailure {
+    /// TCP connect failed: nothing listens at the tunnel's end.
+    Connect(Box<Error>),
+    /// Connected, but the connection closed or broke before a response: the
+    /// usual picture of an SSH tunnel whose llama-server is down.
+    NoResponse(Box<Error>),
+    /// No response header within `first_byte_timeout`.
+    FirstByteTimeout(Duration),
+    /// Something answered, but not with valid HTTP.
+    Invalid(Box<Error>),
+}
+
+impl UpstreamFailure {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect(e) if matches!(e.etype(), ErrorType::ConnectTimedout) => {
+                "connect_timeout"
+            }
+            UpstreamFailure::Connect(_) => "refused",
+            UpstreamFailure::NoResponse(_) => "reset",
+            UpstreamFailure::FirstByteTimeout(_) => "timeout",
+            UpstreamFailure::Invalid(_) => "invalid_response",
+        }
+    }
+
+    pub fn into_api_error(self, authority: &str) -> ApiError {
+        let hint = "check that the SSH tunnel from the GPU machine is up (ssh -R ...) and that llama-server is running behind it";
+        match self {
+            UpstreamFailure::Connect(e) => ApiError::UpstreamUnreachable(format!(
+                "the upstream llama-server at {authority} is unreachable ({}): {hint}",
+                describe(&e)
+            )),
+            UpstreamFailure::NoResponse(e) => ApiError::UpstreamUnreachable(format!(
+                "the upstream at {authority} accepted the connection but closed it without answering ({}): the SSH tunnel is up but llama-server behind it is not answering; {hint}",
+                describe(&e)
+            )),
+            UpstreamFailure::FirstByteTimeout(t) => ApiError::UpstreamTimeout(format!(
+                "the upstream llama-server at {authority} sent no response within {}: it may be overloaded or stuck; see upstream.first_byte_timeout",
+                humantime::format_duration(t)
+            )),
+            UpstreamFailure::Invalid(e) => ApiError::UpstreamBroken(format!(
+                "the upstream at {authority} answered with an invalid HTTP response ({}): is llama-server what listens there?",
+                describe(&e)
+            )),
+        }
+    }
+}
+
+fn describe(e: &Error) -> String {
+    match e.etype() {
+        ErrorType::ConnectRefused => "connection refused".into(),
+        ErrorType::ConnectTimedout => "connect timed out".into(),
+        ErrorType::ConnectionClosed => "connection closed".into(),
+        _ => e.etype().as_str().to_lowercase(),
+    }
+}
+
+/// A response header has arrived; the body is still to be read.
+pub struct Exchange {
+    pub http: HttpSession,
+}
+
+pub struct UpstreamClient {
+    transport: TransportConnector,
+    peer: HttpPeer,
+    cfg: config::Upstream,
+}
+
+impl UpstreamClient {
+    pub fn new(cfg: config::Upstream) -> UpstreamClient {
+        let mut peer = HttpPeer::new(cfg.addr, false, String::new());
+        peer.options.connection_timeout = Some(cfg.connect_timeout);
+        peer.options.total_connection_timeout = Some(cfg.connect_timeout);
+        let transport = TransportConnector::new(Some(ConnectorOptions::new(256)));
+        UpstreamClient {
+            transport,
+            peer,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &config::Upstream {
+        &self.cfg
+    }
+
+    pub fn peer(&self) -> &HttpPeer {
+        &self.peer
+    }
+
+    /// Sends the request and waits for the response header (cancel-safe:
+    /// dropping the future drops the connection, which stops llama-server).
+    pub async fn send(
+        &self,
+        req: &RequestHeader,
+        body: &Bytes,
+    ) -> Result<Exchange, UpstreamFailure> {
+        if let Some(stream) = self.transport.reused_stream(&self.peer).await {
+            let http = HttpSession::new_with_options(stream, &self.peer);
+            match self.exchange(http, req, body).await {
+                Ok(done) => return Ok(done),
+                // A stale pooled connection: try once more on a fresh one.
+                Err(UpstreamFailure::NoResponse(e)) => {
+                    log::debug!(
+                        "pooled upstream connection was stale ({e}); retrying on a new one"
+                    );
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let stream = self
+            .transport
+            .new_stream(&self.peer)
+            .await
+            .map_err(UpstreamFailure::Connect)?;
+        let http = HttpSession::new_with_options(stream, &self.peer);
+        self.exchange(http, req, body).await
+    }
+
+    async fn exchange(
+        &self,
+        mut http: HttpSession,
+        req: &RequestHeader,
+        body: &Bytes,
+    ) -> Result<Exchange, UpstreamFailure> {
+        let write = async {
+            http.write_request_header(Box::new(req.clone())).await?;
+            if !body.is_empty() {
+                http.write_body(body).await?;
+            }
+            http.finish_body().await?;
+            Ok::<(), Box<Error>>(())
+        };
+        write.await.map_err(UpstreamFailure::NoResponse)?;
+        match tokio::time::timeout(self.cfg.first_byte_timeout, http.read_response()).await {
+            Err(_) => Err(UpstreamFailure::FirstByteTimeout(
+                self.cfg.first_byte_timeout,
+            )),
+            Ok(Err(e)) => Err(match e.etype() {
+                ErrorType::InvalidHTTPHeader | ErrorType::H1Error => UpstreamFailure::Invalid(e),
+                _ => UpstreamFailure::NoResponse(e),
+            }),
+            Ok(Ok(_)) => Ok(Exchange { http }),
+        }
+    }
+
+    /// Returns a finished exchange's connection to the pool when it can be reused.
+    pub async fn release(&self, mut exchange: Exchange) {
+        exchange.http.respect_keepalive();
+        if let Some(stream) = exchange.http.reuse().await {
+            self.transport.release_stream(
+                stream,
+                self.peer.reuse_hash(),
+                Some(self.cfg.pool_idle_timeout),
+            );
+        }
+    }
+
+    /// Probes llama-server's own `GET /health` (public even with `--api-key`).
+    pub async fn health(&self) -> HealthReport {
+        let mut req = match RequestHeader::build("GET", b"/health", None) {
+            Ok(req) => req,
+            Err(e) => return HealthReport::Unreachable(format!("cannot build request: {e}")),
+        };
+        let _ = req.insert_header("Host", self.cfg.authority.as_str());
+        let probe = async {
+            let stream = self
+                .transport
+                .new_stream(&self.peer)
+                .await
+                .map_err(UpstreamFailure::Connect)?;
+            let http = HttpSession::new_with_options(stream, &self.peer);
+            let mut exchange = self.exchange(http, &req, &Bytes::new()).await?;
+            let status = exchange.http.get_status().map_or(0, |s| s.as_u16());
+            let mut body = Vec::new();
+            while let Ok(Some(chunk)) = exchange.http.read_body_ref().await {
+                body.extend_from_slice(chunk);
+                if body.len() > 64 * 1024 {
+                    break;
+                }
+            }
+            Ok::<_, UpstreamFailure>((status, body))
+        };
+        match tokio::time::timeout(self.cfg.health_timeout, probe).await {
+            Err(_) => HealthReport::Unreachable(format!(
+                "no answer from {} within {}",
+                self.cfg.authority,
+                humantime::format_duration(self.cfg.health_timeout)
+            )),
+            Ok(Err(failure)) => {
+                HealthReport::Unreachable(failure.into_api_error(&self.cfg.authority).to_string())
+            }
+            Ok(Ok((200, _))) => HealthReport::Healthy,
+            Ok(Ok((503, body))) => {
+                HealthReport::Loading(String::from_utf8_lossy(&body).into_owned())
+            }
+            Ok(Ok((status, body))) => HealthReport::Unhealthy(format!(
+                "llama-server /health answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthReport {
+    Healthy,
+    Loading(String),
+    Unhealthy(String),
+    Unreachable(String),
+}
