@@ -80,6 +80,7 @@ struct State {
     active: AtomicUsize,
     max_active: AtomicUsize,
     abort_times: Mutex<Vec<Instant>>,
+    loading: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -137,6 +138,11 @@ impl MockLlama {
         self.state.abort_times.lock().unwrap().clone()
     }
 
+    /// Makes every endpoint answer 503 "Loading model", as while llama-server loads.
+    pub fn set_loading(&self, loading: bool) {
+        self.state.loading.store(loading, Ordering::SeqCst);
+    }
+
     pub fn completed(&self) -> usize {
         self.state.completed.load(Ordering::SeqCst)
     }
@@ -185,6 +191,19 @@ impl MockLlama {
         if fault == "html-500" {
             let body = "<html><body><h1>500 Internal Server Error</h1></body></html>";
             write_response(stream, 500, "text/html", body.as_bytes(), true).await?;
+            return Ok(false);
+        }
+        if self.state.loading.load(Ordering::SeqCst) {
+            let body =
+                json!({"error":{"code":503,"message":"Loading model","type":"unavailable_error"}});
+            write_response(
+                stream,
+                503,
+                "application/json",
+                body.to_string().as_bytes(),
+                true,
+            )
+            .await?;
             return Ok(false);
         }
         if let Some(key) = &self.opts.api_key {
