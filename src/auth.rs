@@ -78,6 +78,12 @@ impl KeyTable {
         self.anonymous.is_some()
     }
 
+    /// Configured key ids (the only values the `key` metric label takes besides
+    /// `anonymous` and `invalid`).
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.id.as_str())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

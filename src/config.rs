@@ -19,6 +19,7 @@ use crate::models::{Catalogue, ModelRoute};
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8080";
 pub const DEFAULT_MODEL: &str = "local";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// A configuration problem, with the path of the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +51,7 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub downstream: DownstreamSection,
     pub server: ServerSection,
+    pub metrics: MetricsSection,
 }
 
 impl Default for FileConfig {
@@ -64,6 +66,7 @@ impl Default for FileConfig {
             limits: LimitsSection::default(),
             downstream: DownstreamSection::default(),
             server: ServerSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -156,6 +159,26 @@ impl Default for DownstreamSection {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub listen: Option<String>,
+    pub path: String,
+    pub bearer_token: Option<String>,
+    pub on_public_listener: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: Some(DEFAULT_METRICS_LISTEN.into()),
+            path: "/metrics".into(),
+            bearer_token: None,
+            on_public_listener: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     pub threads: usize,
     pub pid_file: String,
@@ -208,6 +231,17 @@ pub struct Downstream {
     pub keepalive_timeout: Duration,
 }
 
+/// Where and how `/metrics` is served.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Its own listener (`None`: none).
+    pub listen: Option<String>,
+    pub path: String,
+    pub bearer_token: Option<String>,
+    /// Also served on the public listener (still behind the token, if any).
+    pub on_public_listener: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
@@ -217,6 +251,7 @@ pub struct Config {
     pub limits: Limits,
     pub downstream: Downstream,
     pub server: ServerSection,
+    pub metrics: MetricsConfig,
 }
 
 /// Reads the environment; a parameter so tests can pass their own.
@@ -346,6 +381,7 @@ impl FileConfig {
                 ));
             }
         }
+        let metrics = validate_metrics(self.metrics, &listen)?;
         Ok(Config {
             listen,
             upstream,
@@ -354,8 +390,53 @@ impl FileConfig {
             limits,
             downstream,
             server,
+            metrics,
         })
     }
+}
+
+fn validate_metrics(m: MetricsSection, public_listen: &str) -> Result<MetricsConfig, ConfigError> {
+    let listen = match m
+        .listen
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+    {
+        None => None,
+        Some(l) => {
+            l.parse::<SocketAddr>()
+                .map_err(|_| err("metrics.listen", format!("'{l}' is not an IP:PORT address")))?;
+            if l == public_listen {
+                return Err(err(
+                    "metrics.listen",
+                    "is the public listen address; set metrics.on_public_listener instead",
+                ));
+            }
+            Some(l)
+        }
+    };
+    if !m.path.starts_with('/') || m.path.starts_with("/v1/") || m.path.starts_with("/health") {
+        return Err(err(
+            "metrics.path",
+            format!(
+                "'{}' must start with '/' and not be under /v1/ or /health",
+                m.path
+            ),
+        ));
+    }
+    if let Some(token) = &m.bearer_token {
+        if token.is_empty() || token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(err(
+                "metrics.bearer_token",
+                "must be non-empty, without spaces or control characters",
+            ));
+        }
+    }
+    Ok(MetricsConfig {
+        listen,
+        path: m.path,
+        bearer_token: m.bearer_token,
+        on_public_listener: m.on_public_listener,
+    })
 }
 
 fn nonzero(path: &str, d: Duration) -> Result<Duration, ConfigError> {
@@ -539,6 +620,12 @@ fn validate_keys(
                 format!("'{}' must be 1-64 characters of letters, digits, '-', '_' or '.' (it appears in logs and metrics)", k.id),
             ));
         }
+        if k.id == "anonymous" || k.id == "invalid" {
+            return Err(err(
+                format!("keys[{i}].id"),
+                format!("'{}' is reserved for requests without a valid key", k.id),
+            ));
+        }
         if !ids.insert(k.id.clone()) {
             return Err(err(
                 format!("keys[{i}].id"),
@@ -603,6 +690,8 @@ mod tests {
         assert_eq!(c.catalogue.default_route().name, "local");
         assert!(c.keys.is_empty());
         assert_eq!(c.limits.max_body_bytes, 32 << 20);
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+        assert!(!c.metrics.on_public_listener);
     }
 
     #[test]
@@ -694,6 +783,10 @@ server:
             ("server:\n  pid_file: relative.pid\n", "server.pid_file"),
             ("limits:\n  max_body_bytes: 0\n", "limits.max_body_bytes"),
             ("server:\n  threads: 0\n", "server.threads"),
+            ("metrics:\n  listen: nowhere\n", "metrics.listen"),
+            ("metrics:\n  path: /v1/metrics\n", "metrics.path"),
+            ("metrics:\n  bearer_token: 'a b'\n", "metrics.bearer_token"),
+            ("keys:\n  - id: invalid\n    sha256: abc\n", "keys[0].id"),
         ];
         for (yaml, path) in cases {
             let e = load_str(yaml).unwrap_err();

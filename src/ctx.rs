@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::gateway_error::GatewayError;
+use crate::metrics::InFlightGuard;
 use crate::routes::{Route, UNKNOWN_ROUTE};
+use crate::sse::Accounting;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisconnectPhase {
@@ -41,6 +43,10 @@ pub struct RequestCtx {
     pub error_code: Option<&'static str>,
     pub upstream_error: Option<&'static str>,
     pub disconnect: Option<DisconnectPhase>,
+    /// Reads the response on the side for token accounting.
+    pub accounting: Accounting,
+    /// Keeps `requests_in_flight` up while the request lives.
+    pub in_flight: Option<InFlightGuard>,
 }
 
 impl RequestCtx {
@@ -59,6 +65,8 @@ impl RequestCtx {
             error_code: None,
             upstream_error: None,
             disconnect: None,
+            accounting: Accounting::Off,
+            in_flight: None,
         }
     }
 

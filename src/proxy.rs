@@ -25,6 +25,8 @@ use crate::ctx::{self, DisconnectPhase, RequestCtx, CLIENT_CLOSED_REQUEST};
 use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
 use crate::headers;
+use crate::metrics::{Metrics, RequestRecord, KEY_INVALID};
+use crate::metrics_app;
 use crate::relay;
 use crate::routes::{self, Route};
 use crate::upstream::{HealthReport, UpstreamClient};
@@ -37,6 +39,7 @@ const LINGER_MAX_BYTES: usize = 64 << 20;
 pub struct GatewayProxy {
     cfg: Arc<Config>,
     upstream: Arc<UpstreamClient>,
+    metrics: Arc<Metrics>,
     budget: Arc<BodyBudget>,
     /// Peer for Pingora's own proxy loop (other `/v1/*` paths).
     passthrough_peer: HttpPeer,
@@ -48,8 +51,12 @@ enum Next {
 }
 
 impl GatewayProxy {
-    pub fn new(cfg: Arc<Config>) -> GatewayProxy {
-        let upstream = Arc::new(UpstreamClient::new(cfg.upstream.clone()));
+    pub fn new(
+        cfg: Arc<Config>,
+        upstream: Arc<UpstreamClient>,
+        metrics: Arc<Metrics>,
+        budget: Arc<BodyBudget>,
+    ) -> GatewayProxy {
         let mut passthrough_peer = upstream.peer().clone();
         passthrough_peer.options.idle_timeout = Some(cfg.upstream.pool_idle_timeout);
         passthrough_peer.options.read_timeout = Some(
@@ -57,10 +64,10 @@ impl GatewayProxy {
                 .first_byte_timeout
                 .max(cfg.upstream.idle_timeout),
         );
-        let budget = BodyBudget::new(cfg.limits.max_buffered_body_bytes);
         GatewayProxy {
             cfg,
             upstream,
+            metrics,
             budget,
             passthrough_peer,
         }
@@ -72,6 +79,20 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Next, GatewayError> {
         let req = session.req_header();
+        if self.cfg.metrics.on_public_listener && req.uri.path() == self.cfg.metrics.path {
+            let authorization = session.get_header("authorization").map(|v| v.as_bytes());
+            let (status, body) = metrics_app::scrape(
+                &self.cfg,
+                &self.metrics,
+                &self.upstream,
+                &self.budget,
+                authorization,
+            )
+            .await;
+            let resp = metrics_app::response_header(status, body.len())?;
+            write_response(session, ctx, resp, Bytes::from(body)).await?;
+            return Ok(Next::Responded);
+        }
         let route = routes::classify(req.method.as_str(), req.uri.path())?;
         ctx.route = Some(route.clone());
         match route {
@@ -87,7 +108,11 @@ impl GatewayProxy {
             _ => {}
         }
         let authorization = session.get_header("authorization").map(|v| v.as_bytes());
-        let key = self.cfg.keys.authenticate(authorization)?;
+        let key = self.cfg.keys.authenticate(authorization).inspect_err(|e| {
+            if e.code() == "invalid_api_key" {
+                ctx.key_id = Some(KEY_INVALID.to_string());
+            }
+        })?;
         ctx.key_id = Some(key.id.clone());
         match route {
             Route::ListModels => {
@@ -142,7 +167,16 @@ impl GatewayProxy {
             &self.cfg.upstream,
             ctx.request_id.as_deref(),
         )?;
-        relay::forward(session, ctx, &self.upstream, req, body, reservation).await
+        relay::forward(
+            session,
+            ctx,
+            &self.upstream,
+            &self.metrics,
+            req,
+            body,
+            reservation,
+        )
+        .await
     }
 
     /// Reads the whole request body, within the per-request limit and the
@@ -283,6 +317,35 @@ impl GatewayProxy {
             linger(session).await;
         }
         Ok(())
+    }
+
+    /// Per-request totals, recorded once when the request ends.
+    fn record_metrics(&self, ctx: &mut RequestCtx, status: u16) {
+        let stats = ctx.accounting.finish();
+        let m = &self.metrics;
+        m.record_request(&RequestRecord {
+            route: ctx.route_label(),
+            model: ctx.model.as_deref(),
+            key: ctx.key_id.as_deref(),
+            status,
+            duration: ctx.start.elapsed(),
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            stats: stats.as_ref(),
+        });
+        if let Some(phase) = ctx.disconnect {
+            m.client_disconnect(phase.label());
+        }
+        if let Some(kind) = ctx.upstream_error {
+            m.upstream_error(kind);
+        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
+            m.upstream_error("5xx");
+        }
+        if let Some(code @ ("missing_api_key" | "invalid_api_key" | "model_not_allowed")) =
+            ctx.error_code
+        {
+            m.auth_failure(code);
+        }
     }
 
     fn client_addr(session: &Session) -> String {
@@ -538,5 +601,6 @@ impl ProxyHttp for GatewayProxy {
             status,
         );
         log::info!(target: "llm_edge::access", "{line}");
+        self.record_metrics(ctx, status);
     }
 }

@@ -20,6 +20,8 @@ use crate::ctx::{DisconnectPhase, RequestCtx};
 use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
 use crate::headers;
+use crate::metrics::Metrics;
+use crate::sse::Accounting;
 use crate::upstream::UpstreamClient;
 
 /// Waits until `deadline`, or forever when there is none.
@@ -41,6 +43,7 @@ pub async fn forward(
     session: &mut Session,
     ctx: &mut RequestCtx,
     upstream: &UpstreamClient,
+    metrics: &Metrics,
     req: RequestHeader,
     body: Bytes,
     reservation: Reservation,
@@ -61,8 +64,10 @@ pub async fn forward(
     drop(reservation);
     let mut exchange = sent.map_err(|failure| {
         ctx.upstream_error = Some(failure.kind());
+        metrics.set_upstream_up(false);
         GatewayError::from(failure.into_api_error(&cfg.authority))
     })?;
+    metrics.set_upstream_up(true);
 
     let upstream_resp = exchange
         .http
@@ -71,6 +76,12 @@ pub async fn forward(
     ctx.upstream_status = Some(upstream_resp.status.as_u16());
     ctx.first_byte = Some(ctx.start.elapsed());
     let is_sse = headers::is_event_stream(upstream_resp);
+    let content_type = upstream_resp
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    ctx.accounting = Accounting::for_response(is_sse, content_type);
     let resp = headers::downstream_response(upstream_resp, is_sse, ctx.request_id.as_deref())?;
     ctx.status = Some(resp.status.as_u16());
     session
@@ -78,6 +89,10 @@ pub async fn forward(
         .await
         .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
 
+    let model = ctx.model.clone();
+    let _stream = is_sse.then(|| metrics.stream_started(model.as_deref()));
+    let inter_token = metrics.inter_token_histogram(model.as_deref());
+    let mut last_token: Option<std::time::Instant> = None;
     loop {
         let next = tokio::select! {
             read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_bytes()) => read,
@@ -91,6 +106,14 @@ pub async fn forward(
         match next {
             Ok(Ok(Some(chunk))) => {
                 ctx.bytes_out += chunk.len();
+                if ctx.accounting.feed(&chunk) > 0 {
+                    let now = std::time::Instant::now();
+                    match last_token {
+                        None => metrics.first_token(model.as_deref(), now - ctx.start),
+                        Some(prev) => inter_token.observe((now - prev).as_secs_f64()),
+                    }
+                    last_token = Some(now);
+                }
                 session
                     .write_response_body(Some(chunk), false)
                     .await

@@ -113,6 +113,8 @@ async fn the_seed_environment_works_without_a_config_file() {
     let mock = MockLlama::start(MockOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    // No config file at all (so metrics take their default 127.0.0.1:9464;
+    // this is the only test that runs on defaults).
     let mut child = llm_edge()
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("LLAMA_BASE_URL", mock.url())

@@ -355,7 +355,14 @@ async fn every_body_size_up_to_the_limit_reaches_the_upstream_intact() {
     ] {
         let body = sized_body(size);
         let resp = post(&gw, "/v1/chat/completions", Some(KEY), body.clone()).await;
-        assert_eq!(resp.status(), 200, "size {size}");
+        let status = resp.status();
+        assert_eq!(
+            status,
+            200,
+            "size {size}: {}\n{}",
+            resp.text().await.unwrap(),
+            gw.log()
+        );
         let seen = mock.last_request().unwrap();
         let expected = body.replacen(
             r#""model":"qwen""#,

@@ -84,6 +84,8 @@ keys:
   - id: bob
     sha256: {sha256(KEY_LIMITED)}
     models: [small]
+metrics:
+  listen: 127.0.0.1:{free_port()}
 server:
   threads: 2
   pid_file: {tmp_path}/llm-edge.pid

@@ -12,18 +12,30 @@ pub const KEY_LIMITED: &str = "sk-test-bob";
 
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The metrics listener (None when the test's config sets its own).
+    pub metrics_addr: Option<SocketAddr>,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     log_path: PathBuf,
 }
 
-/// A free loopback port, found by binding port 0.
+/// A free loopback port, found by binding port 0. Ports are never handed out
+/// twice in one test process: between this call and the child's bind, a
+/// parallel test could otherwise get the same port and talk to the wrong gateway.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind port 0")
+            .local_addr()
+            .expect("local addr")
+            .port();
+        let mut seen = HANDED_OUT.lock().unwrap();
+        if !seen.contains(&port) {
+            seen.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn sha256_hex(secret: &str) -> String {
@@ -80,8 +92,11 @@ impl Gateway {
                 d = dir.path().display()
             )
         };
+        let metrics_addr: Option<SocketAddr> = (!yaml.contains("\nmetrics:"))
+            .then(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let metrics = metrics_addr.map_or(String::new(), |a| format!("metrics:\n  listen: {a}\n"));
         let config_path = dir.path().join("llm-edge.yaml");
-        std::fs::write(&config_path, format!("{yaml}\n{server}")).expect("write config");
+        std::fs::write(&config_path, format!("{yaml}\n{server}{metrics}")).expect("write config");
         let log_path = dir.path().join("gateway.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-edge"));
@@ -102,6 +117,7 @@ impl Gateway {
         let child = cmd.spawn().expect("spawn llm-edge");
         let mut gw = Gateway {
             addr,
+            metrics_addr,
             child: Some(child),
             dir,
             log_path,
@@ -114,6 +130,13 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(self.addr).is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!(
+                        "llm-edge exited ({status}) although its port answers:\n{}",
+                        self.log()
+                    );
+                }
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -134,6 +157,17 @@ impl Gateway {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    /// One scrape of the metrics listener.
+    pub async fn scrape(&self) -> String {
+        let addr = self.metrics_addr.expect("metrics listener");
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,496 @@
+//! Prometheus metrics: the catalogue an LLM operator watches.
+//!
+//! Label values only ever come from bounded sets: the route from a fixed
+//! list, the model from the configured catalogue (`other` otherwise), the key
+//! from configured key ids (`anonymous` without a key, `invalid` for a wrong
+//! one), never a raw key, path or other client string. Per-request totals are
+//! recorded once, when the request ends; per-chunk histograms and the live
+//! gauges are updated where they happen.
+//!
+//! The crate is `prometheus` 0.14, the major version Pingora's own
+//! Prometheus support uses, so both can share one registry format.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::sse::ResponseStats;
+
+/// Time to first token: 10 ms to 2 min.
+const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+/// Gap between tokens: 1 ms to 5 s.
+const INTER_TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Whole requests: 5 ms to 10 min.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const TOKENS_PER_SECOND_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0];
+
+pub const MODEL_OTHER: &str = "other";
+pub const KEY_ANONYMOUS: &str = "anonymous";
+pub const KEY_INVALID: &str = "invalid";
+
+/// What the gateway records about one finished request.
+#[derive(Debug, Default)]
+pub struct RequestRecord<'a> {
+    pub route: &'a str,
+    pub model: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub status: u16,
+    pub duration: Duration,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+    pub stats: Option<&'a ResponseStats>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    known_models: HashSet<String>,
+    known_keys: HashSet<String>,
+    upstream_label: String,
+
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    ttft: HistogramVec,
+    inter_token: HistogramVec,
+    tokens: IntCounterVec,
+    streams_active: IntGaugeVec,
+    in_flight: IntGauge,
+    client_disconnects: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    upstream_up: IntGaugeVec,
+    auth_failures: IntCounterVec,
+    request_bytes: IntCounterVec,
+    response_bytes: IntCounterVec,
+    prompt_tps: HistogramVec,
+    generation_tps: HistogramVec,
+    cache_hit_ratio: HistogramVec,
+    body_budget_used: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("register counter");
+    c
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid histogram");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("register histogram");
+    h
+}
+
+impl Metrics {
+    /// Builds the registry (process collector and `build_info` included).
+    /// Panics only on a programming error in the metric definitions (start-up).
+    pub fn new<'a>(
+        models: impl IntoIterator<Item = &'a str>,
+        keys: impl IntoIterator<Item = &'a str>,
+        upstream: &str,
+    ) -> Metrics {
+        let registry = Registry::new_custom(Some("llm_edge".into()), None).expect("registry");
+        let r = &registry;
+        let build_info = Gauge::with_opts(
+            Opts::new(
+                "build_info",
+                "Always 1; labels say which llm-edge is running",
+            )
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .expect("build_info");
+        build_info.set(1.0);
+        registry
+            .register(Box::new(build_info))
+            .expect("register build_info");
+        // Process metrics are unprefixed (process_cpu_seconds_total, ...), as everywhere.
+        let process_registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        process_registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("register process collector");
+        let in_flight =
+            IntGauge::new("requests_in_flight", "Requests being handled right now").expect("gauge");
+        registry
+            .register(Box::new(in_flight.clone()))
+            .expect("register gauge");
+        let body_budget_used = IntGauge::new(
+            "buffered_request_bytes",
+            "Request body bytes held in memory right now (limits.max_buffered_body_bytes)",
+        )
+        .expect("gauge");
+        registry
+            .register(Box::new(body_budget_used.clone()))
+            .expect("register gauge");
+        let streams_active = IntGaugeVec::new(
+            Opts::new("streams_active", "SSE streams being relayed right now"),
+            &["model"],
+        )
+        .expect("gauge");
+        registry
+            .register(Box::new(streams_active.clone()))
+            .expect("register gauge");
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "upstream_up",
+                "1 when llama-server answered its last check or request, 0 when it did not",
+            ),
+            &["upstream"],
+        )
+        .expect("gauge");
+        registry
+            .register(Box::new(upstream_up.clone()))
+            .expect("register gauge");
+
+        let metrics = Metrics {
+            known_models: models.into_iter().map(str::to_string).collect(),
+            known_keys: keys.into_iter().map(str::to_string).collect(),
+            upstream_label: upstream.to_string(),
+            requests: counter(r, "requests_total", "Requests answered, by route, model, key id and status code", &["route", "model", "key", "code"]),
+            request_duration: histogram(r, "request_duration_seconds", "Time from request to the last response byte", &["route", "model"], DURATION_BUCKETS),
+            ttft: histogram(r, "time_to_first_token_seconds", "Time from request to the first generated token of a stream", &["model"], TTFT_BUCKETS),
+            inter_token: histogram(r, "inter_token_seconds", "Gap between consecutive streamed tokens", &["model"], INTER_TOKEN_BUCKETS),
+            tokens: counter(r, "tokens_total", "Tokens by model, key id and kind (prompt, completion, cached)", &["model", "key", "kind"]),
+            streams_active,
+            in_flight,
+            client_disconnects: counter(r, "client_disconnects_total", "Clients that left before their response was complete", &["phase"]),
+            upstream_errors: counter(r, "upstream_errors_total", "Failures talking to llama-server, by kind", &["upstream", "kind"]),
+            upstream_up,
+            auth_failures: counter(r, "auth_failures_total", "Refused requests, by reason", &["reason"]),
+            request_bytes: counter(r, "request_bytes_total", "Request body bytes received", &["route"]),
+            response_bytes: counter(r, "response_bytes_total", "Response body bytes sent", &["route"]),
+            prompt_tps: histogram(r, "upstream_prompt_tokens_per_second", "llama.cpp prompt processing speed (timings.prompt_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
+            generation_tps: histogram(r, "upstream_generation_tokens_per_second", "llama.cpp generation speed (timings.predicted_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
+            cache_hit_ratio: histogram(r, "prompt_cache_hit_ratio", "Share of each prompt served from llama.cpp's prompt cache (cache_n / (cache_n + prompt_n))", &["model"], RATIO_BUCKETS),
+            body_budget_used,
+            registry,
+        };
+        metrics.upstream_up.with_label_values(&[upstream]).set(0);
+        metrics
+            .registry
+            .register(Box::new(RegistryCollector(process_registry)))
+            .expect("register process metrics");
+        metrics
+    }
+
+    pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
+        match model {
+            Some(m) if self.known_models.contains(m) => m,
+            _ => MODEL_OTHER,
+        }
+    }
+
+    pub fn key_label<'a>(&self, key: Option<&'a str>) -> &'a str {
+        match key {
+            Some(k) if self.known_keys.contains(k) || k == KEY_ANONYMOUS => k,
+            Some(_) => KEY_INVALID,
+            None => KEY_ANONYMOUS,
+        }
+    }
+
+    /// Records a finished request (called exactly once per request).
+    pub fn record_request(&self, r: &RequestRecord) {
+        let model = self.model_label(r.model);
+        let key = self.key_label(r.key);
+        let code = status_label(r.status);
+        self.requests
+            .with_label_values(&[r.route, model, key, code])
+            .inc();
+        self.request_duration
+            .with_label_values(&[r.route, model])
+            .observe(r.duration.as_secs_f64());
+        self.request_bytes
+            .with_label_values(&[r.route])
+            .inc_by(r.bytes_in as u64);
+        self.response_bytes
+            .with_label_values(&[r.route])
+            .inc_by(r.bytes_out as u64);
+        let Some(stats) = r.stats else { return };
+        let tokens = stats.tokens();
+        for (kind, n) in [
+            ("prompt", tokens.prompt),
+            ("completion", tokens.completion),
+            ("cached", tokens.cached),
+        ] {
+            self.tokens.with_label_values(&[model, key, kind]).inc_by(n);
+        }
+        if let Some(t) = stats.timings {
+            if let Some(tps) = t.prompt_per_second.filter(|v| v.is_finite() && *v > 0.0) {
+                self.prompt_tps.with_label_values(&[model]).observe(tps);
+            }
+            if let Some(tps) = t.predicted_per_second.filter(|v| v.is_finite() && *v > 0.0) {
+                self.generation_tps.with_label_values(&[model]).observe(tps);
+            }
+        }
+        if let Some(ratio) = stats.cache_hit_ratio() {
+            self.cache_hit_ratio
+                .with_label_values(&[model])
+                .observe(ratio);
+        }
+    }
+
+    pub fn first_token(&self, model: Option<&str>, after: Duration) {
+        self.ttft
+            .with_label_values(&[self.model_label(model)])
+            .observe(after.as_secs_f64());
+    }
+
+    /// A histogram handle for one stream's per-chunk observations.
+    pub fn inter_token_histogram(&self, model: Option<&str>) -> Histogram {
+        self.inter_token
+            .with_label_values(&[self.model_label(model)])
+    }
+
+    pub fn stream_started(&self, model: Option<&str>) -> StreamGuard {
+        let gauge = self
+            .streams_active
+            .with_label_values(&[self.model_label(model)]);
+        gauge.inc();
+        StreamGuard(gauge)
+    }
+
+    pub fn request_started(&self) -> InFlightGuard {
+        self.in_flight.inc();
+        InFlightGuard(self.in_flight.clone())
+    }
+
+    pub fn client_disconnect(&self, phase: &str) {
+        self.client_disconnects.with_label_values(&[phase]).inc();
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[&self.upstream_label, kind])
+            .inc();
+    }
+
+    pub fn set_upstream_up(&self, up: bool) {
+        self.upstream_up
+            .with_label_values(&[&self.upstream_label])
+            .set(i64::from(up));
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn set_buffered_bytes(&self, bytes: usize) {
+        self.body_budget_used.set(bytes as i64);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Number of distinct series (for cardinality checks).
+    pub fn series_count(&self) -> usize {
+        self.registry
+            .gather()
+            .iter()
+            .map(|f| f.get_metric().len())
+            .sum()
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    const CODES: [(u16, &str); 20] = [
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (413, "413"),
+        (422, "422"),
+        (429, "429"),
+        (499, "499"),
+        (500, "500"),
+        (501, "501"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+        (0, "0"),
+        (100, "100"),
+    ];
+    CODES.iter().find(|(c, _)| *c == status).map_or(
+        match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        },
+        |(_, s)| s,
+    )
+}
+
+/// Decrements `streams_active` when a stream ends, however it ends.
+pub struct StreamGuard(IntGauge);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Decrements `requests_in_flight` when the request's context is dropped.
+pub struct InFlightGuard(IntGauge);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl std::fmt::Debug for InFlightGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlightGuard")
+    }
+}
+
+impl std::fmt::Debug for StreamGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamGuard")
+    }
+}
+
+/// Exposes a second registry (the unprefixed process metrics) through the first.
+struct RegistryCollector(Registry);
+
+impl prometheus::core::Collector for RegistryCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        Vec::new()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.gather()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::SseScanner;
+
+    fn metrics() -> Metrics {
+        Metrics::new(["qwen"], ["alice"], "127.0.0.1:8080")
+    }
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn labels_come_from_bounded_sets() {
+        let m = metrics();
+        assert_eq!(m.model_label(Some("qwen")), "qwen");
+        assert_eq!(m.model_label(Some("gpt-4")), "other");
+        assert_eq!(m.model_label(None), "other");
+        assert_eq!(m.key_label(Some("alice")), "alice");
+        assert_eq!(m.key_label(Some("sk-raw-secret")), "invalid");
+        assert_eq!(m.key_label(None), "anonymous");
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(999), "5xx");
+    }
+
+    #[test]
+    fn a_streamed_request_is_recorded_with_its_tokens() {
+        let m = metrics();
+        let mut sc = SseScanner::new();
+        sc.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"timings\":{\"cache_n\":3,\"prompt_n\":1,\"predicted_n\":1,\"prompt_per_second\":50.0,\"predicted_per_second\":20.0}}\n\n");
+        m.record_request(&RequestRecord {
+            route: "chat_completions",
+            model: Some("qwen"),
+            key: Some("alice"),
+            status: 200,
+            duration: Duration::from_millis(30),
+            bytes_in: 10,
+            bytes_out: 20,
+            stats: Some(&sc.stats),
+        });
+        let t = text(&m);
+        assert!(t.contains(r#"llm_edge_requests_total{code="200",key="alice",model="qwen",route="chat_completions"} 1"#), "{t}");
+        assert!(
+            t.contains(r#"llm_edge_tokens_total{key="alice",kind="prompt",model="qwen"} 4"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"llm_edge_tokens_total{key="alice",kind="cached",model="qwen"} 3"#),
+            "{t}"
+        );
+        assert!(
+            t.contains("llm_edge_upstream_generation_tokens_per_second_count{model=\"qwen\"} 1")
+        );
+        assert!(t.contains("llm_edge_prompt_cache_hit_ratio_sum{model=\"qwen\"} 0.75"));
+        assert!(t.contains("llm_edge_build_info{version="));
+        assert!(
+            t.contains("process_resident_memory_bytes"),
+            "process collector missing"
+        );
+    }
+
+    #[test]
+    fn guards_keep_gauges_honest() {
+        let m = metrics();
+        {
+            let _r = m.request_started();
+            let _s = m.stream_started(Some("qwen"));
+            assert!(text(&m).contains("llm_edge_streams_active{model=\"qwen\"} 1"));
+            assert!(text(&m).contains("llm_edge_requests_in_flight 1"));
+        }
+        assert!(text(&m).contains("llm_edge_streams_active{model=\"qwen\"} 0"));
+        assert!(text(&m).contains("llm_edge_requests_in_flight 0"));
+    }
+
+    #[test]
+    fn unknown_values_do_not_add_series() {
+        let m = metrics();
+        let record = |model: &str, key: &str| {
+            m.record_request(&RequestRecord {
+                route: "chat_completions",
+                model: Some(model),
+                key: Some(key),
+                status: 401,
+                ..RequestRecord::default()
+            })
+        };
+        record("x", "y");
+        let before = m.series_count();
+        for i in 0..500 {
+            record(&format!("model-{i}"), &format!("sk-{i}"));
+        }
+        assert_eq!(m.series_count(), before);
+    }
+}

@@ -1,0 +1,131 @@
+//! The `/metrics` endpoint, on its own listener (loopback by default).
+//!
+//! Pingora's ready-made Prometheus service answers every path without
+//! authentication; this one serves only the configured path and checks an
+//! optional bearer token. Each scrape also probes llama-server's `/health`,
+//! so `llm_edge_upstream_up` is fresh even when no traffic flows.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use subtle::ConstantTimeEq;
+
+use crate::budget::BodyBudget;
+use crate::config::Config;
+use crate::errors::ApiError;
+use crate::metrics::Metrics;
+use crate::upstream::{HealthReport, UpstreamClient};
+
+pub struct MetricsApp {
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub upstream: Arc<UpstreamClient>,
+    pub budget: Arc<BodyBudget>,
+}
+
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
+    let Some(expected) = expected else {
+        return true;
+    };
+    let presented = authorization
+        .and_then(|h| h.strip_prefix(b"Bearer "))
+        .unwrap_or(b"");
+    presented.len() == expected.len() && bool::from(presented.ct_eq(expected.as_bytes()))
+}
+
+/// Status and body of one scrape (also used on the public listener when configured).
+pub async fn scrape(
+    cfg: &Config,
+    metrics: &Metrics,
+    upstream: &UpstreamClient,
+    budget: &BodyBudget,
+    authorization: Option<&[u8]>,
+) -> (u16, Vec<u8>) {
+    if !token_ok(cfg.metrics.bearer_token.as_deref(), authorization) {
+        let err = ApiError::InvalidKey(
+            "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
+                .into(),
+        );
+        return (401, err.body(None).to_vec());
+    }
+    metrics.set_upstream_up(upstream.health().await == HealthReport::Healthy);
+    metrics.set_buffered_bytes(budget.used());
+    (200, metrics.render())
+}
+
+pub fn response_header(status: u16, len: usize) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    let content_type = if status == 200 {
+        TEXT_FORMAT
+    } else {
+        "application/json"
+    };
+    resp.insert_header("Content-Type", content_type)?;
+    resp.insert_header("Content-Length", len.to_string())?;
+    Ok(resp)
+}
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path_ok = session.req_header().uri.path() == self.cfg.metrics.path;
+        let (status, body, content_type) = if path_ok {
+            let authorization = session
+                .get_header("authorization")
+                .map(|v| v.as_bytes().to_vec());
+            let (status, body) = scrape(
+                &self.cfg,
+                &self.metrics,
+                &self.upstream,
+                &self.budget,
+                authorization.as_deref(),
+            )
+            .await;
+            let ct = if status == 200 {
+                TEXT_FORMAT
+            } else {
+                "application/json"
+            };
+            (status, body, ct)
+        } else {
+            let err = ApiError::NotFound {
+                method: session.req_header().method.to_string(),
+                path: format!(
+                    "{} (metrics are at {})",
+                    session.req_header().uri.path(),
+                    self.cfg.metrics.path
+                ),
+            };
+            (404, err.body(None).to_vec(), "application/json")
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() =
+            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked() {
+        assert!(token_ok(None, None));
+        assert!(token_ok(Some("t0k"), Some(b"Bearer t0k")));
+        assert!(!token_ok(Some("t0k"), Some(b"Bearer t0")));
+        assert!(!token_ok(Some("t0k"), Some(b"t0k")));
+        assert!(!token_ok(Some("t0k"), None));
+    }
+}
