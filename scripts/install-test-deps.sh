@@ -10,6 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 apt_packages=()
 command -v cmake >/dev/null 2>&1 || apt_packages+=(cmake)
 command -v python3 >/dev/null 2>&1 || apt_packages+=(python3 python3-venv)
+# a real Prometheus and promtool for the metrics tests (starts no daemon here)
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing Debian packages: ${apt_packages[*]}"
   $SUDO apt-get update -qq

@@ -113,35 +113,39 @@ impl Metrics {
         keys: impl IntoIterator<Item = &'a str>,
         upstream: &str,
     ) -> Metrics {
-        let registry = Registry::new_custom(Some("llm_edge".into()), None).expect("registry");
+        // Names carry the `llm_edge_` prefix themselves: a registry-wide prefix
+        // would also rename the standard process_* metrics.
+        let registry = Registry::new();
         let r = &registry;
         let build_info = Gauge::with_opts(
             Opts::new(
-                "build_info",
+                "llm_edge_build_info",
                 "Always 1; labels say which llm-edge is running",
             )
             .const_label("version", env!("CARGO_PKG_VERSION")),
         )
-        .expect("build_info");
+        .expect("llm_edge_build_info");
         build_info.set(1.0);
         registry
             .register(Box::new(build_info))
             .expect("register build_info");
-        // Process metrics are unprefixed (process_cpu_seconds_total, ...), as everywhere.
-        let process_registry = Registry::new();
+        // The standard process_* metrics: CPU, RSS, open fds.
         #[cfg(target_os = "linux")]
-        process_registry
+        registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("register process collector");
-        let in_flight =
-            IntGauge::new("requests_in_flight", "Requests being handled right now").expect("gauge");
+        let in_flight = IntGauge::new(
+            "llm_edge_requests_in_flight",
+            "Requests being handled right now",
+        )
+        .expect("gauge");
         registry
             .register(Box::new(in_flight.clone()))
             .expect("register gauge");
         let body_budget_used = IntGauge::new(
-            "buffered_request_bytes",
+            "llm_edge_buffered_request_bytes",
             "Request body bytes held in memory right now (limits.max_buffered_body_bytes)",
         )
         .expect("gauge");
@@ -149,7 +153,10 @@ impl Metrics {
             .register(Box::new(body_budget_used.clone()))
             .expect("register gauge");
         let streams_active = IntGaugeVec::new(
-            Opts::new("streams_active", "SSE streams being relayed right now"),
+            Opts::new(
+                "llm_edge_streams_active",
+                "SSE streams being relayed right now",
+            ),
             &["model"],
         )
         .expect("gauge");
@@ -158,7 +165,7 @@ impl Metrics {
             .expect("register gauge");
         let upstream_up = IntGaugeVec::new(
             Opts::new(
-                "upstream_up",
+                "llm_edge_upstream_up",
                 "1 when llama-server answered its last check or request, 0 when it did not",
             ),
             &["upstream"],
@@ -172,30 +179,26 @@ impl Metrics {
             known_models: models.into_iter().map(str::to_string).collect(),
             known_keys: keys.into_iter().map(str::to_string).collect(),
             upstream_label: upstream.to_string(),
-            requests: counter(r, "requests_total", "Requests answered, by route, model, key id and status code", &["route", "model", "key", "code"]),
-            request_duration: histogram(r, "request_duration_seconds", "Time from request to the last response byte", &["route", "model"], DURATION_BUCKETS),
-            ttft: histogram(r, "time_to_first_token_seconds", "Time from request to the first generated token of a stream", &["model"], TTFT_BUCKETS),
-            inter_token: histogram(r, "inter_token_seconds", "Gap between consecutive streamed tokens", &["model"], INTER_TOKEN_BUCKETS),
-            tokens: counter(r, "tokens_total", "Tokens by model, key id and kind (prompt, completion, cached)", &["model", "key", "kind"]),
+            requests: counter(r, "llm_edge_requests_total", "Requests answered, by route, model, key id and status code", &["route", "model", "key", "code"]),
+            request_duration: histogram(r, "llm_edge_request_duration_seconds", "Time from request to the last response byte", &["route", "model"], DURATION_BUCKETS),
+            ttft: histogram(r, "llm_edge_time_to_first_token_seconds", "Time from request to the first generated token of a stream", &["model"], TTFT_BUCKETS),
+            inter_token: histogram(r, "llm_edge_inter_token_seconds", "Gap between consecutive streamed tokens", &["model"], INTER_TOKEN_BUCKETS),
+            tokens: counter(r, "llm_edge_tokens_total", "Tokens by model, key id and kind (prompt, completion, cached)", &["model", "key", "kind"]),
             streams_active,
             in_flight,
-            client_disconnects: counter(r, "client_disconnects_total", "Clients that left before their response was complete", &["phase"]),
-            upstream_errors: counter(r, "upstream_errors_total", "Failures talking to llama-server, by kind", &["upstream", "kind"]),
+            client_disconnects: counter(r, "llm_edge_client_disconnects_total", "Clients that left before their response was complete", &["phase"]),
+            upstream_errors: counter(r, "llm_edge_upstream_errors_total", "Failures talking to llama-server, by kind", &["upstream", "kind"]),
             upstream_up,
-            auth_failures: counter(r, "auth_failures_total", "Refused requests, by reason", &["reason"]),
-            request_bytes: counter(r, "request_bytes_total", "Request body bytes received", &["route"]),
-            response_bytes: counter(r, "response_bytes_total", "Response body bytes sent", &["route"]),
-            prompt_tps: histogram(r, "upstream_prompt_tokens_per_second", "llama.cpp prompt processing speed (timings.prompt_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
-            generation_tps: histogram(r, "upstream_generation_tokens_per_second", "llama.cpp generation speed (timings.predicted_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
-            cache_hit_ratio: histogram(r, "prompt_cache_hit_ratio", "Share of each prompt served from llama.cpp's prompt cache (cache_n / (cache_n + prompt_n))", &["model"], RATIO_BUCKETS),
+            auth_failures: counter(r, "llm_edge_auth_failures_total", "Refused requests, by reason", &["reason"]),
+            request_bytes: counter(r, "llm_edge_request_bytes_total", "Request body bytes received", &["route"]),
+            response_bytes: counter(r, "llm_edge_response_bytes_total", "Response body bytes sent", &["route"]),
+            prompt_tps: histogram(r, "llm_edge_upstream_prompt_tokens_per_second", "llama.cpp prompt processing speed (timings.prompt_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
+            generation_tps: histogram(r, "llm_edge_upstream_generation_tokens_per_second", "llama.cpp generation speed (timings.predicted_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
+            cache_hit_ratio: histogram(r, "llm_edge_prompt_cache_hit_ratio", "Share of each prompt served from llama.cpp's prompt cache (cache_n / (cache_n + prompt_n))", &["model"], RATIO_BUCKETS),
             body_budget_used,
             registry,
         };
         metrics.upstream_up.with_label_values(&[upstream]).set(0);
-        metrics
-            .registry
-            .register(Box::new(RegistryCollector(process_registry)))
-            .expect("register process metrics");
         metrics
     }
 
@@ -382,19 +385,6 @@ impl std::fmt::Debug for InFlightGuard {
 impl std::fmt::Debug for StreamGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("StreamGuard")
-    }
-}
-
-/// Exposes a second registry (the unprefixed process metrics) through the first.
-struct RegistryCollector(Registry);
-
-impl prometheus::core::Collector for RegistryCollector {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        Vec::new()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.0.gather()
     }
 }
 
