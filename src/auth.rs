@@ -60,6 +60,13 @@ pub fn digest_hex(secret: &str) -> String {
     hex::encode(digest(secret))
 }
 
+/// A new random key: `sk-edge-` and 256 bits from the OS, hex-encoded.
+pub fn generate_key() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(format!("sk-edge-{}", hex::encode(bytes)))
+}
+
 #[derive(Debug, Clone)]
 pub struct KeyTable {
     keys: Vec<ApiKey>,
@@ -152,6 +159,13 @@ mod tests {
             digest_hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn generated_keys_are_random_and_long() {
+        let (a, b) = (generate_key().unwrap(), generate_key().unwrap());
+        assert_ne!(a, b);
+        assert!(a.starts_with("sk-edge-") && a.len() == 8 + 64);
     }
 
     #[test]

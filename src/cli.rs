@@ -42,4 +42,31 @@ pub struct Cli {
 pub enum Command {
     /// Read an API key from stdin and print its SHA-256 hex digest for the config.
     HashKey,
+    /// Generate a new random API key and the config lines with its hash.
+    GenKey {
+        /// Key id for the config (appears in logs and metrics).
+        #[arg(long, default_value = "new-key")]
+        id: String,
+    },
+    /// Diagnose a gateway from a client machine: connection, auth, models, chat, streaming.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// Gateway URL, with or without /v1 (env: LLM_BASE_URL, then TEST_BASE_URL).
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// API key (env: LLM_API_KEY, then TEST_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Model to try (env: LLM_MODEL, then TEST_MODEL; default: the first listed).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Print one JSON document instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for each step.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
 }

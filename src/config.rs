@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{self, ApiKey, KeyTable};
+use crate::cors::CorsPolicy;
 use crate::models::{Catalogue, ModelRoute};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
@@ -52,6 +53,24 @@ pub struct FileConfig {
     pub downstream: DownstreamSection,
     pub server: ServerSection,
     pub metrics: MetricsSection,
+    pub cors: CorsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsSection {
+    pub allowed_origins: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsSection {
+    fn default() -> Self {
+        CorsSection {
+            allowed_origins: Vec::new(),
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for FileConfig {
@@ -67,6 +86,7 @@ impl Default for FileConfig {
             downstream: DownstreamSection::default(),
             server: ServerSection::default(),
             metrics: MetricsSection::default(),
+            cors: CorsSection::default(),
         }
     }
 }
@@ -252,6 +272,7 @@ pub struct Config {
     pub downstream: Downstream,
     pub server: ServerSection,
     pub metrics: MetricsConfig,
+    pub cors: CorsPolicy,
 }
 
 /// Reads the environment; a parameter so tests can pass their own.
@@ -382,6 +403,7 @@ impl FileConfig {
             }
         }
         let metrics = validate_metrics(self.metrics, &listen)?;
+        let cors = validate_cors(self.cors)?;
         Ok(Config {
             listen,
             upstream,
@@ -391,6 +413,7 @@ impl FileConfig {
             downstream,
             server,
             metrics,
+            cors,
         })
     }
 }
@@ -436,6 +459,28 @@ fn validate_metrics(m: MetricsSection, public_listen: &str) -> Result<MetricsCon
         path: m.path,
         bearer_token: m.bearer_token,
         on_public_listener: m.on_public_listener,
+    })
+}
+
+fn validate_cors(c: CorsSection) -> Result<CorsPolicy, ConfigError> {
+    for (i, origin) in c.allowed_origins.iter().enumerate() {
+        let valid = origin == "*"
+            || origin.split_once("://").is_some_and(|(scheme, host)| {
+                matches!(scheme, "http" | "https")
+                    && !host.is_empty()
+                    && !host.contains('/')
+                    && host.parse::<http::uri::Authority>().is_ok()
+            });
+        if !valid {
+            return Err(err(
+                format!("cors.allowed_origins[{i}]"),
+                format!("'{origin}' must be an origin like https://chat.example.com (scheme, host, optional port; no path) or '*'"),
+            ));
+        }
+    }
+    Ok(CorsPolicy {
+        allowed_origins: c.allowed_origins,
+        max_age: c.max_age,
     })
 }
 
@@ -787,6 +832,10 @@ server:
             ("metrics:\n  path: /v1/metrics\n", "metrics.path"),
             ("metrics:\n  bearer_token: 'a b'\n", "metrics.bearer_token"),
             ("keys:\n  - id: invalid\n    sha256: abc\n", "keys[0].id"),
+            (
+                "cors:\n  allowed_origins: ['https://a.example/path']\n",
+                "cors.allowed_origins[0]",
+            ),
         ];
         for (yaml, path) in cases {
             let e = load_str(yaml).unwrap_err();

@@ -30,6 +30,8 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 pub struct RequestCtx {
     pub start: Instant,
     pub request_id: Option<String>,
+    /// The request's `Origin`, when the CORS policy allows it.
+    pub cors_origin: Option<String>,
     pub route: Option<Route>,
     pub key_id: Option<String>,
     /// Public model name, once resolved.
@@ -54,6 +56,7 @@ impl RequestCtx {
         RequestCtx {
             start: Instant::now(),
             request_id: None,
+            cors_origin: None,
             route: None,
             key_id: None,
             model: None,

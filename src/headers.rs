@@ -9,6 +9,7 @@ use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::Upstream;
+use crate::cors::CorsPolicy;
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -109,17 +110,14 @@ pub fn is_event_stream(resp: &ResponseHeader) -> bool {
 /// Streams are sent chunked (flushed per chunk), never with a
 /// `Content-Length`, and marked `X-Accel-Buffering: no` so no proxy in front
 /// of us buffers them either.
-pub fn downstream_response(
-    upstream: &ResponseHeader,
-    is_sse: bool,
-    request_id: Option<&str>,
-) -> Result<ResponseHeader> {
+pub fn downstream_response(upstream: &ResponseHeader, is_sse: bool) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 4))?;
     for (name, value) in upstream.headers.iter() {
         if !HOP_BY_HOP.contains(&name.as_str()) {
             resp.append_header(name.clone(), value.clone())?;
         }
     }
+    crate::cors::strip_upstream_cors(&mut resp);
     let has_length = resp.headers.contains_key("content-length");
     if is_sse || !has_length {
         resp.remove_header("content-length");
@@ -129,10 +127,21 @@ pub fn downstream_response(
         resp.insert_header("X-Accel-Buffering", "no")?;
         resp.insert_header("Cache-Control", "no-cache")?;
     }
+    Ok(resp)
+}
+
+/// What every response to a client carries, whoever wrote it: the request id
+/// and the gateway's CORS policy (never llama-server's).
+pub fn finish_client_response(
+    resp: &mut ResponseHeader,
+    request_id: Option<&str>,
+    cors: &CorsPolicy,
+    allowed_origin: Option<&str>,
+) -> Result<()> {
     if let Some(id) = request_id {
         resp.insert_header("X-Request-Id", id)?;
     }
-    Ok(resp)
+    cors.apply(resp, allowed_origin)
 }
 
 #[cfg(test)]
@@ -209,7 +218,7 @@ mod tests {
         up.insert_header("Keep-Alive", "timeout=5, max=100")
             .unwrap();
         assert!(is_event_stream(&up));
-        let down = downstream_response(&up, true, None).unwrap();
+        let down = downstream_response(&up, true).unwrap();
         assert!(!down.headers.contains_key("content-length"));
         assert!(!down.headers.contains_key("keep-alive"));
         assert_eq!(down.headers["transfer-encoding"], "chunked");
@@ -222,10 +231,11 @@ mod tests {
         up.insert_header("Content-Type", "application/json")
             .unwrap();
         up.insert_header("Content-Length", "12").unwrap();
-        let down = downstream_response(&up, false, Some("r")).unwrap();
+        let mut down = downstream_response(&up, false).unwrap();
         assert_eq!(down.status.as_u16(), 400);
         assert_eq!(down.headers["content-length"], "12");
         assert!(!down.headers.contains_key("transfer-encoding"));
+        finish_client_response(&mut down, Some("r"), &CorsPolicy::default(), None).unwrap();
         assert_eq!(down.headers["x-request-id"], "r");
     }
 }

@@ -5,8 +5,10 @@
 pub mod auth;
 pub mod body;
 pub mod budget;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod cors;
 pub mod ctx;
 pub mod errors;
 pub mod gateway_error;

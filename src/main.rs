@@ -8,8 +8,11 @@ use llm_edge::config::{process_env, Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::HashKey) = cli.command {
-        return hash_key();
+    match cli.command {
+        Some(Command::HashKey) => return hash_key(),
+        Some(Command::GenKey { id }) => return gen_key(&id),
+        Some(Command::Check(args)) => return llm_edge::check::run(&args),
+        None => {}
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let mut cfg = match Config::load(cli.config.as_deref(), &process_env) {
@@ -30,6 +33,22 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     llm_edge::server::run(cfg, cli.upgrade, cli.daemon)
+}
+
+fn gen_key(id: &str) -> ExitCode {
+    let key = match llm_edge::auth::generate_key() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("llm-edge gen-key: no randomness available: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("# The new API key. Give it to the client; llm-edge stores only its hash:");
+    println!("{key}");
+    println!("# Add this under `keys:` in the config, then reload (systemctl reload llm-edge):");
+    println!("  - id: {id}");
+    println!("    sha256: {}", llm_edge::auth::digest_hex(&key));
+    ExitCode::SUCCESS
 }
 
 fn hash_key() -> ExitCode {

@@ -21,13 +21,14 @@ use crate::auth::ApiKey;
 use crate::body;
 use crate::budget::{BodyBudget, Reservation};
 use crate::config::Config;
+use crate::cors::CorsPolicy;
 use crate::ctx::{self, DisconnectPhase, RequestCtx, CLIENT_CLOSED_REQUEST};
 use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
 use crate::headers;
 use crate::metrics::{Metrics, RequestRecord, KEY_INVALID};
 use crate::metrics_app;
-use crate::relay;
+use crate::relay::Relay;
 use crate::routes::{self, Route};
 use crate::upstream::{HealthReport, UpstreamClient};
 
@@ -79,6 +80,17 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Next, GatewayError> {
         let req = session.req_header();
+        if req.method == http::Method::OPTIONS {
+            let requested = session
+                .get_header("access-control-request-headers")
+                .and_then(|v| v.to_str().ok());
+            let resp = self
+                .cfg
+                .cors
+                .preflight(ctx.cors_origin.as_deref(), requested)?;
+            write_response(session, ctx, &self.cfg.cors, resp, Bytes::new()).await?;
+            return Ok(Next::Responded);
+        }
         if self.cfg.metrics.on_public_listener && req.uri.path() == self.cfg.metrics.path {
             let authorization = session.get_header("authorization").map(|v| v.as_bytes());
             let (status, body) = metrics_app::scrape(
@@ -90,7 +102,7 @@ impl GatewayProxy {
             )
             .await;
             let resp = metrics_app::response_header(status, body.len())?;
-            write_response(session, ctx, resp, Bytes::from(body)).await?;
+            write_response(session, ctx, &self.cfg.cors, resp, Bytes::from(body)).await?;
             return Ok(Next::Responded);
         }
         let route = routes::classify(req.method.as_str(), req.uri.path())?;
@@ -167,16 +179,12 @@ impl GatewayProxy {
             &self.cfg.upstream,
             ctx.request_id.as_deref(),
         )?;
-        relay::forward(
-            session,
-            ctx,
-            &self.upstream,
-            &self.metrics,
-            req,
-            body,
-            reservation,
-        )
-        .await
+        let relay = Relay {
+            upstream: &self.upstream,
+            metrics: &self.metrics,
+            cors: &self.cfg.cors,
+        };
+        relay.forward(session, ctx, req, body, reservation).await
     }
 
     /// Reads the whole request body, within the per-request limit and the
@@ -276,8 +284,8 @@ impl GatewayProxy {
         status: u16,
         body: String,
     ) -> Result<(), GatewayError> {
-        let resp = json_response_header(status, body.len(), ctx.request_id.as_deref())?;
-        write_response(session, ctx, resp, Bytes::from(body)).await
+        let resp = json_response_header(status, body.len())?;
+        write_response(session, ctx, &self.cfg.cors, resp, Bytes::from(body)).await
     }
 
     /// Answers with an OpenAI-shaped error.
@@ -294,7 +302,7 @@ impl GatewayProxy {
             session.set_keepalive(None);
         }
         let body = err.body(ctx.request_id.as_deref());
-        let mut resp = json_response_header(err.status(), body.len(), ctx.request_id.as_deref())?;
+        let mut resp = json_response_header(err.status(), body.len())?;
         match err {
             ApiError::MissingKey(_) | ApiError::InvalidKey(_) => {
                 resp.insert_header("WWW-Authenticate", "Bearer")?;
@@ -307,7 +315,10 @@ impl GatewayProxy {
             }
             _ => {}
         }
-        if write_response(session, ctx, resp, body).await.is_err() {
+        if write_response(session, ctx, &self.cfg.cors, resp, body)
+            .await
+            .is_err()
+        {
             return Error::e_explain(
                 ErrorType::WriteError,
                 "client left before the error response",
@@ -362,26 +373,27 @@ fn overloaded() -> ApiError {
     )
 }
 
-fn json_response_header(
-    status: u16,
-    len: usize,
-    request_id: Option<&str>,
-) -> Result<ResponseHeader> {
+fn json_response_header(status: u16, len: usize) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header("Content-Type", "application/json")?;
     resp.insert_header("Content-Length", len.to_string())?;
-    if let Some(id) = request_id {
-        resp.insert_header("X-Request-Id", id)?;
-    }
     Ok(resp)
 }
 
+/// Writes a whole response the gateway answers itself.
 async fn write_response(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    resp: ResponseHeader,
+    cors: &CorsPolicy,
+    mut resp: ResponseHeader,
     body: Bytes,
 ) -> Result<(), GatewayError> {
+    headers::finish_client_response(
+        &mut resp,
+        ctx.request_id.as_deref(),
+        cors,
+        ctx.cors_origin.as_deref(),
+    )?;
     ctx.status = Some(resp.status.as_u16());
     ctx.bytes_out += body.len();
     let written = async {
@@ -428,6 +440,8 @@ impl ProxyHttp for GatewayProxy {
             .get_header("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|id| ctx::valid_request_id(id));
+        let origin = session.get_header("origin").and_then(|v| v.to_str().ok());
+        ctx.cors_origin = self.cfg.cors.allowed(origin);
         ctx.request_id = Some(match incoming {
             Some(id) => id.to_string(),
             None => uuid::Uuid::new_v4().simple().to_string(),
@@ -498,9 +512,13 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         ctx.first_byte = Some(ctx.start.elapsed());
-        if let Some(id) = &ctx.request_id {
-            upstream_response.insert_header("X-Request-Id", id.as_str())?;
-        }
+        crate::cors::strip_upstream_cors(upstream_response);
+        headers::finish_client_response(
+            upstream_response,
+            ctx.request_id.as_deref(),
+            &self.cfg.cors,
+            ctx.cors_origin.as_deref(),
+        )?;
         if headers::is_event_stream(upstream_response) {
             upstream_response.insert_header("X-Accel-Buffering", "no")?;
         }

@@ -16,6 +16,7 @@ use pingora_proxy::Session;
 use tokio::time::Instant;
 
 use crate::budget::Reservation;
+use crate::cors::CorsPolicy;
 use crate::ctx::{DisconnectPhase, RequestCtx};
 use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
@@ -39,15 +40,35 @@ fn total_timeout_error(limit: Duration) -> ApiError {
     ))
 }
 
-pub async fn forward(
+/// What a relay needs besides the request itself.
+pub struct Relay<'a> {
+    pub upstream: &'a UpstreamClient,
+    pub metrics: &'a Metrics,
+    pub cors: &'a CorsPolicy,
+}
+
+impl Relay<'_> {
+    pub async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        req: RequestHeader,
+        body: Bytes,
+        reservation: Reservation,
+    ) -> Result<(), GatewayError> {
+        forward(self, session, ctx, req, body, reservation).await
+    }
+}
+
+async fn forward(
+    relay: &Relay<'_>,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    upstream: &UpstreamClient,
-    metrics: &Metrics,
     req: RequestHeader,
     body: Bytes,
     reservation: Reservation,
 ) -> Result<(), GatewayError> {
+    let (upstream, metrics) = (relay.upstream, relay.metrics);
     let cfg = upstream.config();
     let deadline = cfg.total_timeout.map(|t| Instant::from_std(ctx.start) + t);
 
@@ -82,7 +103,13 @@ pub async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     ctx.accounting = Accounting::for_response(is_sse, content_type);
-    let resp = headers::downstream_response(upstream_resp, is_sse, ctx.request_id.as_deref())?;
+    let mut resp = headers::downstream_response(upstream_resp, is_sse)?;
+    headers::finish_client_response(
+        &mut resp,
+        ctx.request_id.as_deref(),
+        relay.cors,
+        ctx.cors_origin.as_deref(),
+    )?;
     ctx.status = Some(resp.status.as_u16());
     session
         .write_response_header(Box::new(resp), false)

@@ -933,3 +933,125 @@ async fn a_client_that_stalls_mid_body_is_timed_out() {
     );
     assert!(mock.requests().is_empty());
 }
+
+#[tokio::test]
+async fn cors_preflight_and_responses() {
+    let (_mock, gw) = setup("cors:\n  allowed_origins: ['http://chat.example:3000']\n").await;
+    let c = client();
+    let pre = c
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/chat/completions", gw.url()),
+        )
+        .header("Origin", "http://chat.example:3000")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        pre.status(),
+        204,
+        "a preflight is never 405 and needs no key"
+    );
+    assert_eq!(
+        pre.headers()["access-control-allow-origin"],
+        "http://chat.example:3000"
+    );
+    assert!(pre.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    assert_eq!(
+        pre.headers()["access-control-allow-headers"],
+        "authorization,content-type"
+    );
+
+    let other = c
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/chat/completions", gw.url()),
+        )
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 204);
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // Real responses carry our policy, never llama-server's empty header.
+    let resp = c
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(KEY)
+        .header("Origin", "http://chat.example:3000")
+        .body(chat("qwen", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "http://chat.example:3000"
+    );
+    assert_eq!(
+        resp.headers()
+            .get_all("access-control-allow-origin")
+            .iter()
+            .count(),
+        1
+    );
+    let plain = post(&gw, "/v1/chat/completions", Some(KEY), chat("qwen", false)).await;
+    assert!(
+        plain.headers().get("access-control-allow-origin").is_none(),
+        "llama-server's empty header leaked"
+    );
+    // Errors are readable by the page too.
+    let denied = c
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .header("Origin", "http://chat.example:3000")
+        .body(chat("qwen", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(
+        denied.headers()["access-control-allow-origin"],
+        "http://chat.example:3000"
+    );
+    assert!(denied.headers()["x-request-id"]
+        .to_str()
+        .is_ok_and(|id| !id.is_empty()));
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_or_generated() {
+    let (mock, gw) = setup("").await;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(KEY)
+        .header("X-Request-Id", "trace-abc.123")
+        .body(chat("qwen", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "trace-abc.123");
+    assert_eq!(
+        mock.last_request().unwrap().header("x-request-id"),
+        Some("trace-abc.123")
+    );
+    let bad = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .header("X-Request-Id", "has spaces; and {braces}")
+        .body(chat("qwen", false))
+        .send()
+        .await
+        .unwrap();
+    let id = bad.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(id.len() >= 16 && !id.contains(' '));
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["request_id"], id.as_str());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(gw.log().contains(&format!("request_id={id}")));
+}
