@@ -12,6 +12,12 @@ command -v cmake >/dev/null 2>&1 || apt_packages+=(cmake)
 command -v python3 >/dev/null 2>&1 || apt_packages+=(python3 python3-venv)
 # a real Prometheus and promtool for the metrics tests (starts no daemon here)
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+# a real sshd/ssh for the reverse-tunnel tests, autossh as the tunnel unit uses it
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || apt_packages+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || apt_packages+=(openssh-client)
+command -v autossh >/dev/null 2>&1 || apt_packages+=(autossh)
+# systemd's own unit verifier
+command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing Debian packages: ${apt_packages[*]}"
   $SUDO apt-get update -qq
