@@ -1,2 +1,3 @@
 pub mod gateway;
 pub mod mock_llama;
+pub mod unit;
