@@ -88,6 +88,7 @@ pub struct MockLlama {
     pub addr: SocketAddr,
     state: Arc<State>,
     opts: Arc<MockOptions>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl MockLlama {
@@ -98,23 +99,48 @@ impl MockLlama {
 
     /// Like [`MockLlama::start`] on a given loopback port (0: ephemeral).
     pub async fn start_on(port: u16, opts: MockOptions) -> MockLlama {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
+        // A deep accept queue: std's default of 128 overflows when a gateway opens
+        // hundreds of upstream connections at once, turning into 1 s SYN retries.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], port)))
             .expect("bind mock");
+        let listener: TcpListener = socket.listen(4096).expect("listen");
         let addr = listener.local_addr().expect("mock addr");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mock = MockLlama {
             addr,
             state: Arc::new(State::default()),
             opts: Arc::new(opts),
+            stop: Arc::new(stop_tx),
         };
         let server = mock.clone();
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            let mut stopped = stop_rx.clone();
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stopped.wait_for(|s| *s) => return,
+                };
+                let Ok((stream, _)) = accepted else { return };
                 let conn = server.clone();
-                tokio::spawn(async move { conn.serve_connection(stream).await });
+                let mut stopped = stop_rx.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = conn.serve_connection(stream) => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
+                });
             }
         });
         mock
+    }
+
+    /// Stops like a killed llama-server: the port is closed and every open
+    /// connection is dropped mid-whatever.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
     }
 
     pub fn url(&self) -> String {
