@@ -18,6 +18,11 @@ command -v ssh >/dev/null 2>&1 || apt_packages+=(openssh-client)
 command -v autossh >/dev/null 2>&1 || apt_packages+=(autossh)
 # systemd's own unit verifier
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+# Node.js runs examples/node and drives the browser example (CI has Node 20)
+command -v node >/dev/null 2>&1 || apt_packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || apt_packages+=(npm)
+# a headless browser for examples/browser (driven by tests/browser)
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing Debian packages: ${apt_packages[*]}"
   $SUDO apt-get update -qq
@@ -33,3 +38,13 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/python/requirements.txt "$stamp";
   .venv/bin/python -m pip install -q --upgrade -r tests/python/requirements.txt
   cp tests/python/requirements.txt "$stamp"
 fi
+
+# Node packages of the examples and of the browser test driver, from their lock files.
+for dir in examples/node tests/browser; do
+  stamp="$dir/node_modules/.llm-edge-lock"
+  if ! cmp -s "$dir/package-lock.json" "$stamp"; then
+    echo "installing node packages in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    cp "$dir/package-lock.json" "$stamp"
+  fi
+done

@@ -5,6 +5,7 @@ them; the binaries come from LLM_EDGE_BIN and MOCK_LLAMA_BIN (set by
 scripts/test.sh).
 """
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -64,8 +65,10 @@ def wait_for_port(port, proc, log_path, timeout=20):
     raise RuntimeError("llm-edge did not start:\n" + open(log_path).read())
 
 
-@pytest.fixture
-def gateway(mock_llama, tmp_path):
+@contextlib.contextmanager
+def run_gateway(mock_llama, tmp_path, extra_yaml=""):
+    """Runs llm-edge with the test config plus `extra_yaml` (top-level YAML
+    sections, e.g. a `cors:` block); yields its base URL (no /v1)."""
     port = free_port()
     config = tmp_path / "llm-edge.yaml"
     config.write_text(
@@ -93,6 +96,7 @@ server:
   grace_period_seconds: 1
   graceful_shutdown_timeout_seconds: 1
 """
+        + extra_yaml
     )
     log_path = tmp_path / "gateway.log"
     with open(log_path, "w") as log:
@@ -101,10 +105,18 @@ server:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    wait_for_port(port, proc, log_path)
-    yield f"http://127.0.0.1:{port}"
-    proc.kill()
-    proc.wait()
+    try:
+        wait_for_port(port, proc, log_path)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def gateway(mock_llama, tmp_path):
+    with run_gateway(mock_llama, tmp_path) as url:
+        yield url
 
 
 def get_json(url):
