@@ -26,9 +26,23 @@ pub struct RequestBody {
     pub stream: bool,
     /// Whether the top-level object has any member at all.
     pub has_members: bool,
+    /// Top-level generation-length fields (`max_tokens`, ...), in body order.
+    pub token_limits: Vec<TokenLimitField>,
     /// Byte offset of the opening `{`.
     object_start: usize,
 }
+
+/// A field that caps how many tokens llama-server generates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLimitField {
+    pub name: &'static str,
+    /// `None` when absent as a positive integer (e.g. llama.cpp's `-1`: unlimited).
+    pub value: Option<u64>,
+    pub span: Range<usize>,
+}
+
+/// Names llama-server reads as the generation limit.
+const TOKEN_LIMIT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "n_predict"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelField {
@@ -78,45 +92,103 @@ pub fn inspect(body: &[u8]) -> Result<RequestBody, ApiError> {
             Some(ModelField { name, span })
         }
     };
+    let token_limits = scan
+        .token_limits
+        .into_iter()
+        .map(|(name, span)| TokenLimitField {
+            name,
+            value: serde_json::from_slice::<u64>(&body[span.clone()]).ok(),
+            span,
+        })
+        .collect();
     Ok(RequestBody {
         model,
         stream: scan.stream,
         has_members: scan.members > 0,
+        token_limits,
         object_start,
     })
 }
 
-/// Returns `body` with the top-level `model` value replaced by `upstream_name`
-/// (or inserted first when the client sent none). Unchanged bodies are returned
-/// without a copy.
-pub fn rewrite_model(body: Bytes, info: &RequestBody, upstream_name: &str) -> Bytes {
-    let encoded = match serde_json::to_string(upstream_name) {
-        Ok(s) => s,
-        Err(_) => return body,
-    };
-    match &info.model {
-        Some(field) => {
-            if body[field.span.clone()] == *encoded.as_bytes() {
-                return body;
-            }
-            let mut out = BytesMut::with_capacity(body.len() - field.span.len() + encoded.len());
-            out.extend_from_slice(&body[..field.span.start]);
-            out.extend_from_slice(encoded.as_bytes());
-            out.extend_from_slice(&body[field.span.end..]);
-            out.freeze()
+impl RequestBody {
+    /// The largest generation length the body asks for; `None`: unlimited.
+    pub fn requested_max_tokens(&self) -> Option<u64> {
+        if self.token_limits.is_empty() || self.token_limits.iter().any(|f| f.value.is_none()) {
+            return None;
         }
-        None => {
-            let at = info.object_start + 1;
-            let separator: &[u8] = if info.has_members { b"," } else { b"" };
-            let mut out = BytesMut::with_capacity(body.len() + encoded.len() + 10);
-            out.extend_from_slice(&body[..at]);
-            out.extend_from_slice(b"\"model\":");
-            out.extend_from_slice(encoded.as_bytes());
-            out.extend_from_slice(separator);
-            out.extend_from_slice(&body[at..]);
-            out.freeze()
+        self.token_limits.iter().filter_map(|f| f.value).max()
+    }
+}
+
+/// What to change in a body on its way upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrite<'a> {
+    pub upstream_model: &'a str,
+    /// Cap every generation-length field at this value (inserting `max_tokens`
+    /// when the body has none).
+    pub max_tokens: Option<u64>,
+}
+
+/// Applies `rw` by splicing bytes; every other byte stays as the client sent it.
+pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
+    let Ok(model_json) = serde_json::to_string(rw.upstream_model) else {
+        return body;
+    };
+    // (span, replacement) edits; an empty span at the object start inserts.
+    let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
+    let mut inserted: Vec<String> = Vec::new();
+    match &info.model {
+        Some(field) if body[field.span.clone()] != *model_json.as_bytes() => {
+            edits.push((field.span.clone(), model_json.clone().into_bytes()));
+        }
+        Some(_) => {}
+        None => inserted.push(format!("\"model\":{model_json}")),
+    }
+    if let Some(cap) = rw.max_tokens {
+        if info.token_limits.is_empty() {
+            inserted.push(format!("\"max_tokens\":{cap}"));
+        }
+        for field in &info.token_limits {
+            if field.value.is_none_or(|v| v > cap) {
+                edits.push((field.span.clone(), cap.to_string().into_bytes()));
+            }
         }
     }
+    if !inserted.is_empty() {
+        let at = info.object_start + 1;
+        let mut text = inserted.join(",");
+        if info.has_members {
+            text.push(',');
+        }
+        edits.push((at..at, text.into_bytes()));
+    }
+    if edits.is_empty() {
+        return body;
+    }
+    edits.sort_by_key(|(span, _)| span.start);
+    let grow: usize = edits.iter().map(|(_, b)| b.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() + grow);
+    let mut pos = 0;
+    for (span, replacement) in &edits {
+        out.extend_from_slice(&body[pos..span.start]);
+        out.extend_from_slice(replacement);
+        pos = span.end;
+    }
+    out.extend_from_slice(&body[pos..]);
+    out.freeze()
+}
+
+/// Returns `body` with the top-level `model` value replaced by `upstream_name`
+/// (or inserted first when the client sent none).
+pub fn rewrite_model(body: Bytes, info: &RequestBody, upstream_name: &str) -> Bytes {
+    rewrite(
+        body,
+        info,
+        &Rewrite {
+            upstream_model: upstream_name,
+            max_tokens: None,
+        },
+    )
 }
 
 fn describe_json_error(e: &serde_json::Error) -> String {
@@ -135,6 +207,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 struct Scan {
+    token_limits: Vec<(&'static str, Range<usize>)>,
     model: Option<Range<usize>>,
     model_count: usize,
     stream: bool,
@@ -154,6 +227,7 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan, A::Error> {
         let mut scan = Scan {
+            token_limits: Vec::new(),
             model: None,
             model_count: 0,
             stream: false,
@@ -168,6 +242,17 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
                     let start = raw.get().as_ptr() as usize - self.base;
                     scan.model = Some(start..start + raw.get().len());
                     scan.model_count += 1;
+                }
+                name if TOKEN_LIMIT_FIELDS.contains(&name) => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    let start = raw.get().as_ptr() as usize - self.base;
+                    let field = TOKEN_LIMIT_FIELDS
+                        .iter()
+                        .find(|f| **f == name)
+                        .copied()
+                        .unwrap_or("max_tokens");
+                    scan.token_limits
+                        .push((field, start..start + raw.get().len()));
                 }
                 "stream" => {
                     let raw: &'de RawValue = map.next_value()?;
@@ -283,6 +368,60 @@ mod tests {
         assert!(!inspect(br#"{"stream":false}"#).unwrap().stream);
         assert!(!inspect(br#"{"stream":"true"}"#).unwrap().stream);
         assert!(!inspect(br#"{}"#).unwrap().stream);
+    }
+
+    fn capped(body: &str, cap: u64) -> String {
+        let bytes = Bytes::copy_from_slice(body.as_bytes());
+        let info = inspect(&bytes).unwrap();
+        let rw = Rewrite {
+            upstream_model: "m",
+            max_tokens: Some(cap),
+        };
+        String::from_utf8(super::rewrite(bytes, &info, &rw).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn max_tokens_is_read_and_capped() {
+        let info = inspect(br#"{"model":"m","max_tokens":50}"#).unwrap();
+        assert_eq!(info.requested_max_tokens(), Some(50));
+        assert_eq!(
+            inspect(br#"{"model":"m"}"#).unwrap().requested_max_tokens(),
+            None
+        );
+        assert_eq!(
+            inspect(br#"{"n_predict":-1}"#)
+                .unwrap()
+                .requested_max_tokens(),
+            None
+        );
+        assert_eq!(
+            capped(r#"{"model":"m","max_tokens":5000}"#, 100),
+            r#"{"model":"m","max_tokens":100}"#
+        );
+        assert_eq!(
+            capped(r#"{"model":"m","max_tokens":5}"#, 100),
+            r#"{"model":"m","max_tokens":5}"#
+        );
+        assert_eq!(
+            capped(r#"{"model":"m","n_predict":-1}"#, 100),
+            r#"{"model":"m","n_predict":100}"#
+        );
+        assert_eq!(
+            capped(r#"{"model":"m","x":1}"#, 100),
+            r#"{"max_tokens":100,"model":"m","x":1}"#
+        );
+        assert_eq!(
+            capped(r#"{"x":1}"#, 7),
+            r#"{"model":"m","max_tokens":7,"x":1}"#
+        );
+        assert_eq!(capped(r#"{}"#, 7), r#"{"model":"m","max_tokens":7}"#);
+        assert_eq!(
+            capped(
+                r#"{"max_completion_tokens":900,"model":"q","max_tokens":null}"#,
+                10
+            ),
+            r#"{"max_completion_tokens":10,"model":"m","max_tokens":10}"#
+        );
     }
 
     #[test]

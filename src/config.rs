@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::auth::{self, ApiKey, KeyTable};
 use crate::cors::CorsPolicy;
+use crate::limits::{KeyLimits, OverMaxTokens};
 use crate::models::{Catalogue, ModelRoute};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
@@ -108,6 +109,10 @@ pub struct UpstreamSection {
     pub pool_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub health_timeout: Duration,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    pub max_queued: usize,
 }
 
 impl Default for UpstreamSection {
@@ -121,6 +126,9 @@ impl Default for UpstreamSection {
             total_timeout: None,
             pool_idle_timeout: Duration::from_secs(4),
             health_timeout: Duration::from_secs(3),
+            max_in_flight: 0,
+            queue_timeout: Duration::from_secs(30),
+            max_queued: 1024,
         }
     }
 }
@@ -141,6 +149,17 @@ pub struct KeySection {
     pub id: String,
     pub sha256: String,
     pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub limits: KeyLimitsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyLimitsSection {
+    pub requests_per_minute: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub max_tokens: Option<u64>,
+    pub over_max_tokens: OverMaxTokens,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +167,7 @@ pub struct KeySection {
 pub struct LimitsSection {
     pub max_body_bytes: usize,
     pub max_buffered_body_bytes: usize,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 impl Default for LimitsSection {
@@ -155,6 +175,7 @@ impl Default for LimitsSection {
         LimitsSection {
             max_body_bytes: 32 << 20,
             max_buffered_body_bytes: 512 << 20,
+            max_concurrent_requests: None,
         }
     }
 }
@@ -237,12 +258,17 @@ pub struct Upstream {
     pub total_timeout: Option<Duration>,
     pub pool_idle_timeout: Duration,
     pub health_timeout: Duration,
+    /// Requests allowed at the upstream at once (its slots); 0: no limit.
+    pub max_in_flight: usize,
+    pub queue_timeout: Duration,
+    pub max_queued: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_buffered_body_bytes: usize,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +294,8 @@ pub struct Config {
     pub upstream: Upstream,
     pub catalogue: Catalogue,
     pub keys: KeyTable,
+    /// Per-key limits, by key id (keys without limits are absent).
+    pub key_limits: Vec<(String, KeyLimits)>,
     pub limits: Limits,
     pub downstream: Downstream,
     pub server: ServerSection,
@@ -349,6 +377,7 @@ pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
                 id: format!("env-{}", i + 1),
                 sha256: auth::digest_hex(secret),
                 models: None,
+                limits: KeyLimitsSection::default(),
             });
         }
     }
@@ -360,12 +389,20 @@ impl FileConfig {
         let listen = validate_listen(&self.listen)?;
         let upstream = validate_upstream(self.upstream)?;
         let catalogue = validate_models(self.models, self.default_model)?;
+        let key_limits = validate_key_limits(&self.keys)?;
         let keys = validate_keys(self.keys, &catalogue, self.allow_anonymous)?;
 
         let limits = Limits {
             max_body_bytes: self.limits.max_body_bytes,
             max_buffered_body_bytes: self.limits.max_buffered_body_bytes,
+            max_concurrent_requests: self.limits.max_concurrent_requests,
         };
+        if limits.max_concurrent_requests == Some(0) {
+            return Err(err(
+                "limits.max_concurrent_requests",
+                "must be at least 1 (leave it out for no cap)",
+            ));
+        }
         if limits.max_body_bytes == 0 {
             return Err(err("limits.max_body_bytes", "must be greater than 0"));
         }
@@ -409,6 +446,7 @@ impl FileConfig {
             upstream,
             catalogue,
             keys,
+            key_limits,
             limits,
             downstream,
             server,
@@ -560,6 +598,9 @@ fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigError> {
         },
         pool_idle_timeout: s.pool_idle_timeout,
         health_timeout: nonzero("upstream.health_timeout", s.health_timeout)?,
+        max_in_flight: s.max_in_flight,
+        queue_timeout: nonzero("upstream.queue_timeout", s.queue_timeout)?,
+        max_queued: s.max_queued,
     })
 }
 
@@ -708,6 +749,35 @@ fn validate_keys(
         table.push(ApiKey::new(k.id, digest, allowed));
     }
     Ok(KeyTable::new(table, allow_anonymous))
+}
+
+fn validate_key_limits(keys: &[KeySection]) -> Result<Vec<(String, KeyLimits)>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let l = &k.limits;
+        for (field, value) in [
+            ("requests_per_minute", l.requests_per_minute.map(u64::from)),
+            ("max_concurrent", l.max_concurrent.map(u64::from)),
+            ("max_tokens", l.max_tokens),
+        ] {
+            if value == Some(0) {
+                return Err(err(
+                    format!("keys[{i}].limits.{field}"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+        let limits = KeyLimits {
+            requests_per_minute: l.requests_per_minute,
+            max_concurrent: l.max_concurrent,
+            max_tokens: l.max_tokens,
+            over_max_tokens: l.over_max_tokens,
+        };
+        if limits != KeyLimits::default() {
+            out.push((k.id.clone(), limits));
+        }
+    }
+    Ok(out)
 }
 
 fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
@@ -884,6 +954,29 @@ server:
         let c = apply_env(file, &env).validate().unwrap();
         assert_eq!(c.catalogue.routes().len(), 1);
         assert_eq!(c.catalogue.default_route().name, "qwen");
+    }
+
+    #[test]
+    fn key_limits() {
+        let key = auth::digest_hex("k");
+        let c = load_str(&format!(
+            "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      requests_per_minute: 60\n      max_tokens: 512\n      over_max_tokens: reject\nupstream:\n  max_in_flight: 4\n"
+        ))
+        .unwrap();
+        assert_eq!(c.key_limits[0].0, "a");
+        assert_eq!(c.key_limits[0].1.requests_per_minute, Some(60));
+        assert_eq!(c.key_limits[0].1.over_max_tokens, OverMaxTokens::Reject);
+        assert_eq!(c.upstream.max_in_flight, 4);
+        let e = load_str(&format!(
+            "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      max_tokens: 0\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "keys[0].limits.max_tokens");
+        let e = load_str(&format!(
+            "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      over_max_tokens: truncate\n"
+        ))
+        .unwrap_err();
+        assert!(e.path.starts_with("keys[0].limits"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::admission::SlotPermit;
 use crate::gateway_error::GatewayError;
+use crate::limits::LimitGuard;
 use crate::metrics::InFlightGuard;
 use crate::routes::{Route, UNKNOWN_ROUTE};
 use crate::sse::Accounting;
@@ -49,6 +51,12 @@ pub struct RequestCtx {
     pub accounting: Accounting,
     /// Keeps `requests_in_flight` up while the request lives.
     pub in_flight: Option<InFlightGuard>,
+    /// This request's share of its key's and the global concurrency limits.
+    pub limit_guard: Option<LimitGuard>,
+    /// The upstream slot it holds (slot-aware admission).
+    pub slot: Option<SlotPermit>,
+    /// Which limit refused it, if one did.
+    pub limited: Option<&'static str>,
 }
 
 impl RequestCtx {
@@ -70,6 +78,9 @@ impl RequestCtx {
             disconnect: None,
             accounting: Accounting::Off,
             in_flight: None,
+            limit_guard: None,
+            slot: None,
+            limited: None,
         }
     }
 

@@ -36,6 +36,10 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("{0}")]
     Overloaded(String),
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
+    #[error("{message}")]
+    UpstreamBusy { message: String, retry_after: u64 },
     #[error("{0}")]
     UpstreamUnreachable(String),
     #[error("{0}")]
@@ -57,7 +61,10 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge { .. } => 413,
-            ApiError::Overloaded(_) | ApiError::UpstreamUnavailable(_) => 503,
+            ApiError::RateLimited { .. } => 429,
+            ApiError::Overloaded(_)
+            | ApiError::UpstreamUnavailable(_)
+            | ApiError::UpstreamBusy { .. } => 503,
             ApiError::UpstreamUnreachable(_) | ApiError::UpstreamBroken(_) => 502,
             ApiError::UpstreamTimeout(_) => 504,
             ApiError::Internal(_) => 500,
@@ -75,7 +82,8 @@ impl ApiError {
             | ApiError::NotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::BodyTooLarge { .. } => "invalid_request_error",
-            ApiError::Overloaded(_) => "overloaded_error",
+            ApiError::Overloaded(_) | ApiError::UpstreamBusy { .. } => "overloaded_error",
+            ApiError::RateLimited { .. } => "requests",
             ApiError::UpstreamUnreachable(_)
             | ApiError::UpstreamTimeout(_)
             | ApiError::UpstreamUnavailable(_)
@@ -97,11 +105,23 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::BodyTooLarge { .. } => "request_too_large",
             ApiError::Overloaded(_) => "gateway_overloaded",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::UpstreamBusy { .. } => "upstream_busy",
             ApiError::UpstreamUnreachable(_) => "upstream_unreachable",
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
             ApiError::UpstreamUnavailable(_) => "upstream_unavailable",
             ApiError::UpstreamBroken(_) => "upstream_error",
             ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, for errors worth retrying.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::Overloaded(_) => Some(1),
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::UpstreamBusy { retry_after, .. } => Some((*retry_after).max(1)),
+            _ => None,
         }
     }
 
@@ -174,6 +194,14 @@ mod tests {
             },
             ApiError::BodyTooLarge { limit: 10 },
             ApiError::Overloaded("m".into()),
+            ApiError::RateLimited {
+                message: "m".into(),
+                retry_after: 3,
+            },
+            ApiError::UpstreamBusy {
+                message: "m".into(),
+                retry_after: 3,
+            },
             ApiError::UpstreamUnreachable("m".into()),
             ApiError::UpstreamTimeout("m".into()),
             ApiError::UpstreamUnavailable("m".into()),
@@ -205,6 +233,14 @@ mod tests {
         assert_eq!(ApiError::ModelNotFound("x".into()).status(), 404);
         assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), 413);
         assert_eq!(ApiError::UpstreamTimeout(String::new()).status(), 504);
+        let limited = ApiError::RateLimited {
+            message: String::new(),
+            retry_after: 0,
+        };
+        assert_eq!(
+            (limited.status(), limited.code(), limited.retry_after()),
+            (429, "rate_limit_exceeded", Some(1))
+        );
         assert_eq!(ApiError::UpstreamUnreachable(String::new()).status(), 502);
     }
 

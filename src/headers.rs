@@ -161,6 +161,9 @@ mod tests {
             total_timeout: None,
             pool_idle_timeout: Duration::from_secs(1),
             health_timeout: Duration::from_secs(1),
+            max_in_flight: 0,
+            queue_timeout: Duration::from_secs(1),
+            max_queued: 1,
         }
     }
 

@@ -2,6 +2,7 @@
 //! llama.cpp `llama-server` on the public internet with API keys, public model
 //! names, unbuffered streaming and cancellation.
 
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod budget;
@@ -13,6 +14,7 @@ pub mod ctx;
 pub mod errors;
 pub mod gateway_error;
 pub mod headers;
+pub mod limits;
 pub mod metrics;
 pub mod metrics_app;
 pub mod models;
@@ -21,4 +23,5 @@ pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod sse;
+pub mod state;
 pub mod upstream;

@@ -77,6 +77,10 @@ pub struct Metrics {
     generation_tps: HistogramVec,
     cache_hit_ratio: HistogramVec,
     body_budget_used: IntGauge,
+    rate_limited: IntCounterVec,
+    queue_depth: IntGauge,
+    upstream_in_flight: IntGauge,
+    queue_wait: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -196,6 +200,22 @@ impl Metrics {
             generation_tps: histogram(r, "llm_edge_upstream_generation_tokens_per_second", "llama.cpp generation speed (timings.predicted_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
             cache_hit_ratio: histogram(r, "llm_edge_prompt_cache_hit_ratio", "Share of each prompt served from llama.cpp's prompt cache (cache_n / (cache_n + prompt_n))", &["model"], RATIO_BUCKETS),
             body_budget_used,
+            rate_limited: counter(r, "llm_edge_rate_limited_total", "Requests refused by a limit, by key id and reason (key_rate, key_concurrency, global_concurrency, queue_full, queue_timeout)", &["key", "reason"]),
+            queue_depth: {
+                let g = IntGauge::new("llm_edge_queue_depth", "Requests waiting for an upstream slot (upstream.max_in_flight)").expect("gauge");
+                registry.register(Box::new(g.clone())).expect("register gauge");
+                g
+            },
+            upstream_in_flight: {
+                let g = IntGauge::new("llm_edge_upstream_in_flight", "Requests holding an upstream slot").expect("gauge");
+                registry.register(Box::new(g.clone())).expect("register gauge");
+                g
+            },
+            queue_wait: {
+                let h = Histogram::with_opts(HistogramOpts::new("llm_edge_queue_wait_seconds", "Time requests waited for an upstream slot").buckets(TTFT_BUCKETS.to_vec())).expect("histogram");
+                registry.register(Box::new(h.clone())).expect("register histogram");
+                h
+            },
             registry,
         };
         metrics.upstream_up.with_label_values(&[upstream]).set(0);
@@ -301,6 +321,21 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn rate_limited(&self, key: Option<&str>, reason: &str) {
+        self.rate_limited
+            .with_label_values(&[self.key_label(key), reason])
+            .inc();
+    }
+
+    pub fn queue_waited(&self, waited: Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn set_slots(&self, queued: usize, in_flight: usize) {
+        self.queue_depth.set(queued as i64);
+        self.upstream_in_flight.set(in_flight as i64);
     }
 
     pub fn set_buffered_bytes(&self, bytes: usize) {

@@ -15,17 +15,12 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use subtle::ConstantTimeEq;
 
-use crate::budget::BodyBudget;
-use crate::config::Config;
 use crate::errors::ApiError;
-use crate::metrics::Metrics;
-use crate::upstream::{HealthReport, UpstreamClient};
+use crate::state::GatewayState;
+use crate::upstream::HealthReport;
 
 pub struct MetricsApp {
-    pub cfg: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    pub upstream: Arc<UpstreamClient>,
-    pub budget: Arc<BodyBudget>,
+    pub state: Arc<GatewayState>,
 }
 
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -41,22 +36,20 @@ fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
 }
 
 /// Status and body of one scrape (also used on the public listener when configured).
-pub async fn scrape(
-    cfg: &Config,
-    metrics: &Metrics,
-    upstream: &UpstreamClient,
-    budget: &BodyBudget,
-    authorization: Option<&[u8]>,
-) -> (u16, Vec<u8>) {
-    if !token_ok(cfg.metrics.bearer_token.as_deref(), authorization) {
+pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let metrics = &state.metrics;
+    if !token_ok(state.cfg.metrics.bearer_token.as_deref(), authorization) {
         let err = ApiError::InvalidKey(
             "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
                 .into(),
         );
         return (401, err.body(None).to_vec());
     }
-    metrics.set_upstream_up(upstream.health().await == HealthReport::Healthy);
-    metrics.set_buffered_bytes(budget.used());
+    metrics.set_upstream_up(state.upstream.health().await == HealthReport::Healthy);
+    metrics.set_buffered_bytes(state.budget.used());
+    if let Some(slots) = &state.slots {
+        metrics.set_slots(slots.queued(), slots.in_flight());
+    }
     (200, metrics.render())
 }
 
@@ -75,19 +68,12 @@ pub fn response_header(status: u16, len: usize) -> Result<ResponseHeader> {
 #[async_trait]
 impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path_ok = session.req_header().uri.path() == self.cfg.metrics.path;
+        let path_ok = session.req_header().uri.path() == self.state.cfg.metrics.path;
         let (status, body, content_type) = if path_ok {
             let authorization = session
                 .get_header("authorization")
                 .map(|v| v.as_bytes().to_vec());
-            let (status, body) = scrape(
-                &self.cfg,
-                &self.metrics,
-                &self.upstream,
-                &self.budget,
-                authorization.as_deref(),
-            )
-            .await;
+            let (status, body) = scrape(&self.state, authorization.as_deref()).await;
             let ct = if status == 200 {
                 TEXT_FORMAT
             } else {
@@ -100,7 +86,7 @@ impl ServeHttp for MetricsApp {
                 path: format!(
                     "{} (metrics are at {})",
                     session.req_header().uri.path(),
-                    self.cfg.metrics.path
+                    self.state.cfg.metrics.path
                 ),
             };
             (404, err.body(None).to_vec(), "application/json")

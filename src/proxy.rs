@@ -17,20 +17,22 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
 
+use crate::admission::{Denied, SlotPermit, SlotQueue};
 use crate::auth::ApiKey;
 use crate::body;
-use crate::budget::{BodyBudget, Reservation};
-use crate::config::Config;
+use crate::budget::Reservation;
 use crate::cors::CorsPolicy;
 use crate::ctx::{self, DisconnectPhase, RequestCtx, CLIENT_CLOSED_REQUEST};
 use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
 use crate::headers;
-use crate::metrics::{Metrics, RequestRecord, KEY_INVALID};
+use crate::limits;
+use crate::metrics::{RequestRecord, KEY_INVALID};
 use crate::metrics_app;
 use crate::relay::Relay;
 use crate::routes::{self, Route};
-use crate::upstream::{HealthReport, UpstreamClient};
+use crate::state::GatewayState;
+use crate::upstream::HealthReport;
 
 /// How long, after answering 413, we keep reading (and discarding) what the
 /// client still sends, so it reads our answer instead of a connection reset.
@@ -38,10 +40,7 @@ const LINGER_AFTER_REJECT: std::time::Duration = std::time::Duration::from_secs(
 const LINGER_MAX_BYTES: usize = 64 << 20;
 
 pub struct GatewayProxy {
-    cfg: Arc<Config>,
-    upstream: Arc<UpstreamClient>,
-    metrics: Arc<Metrics>,
-    budget: Arc<BodyBudget>,
+    state: Arc<GatewayState>,
     /// Peer for Pingora's own proxy loop (other `/v1/*` paths).
     passthrough_peer: HttpPeer,
 }
@@ -52,13 +51,9 @@ enum Next {
 }
 
 impl GatewayProxy {
-    pub fn new(
-        cfg: Arc<Config>,
-        upstream: Arc<UpstreamClient>,
-        metrics: Arc<Metrics>,
-        budget: Arc<BodyBudget>,
-    ) -> GatewayProxy {
-        let mut passthrough_peer = upstream.peer().clone();
+    pub fn new(state: Arc<GatewayState>) -> GatewayProxy {
+        let cfg = &state.cfg;
+        let mut passthrough_peer = state.upstream.peer().clone();
         passthrough_peer.options.idle_timeout = Some(cfg.upstream.pool_idle_timeout);
         passthrough_peer.options.read_timeout = Some(
             cfg.upstream
@@ -66,10 +61,7 @@ impl GatewayProxy {
                 .max(cfg.upstream.idle_timeout),
         );
         GatewayProxy {
-            cfg,
-            upstream,
-            metrics,
-            budget,
+            state,
             passthrough_peer,
         }
     }
@@ -85,24 +77,20 @@ impl GatewayProxy {
                 .get_header("access-control-request-headers")
                 .and_then(|v| v.to_str().ok());
             let resp = self
+                .state
                 .cfg
                 .cors
                 .preflight(ctx.cors_origin.as_deref(), requested)?;
-            write_response(session, ctx, &self.cfg.cors, resp, Bytes::new()).await?;
+            write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::new()).await?;
             return Ok(Next::Responded);
         }
-        if self.cfg.metrics.on_public_listener && req.uri.path() == self.cfg.metrics.path {
+        if self.state.cfg.metrics.on_public_listener
+            && req.uri.path() == self.state.cfg.metrics.path
+        {
             let authorization = session.get_header("authorization").map(|v| v.as_bytes());
-            let (status, body) = metrics_app::scrape(
-                &self.cfg,
-                &self.metrics,
-                &self.upstream,
-                &self.budget,
-                authorization,
-            )
-            .await;
+            let (status, body) = metrics_app::scrape(&self.state, authorization).await;
             let resp = metrics_app::response_header(status, body.len())?;
-            write_response(session, ctx, &self.cfg.cors, resp, Bytes::from(body)).await?;
+            write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await?;
             return Ok(Next::Responded);
         }
         let route = routes::classify(req.method.as_str(), req.uri.path())?;
@@ -120,25 +108,31 @@ impl GatewayProxy {
             _ => {}
         }
         let authorization = session.get_header("authorization").map(|v| v.as_bytes());
-        let key = self.cfg.keys.authenticate(authorization).inspect_err(|e| {
-            if e.code() == "invalid_api_key" {
-                ctx.key_id = Some(KEY_INVALID.to_string());
-            }
-        })?;
+        let key = self
+            .state
+            .cfg
+            .keys
+            .authenticate(authorization)
+            .inspect_err(|e| {
+                if e.code() == "invalid_api_key" {
+                    ctx.key_id = Some(KEY_INVALID.to_string());
+                }
+            })?;
         ctx.key_id = Some(key.id.clone());
         match route {
             Route::ListModels => {
-                let list = self.cfg.catalogue.list_json(|m| key.allows(&m.name));
+                let list = self.state.cfg.catalogue.list_json(|m| key.allows(&m.name));
                 self.respond_json(session, ctx, 200, list).await?;
                 Ok(Next::Responded)
             }
             Route::GetModel(id) => {
                 let visible = self
+                    .state
                     .cfg
                     .catalogue
                     .resolve(Some(&id))
                     .filter(|m| key.allows(&m.name))
-                    .and_then(|_| self.cfg.catalogue.model_json(&id));
+                    .and_then(|_| self.state.cfg.catalogue.model_json(&id));
                 let model = visible.ok_or(ApiError::ModelNotFound(id))?;
                 self.respond_json(session, ctx, 200, model).await?;
                 Ok(Next::Responded)
@@ -157,11 +151,20 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
         key: &ApiKey,
     ) -> Result<(), GatewayError> {
+        // Limits first: a refused request costs no body read and never reaches the upstream.
+        let admitted = self.state.limiter.admit(&key.id, std::time::Instant::now());
+        ctx.limit_guard = Some(admitted.map_err(|refusal| {
+            ctx.limited = Some(refusal.reason);
+            ApiError::RateLimited {
+                message: refusal.message,
+                retry_after: refusal.retry_after.as_secs_f64().ceil() as u64,
+            }
+        })?);
         let (body, reservation) = self.read_body(session, ctx).await?;
         let info = body::inspect(&body)?;
         let requested = info.model.as_ref().map(|m| m.name.as_str());
         let route =
-            self.cfg.catalogue.resolve(requested).ok_or_else(|| {
+            self.state.cfg.catalogue.resolve(requested).ok_or_else(|| {
                 ApiError::ModelNotFound(requested.unwrap_or_default().to_string())
             })?;
         ctx.model = Some(route.name.clone());
@@ -172,19 +175,73 @@ impl GatewayProxy {
             }
             .into());
         }
-        let body = body::rewrite_model(body, &info, &route.upstream_name);
+        let max_tokens = limits::max_tokens_to_send(
+            &self.state.limiter.key_limits(&key.id),
+            info.requested_max_tokens(),
+        )?;
+        let rewrite = body::Rewrite {
+            upstream_model: &route.upstream_name,
+            max_tokens,
+        };
+        let body = body::rewrite(body, &info, &rewrite);
+        if let Some(slots) = &self.state.slots {
+            ctx.slot = Some(self.wait_for_slot(session, ctx, slots, &key.id).await?);
+        }
         let req = headers::upstream_request(
             session.req_header(),
             body.len(),
-            &self.cfg.upstream,
+            &self.state.cfg.upstream,
             ctx.request_id.as_deref(),
         )?;
         let relay = Relay {
-            upstream: &self.upstream,
-            metrics: &self.metrics,
-            cors: &self.cfg.cors,
+            upstream: &self.state.upstream,
+            metrics: &self.state.metrics,
+            cors: &self.state.cfg.cors,
         };
         relay.forward(session, ctx, req, body, reservation).await
+    }
+
+    /// Queues for one of the upstream's slots, watching the client meanwhile.
+    async fn wait_for_slot(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        slots: &Arc<SlotQueue>,
+        key_id: &str,
+    ) -> Result<SlotPermit, GatewayError> {
+        let cfg = &self.state.cfg.upstream;
+        let started = std::time::Instant::now();
+        let acquired = tokio::select! {
+            acquired = slots.acquire(key_id, cfg.queue_timeout) => acquired,
+            _ = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
+            }
+        };
+        self.state.metrics.queue_waited(started.elapsed());
+        acquired.map_err(|denied| {
+            let (reason, message) = match denied {
+                Denied::QueueFull => (
+                    "queue_full",
+                    format!(
+                        "all {} slots of llama-server are busy and {} requests are already waiting (upstream.max_queued); retry shortly",
+                        cfg.max_in_flight, cfg.max_queued
+                    ),
+                ),
+                Denied::Timeout => (
+                    "queue_timeout",
+                    format!(
+                        "all {} slots of llama-server stayed busy for {} (upstream.queue_timeout); retry shortly",
+                        cfg.max_in_flight,
+                        humantime::format_duration(cfg.queue_timeout)
+                    ),
+                ),
+            };
+            ctx.limited = Some(reason);
+            GatewayError::from(ApiError::UpstreamBusy {
+                message,
+                retry_after: 2,
+            })
+        })
     }
 
     /// Reads the whole request body, within the per-request limit and the
@@ -195,7 +252,7 @@ impl GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(Bytes, Reservation), GatewayError> {
-        let limit = self.cfg.limits.max_body_bytes;
+        let limit = self.state.cfg.limits.max_body_bytes;
         let declared = match session.get_header("content-length") {
             None => None,
             Some(v) => Some(
@@ -210,7 +267,7 @@ impl GatewayProxy {
         if declared.is_some_and(|n| n > limit) {
             return Err(ApiError::BodyTooLarge { limit }.into());
         }
-        let mut reservation = Reservation::empty(&self.budget);
+        let mut reservation = Reservation::empty(&self.state.budget);
         if !reservation.grow_to(declared.unwrap_or(0)) {
             return Err(overloaded().into());
         }
@@ -255,8 +312,8 @@ impl GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
-        let authority = &self.cfg.upstream.authority;
-        let (state, message) = match self.upstream.health().await {
+        let authority = &self.state.cfg.upstream.authority;
+        let (state, message) = match self.state.upstream.health().await {
             HealthReport::Healthy => {
                 let body = json!({"status": "ok", "upstream": authority}).to_string();
                 return self.respond_json(session, ctx, 200, body).await;
@@ -285,7 +342,7 @@ impl GatewayProxy {
         body: String,
     ) -> Result<(), GatewayError> {
         let resp = json_response_header(status, body.len())?;
-        write_response(session, ctx, &self.cfg.cors, resp, Bytes::from(body)).await
+        write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await
     }
 
     /// Answers with an OpenAI-shaped error.
@@ -310,12 +367,12 @@ impl GatewayProxy {
             ApiError::MethodNotAllowed { allowed, .. } => {
                 resp.insert_header("Allow", *allowed)?;
             }
-            ApiError::Overloaded(_) => {
-                resp.insert_header("Retry-After", "1")?;
-            }
             _ => {}
         }
-        if write_response(session, ctx, &self.cfg.cors, resp, body)
+        if let Some(seconds) = err.retry_after() {
+            resp.insert_header("Retry-After", seconds.to_string())?;
+        }
+        if write_response(session, ctx, &self.state.cfg.cors, resp, body)
             .await
             .is_err()
         {
@@ -333,7 +390,7 @@ impl GatewayProxy {
     /// Per-request totals, recorded once when the request ends.
     fn record_metrics(&self, ctx: &mut RequestCtx, status: u16) {
         let stats = ctx.accounting.finish();
-        let m = &self.metrics;
+        let m = &self.state.metrics;
         m.record_request(&RequestRecord {
             route: ctx.route_label(),
             model: ctx.model.as_deref(),
@@ -346,6 +403,9 @@ impl GatewayProxy {
         });
         if let Some(phase) = ctx.disconnect {
             m.client_disconnect(phase.label());
+        }
+        if let Some(reason) = ctx.limited {
+            m.rate_limited(ctx.key_id.as_deref(), reason);
         }
         if let Some(kind) = ctx.upstream_error {
             m.upstream_error(kind);
@@ -434,14 +494,16 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        session.set_read_timeout(Some(self.cfg.downstream.read_timeout));
-        session.set_keepalive(Some(self.cfg.downstream.keepalive_timeout.as_secs().max(1)));
+        session.set_read_timeout(Some(self.state.cfg.downstream.read_timeout));
+        session.set_keepalive(Some(
+            self.state.cfg.downstream.keepalive_timeout.as_secs().max(1),
+        ));
         let incoming = session
             .get_header("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|id| ctx::valid_request_id(id));
         let origin = session.get_header("origin").and_then(|v| v.to_str().ok());
-        ctx.cors_origin = self.cfg.cors.allowed(origin);
+        ctx.cors_origin = self.state.cfg.cors.allowed(origin);
         ctx.request_id = Some(match incoming {
             Some(id) => id.to_string(),
             None => uuid::Uuid::new_v4().simple().to_string(),
@@ -480,7 +542,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         headers::rewrite_passthrough_request(
             upstream_request,
-            &self.cfg.upstream,
+            &self.state.cfg.upstream,
             ctx.request_id.as_deref(),
         )
     }
@@ -494,7 +556,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         if let Some(chunk) = body {
             ctx.bytes_in += chunk.len();
-            if ctx.bytes_in > self.cfg.limits.max_body_bytes {
+            if ctx.bytes_in > self.state.cfg.limits.max_body_bytes {
                 return Error::e_explain(
                     ErrorType::HTTPStatus(413),
                     "request body over limits.max_body_bytes",
@@ -516,7 +578,7 @@ impl ProxyHttp for GatewayProxy {
         headers::finish_client_response(
             upstream_response,
             ctx.request_id.as_deref(),
-            &self.cfg.cors,
+            &self.state.cfg.cors,
             ctx.cors_origin.as_deref(),
         )?;
         if headers::is_event_stream(upstream_response) {
@@ -553,7 +615,7 @@ impl ProxyHttp for GatewayProxy {
         }
         let err = match (e.esource(), e.etype()) {
             (_, ErrorType::HTTPStatus(413)) => ApiError::BodyTooLarge {
-                limit: self.cfg.limits.max_body_bytes,
+                limit: self.state.cfg.limits.max_body_bytes,
             },
             (ErrorSource::Downstream, _) => {
                 ctx.status = Some(CLIENT_CLOSED_REQUEST);
@@ -572,21 +634,21 @@ impl ProxyHttp for GatewayProxy {
                 ctx.upstream_error = Some("refused");
                 ApiError::UpstreamUnreachable(format!(
                     "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
-                    self.cfg.upstream.authority
+                    self.state.cfg.upstream.authority
                 ))
             }
             (_, ErrorType::ReadTimedout) => {
                 ctx.upstream_error = Some("timeout");
                 ApiError::UpstreamTimeout(format!(
                     "the upstream at {} did not answer in time",
-                    self.cfg.upstream.authority
+                    self.state.cfg.upstream.authority
                 ))
             }
             (ErrorSource::Upstream, _) => {
                 ctx.upstream_error = Some("reset");
                 ApiError::UpstreamBroken(format!(
                     "the upstream at {} failed ({}): check the SSH tunnel and llama-server",
-                    self.cfg.upstream.authority,
+                    self.state.cfg.upstream.authority,
                     e.etype().as_str().to_lowercase()
                 ))
             }
@@ -607,6 +669,9 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // The request is over: give its upstream slot and limit counts back now.
+        ctx.slot = None;
+        ctx.limit_guard = None;
         let status = ctx
             .status
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))

@@ -1,16 +1,12 @@
 //! Builds and runs the Pingora server from a validated [`Config`].
 
-use std::sync::Arc;
-
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 
-use crate::budget::BodyBudget;
 use crate::config::Config;
-use crate::metrics::Metrics;
 use crate::metrics_app::MetricsApp;
 use crate::proxy::GatewayProxy;
-use crate::upstream::UpstreamClient;
+use crate::state::GatewayState;
 
 fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
     let s = &cfg.server;
@@ -44,35 +40,23 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
         env!("CARGO_PKG_VERSION"),
         cfg.upstream.authority
     );
-    let cfg = Arc::new(cfg);
-    let upstream = Arc::new(UpstreamClient::new(cfg.upstream.clone()));
-    let budget = BodyBudget::new(cfg.limits.max_buffered_body_bytes);
-    let metrics = Arc::new(Metrics::new(
-        cfg.catalogue.routes().iter().map(|m| m.name.as_str()),
-        cfg.keys.ids(),
-        &cfg.upstream.authority,
-    ));
-    let proxy = GatewayProxy::new(
-        cfg.clone(),
-        upstream.clone(),
-        metrics.clone(),
-        budget.clone(),
-    );
+    let metrics_listen = cfg.metrics.listen.clone();
+    let state = GatewayState::new(cfg);
+    let proxy = GatewayProxy::new(state.clone());
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "llm-edge");
     service.add_tcp(&listen);
     server.add_service(service);
-    if let Some(metrics_listen) = &cfg.metrics.listen {
-        log::info!("metrics on http://{metrics_listen}{}", cfg.metrics.path);
-        let app = MetricsApp {
-            cfg: cfg.clone(),
-            metrics,
-            upstream,
-            budget,
-        };
-        let mut metrics_service =
-            pingora_core::services::listening::Service::new("llm-edge metrics".into(), app);
-        metrics_service.add_tcp(metrics_listen);
+    if let Some(metrics_listen) = metrics_listen {
+        log::info!(
+            "metrics on http://{metrics_listen}{}",
+            state.cfg.metrics.path
+        );
+        let mut metrics_service = pingora_core::services::listening::Service::new(
+            "llm-edge metrics".into(),
+            MetricsApp { state },
+        );
+        metrics_service.add_tcp(&metrics_listen);
         server.add_service(metrics_service);
     }
     server.run_forever()

@@ -601,7 +601,7 @@ async fn client_disconnect_before_the_first_token_cancels_the_upstream() {
 #[tokio::test]
 async fn upstream_down_is_a_502_with_the_tunnel_hint() {
     // Nothing listens on this port.
-    let port = support::gateway::free_port();
+    let (_dead, port) = support::gateway::refused_port();
     let gw = Gateway::start(&standard_config(&format!("http://127.0.0.1:{port}"), ""));
     let (status, body) =
         error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("qwen", true)).await).await;

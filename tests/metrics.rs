@@ -218,7 +218,7 @@ async fn the_scrape_tells_what_happened() {
 
 #[tokio::test]
 async fn upstream_outage_is_counted() {
-    let port = free_port();
+    let (_dead, port) = support::gateway::refused_port();
     let gw = Gateway::start(&standard_config(&format!("http://127.0.0.1:{port}"), ""));
     assert_eq!(
         send(&gw, Some(KEY), chat("qwen", false), &[])
@@ -226,6 +226,13 @@ async fn upstream_outage_is_counted() {
             .status(),
         502
     );
+    // Totals are recorded when the request's log line is written, just after the response.
+    let refused =
+        format!(r#"llm_edge_upstream_errors_total{{kind="refused",upstream="127.0.0.1:{port}"}}"#);
+    wait_until("the error to be counted", async || {
+        value(&gw.scrape().await, &refused).is_some()
+    })
+    .await;
     let s = gw.scrape().await;
     assert_eq!(
         value(

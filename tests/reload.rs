@@ -92,6 +92,24 @@ impl Daemon {
         d
     }
 
+    /// The daemonized process writes its pid file just after the foreground
+    /// process returns (as systemd, which reads it when the old one exits).
+    async fn wait_for_new_pid(&self, old_pid: i32) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pid = self.pid();
+            if pid != 0 && pid != old_pid && alive(pid) {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new pid in the pid file:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn rewrite_config(&self, text: String) {
         std::fs::write(&self.config, text).unwrap();
     }
@@ -225,9 +243,9 @@ async fn reload_drops_nothing() {
 
     d.systemd("ExecReload")
         .unwrap_or_else(|(i, e)| panic!("reload step {i}: {e}\n{}", d.log()));
-    let new_pid = d.pid();
+    let new_pid = d.wait_for_new_pid(old_pid).await;
     assert_ne!(new_pid, old_pid, "a new process took over");
-    assert!(alive(new_pid));
+    assert!(alive(new_pid), "the new process died:\n{}", d.log());
 
     for s in streams {
         let text = s.await.unwrap();

@@ -38,6 +38,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A loopback port where connections are refused: bound but never listening,
+/// so no other test (or the kernel's ephemeral range) can take it meanwhile.
+/// Keep the returned socket alive as long as the port must stay dead.
+pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind port 0");
+    let port = socket.local_addr().expect("local addr").port();
+    (socket, port)
+}
+
 pub fn sha256_hex(secret: &str) -> String {
     llm_edge::auth::digest_hex(secret)
 }
