@@ -219,15 +219,21 @@ impl UpstreamClient {
                 HealthReport::Unreachable(failure.into_api_error(&self.cfg.authority).to_string())
             }
             Ok(Ok((200, _))) => HealthReport::Healthy,
-            Ok(Ok((503, body))) => {
-                HealthReport::Loading(String::from_utf8_lossy(&body).into_owned())
-            }
+            Ok(Ok((503, body))) => HealthReport::Loading(error_message(&body)),
             Ok(Ok((status, body))) => HealthReport::Unhealthy(format!(
                 "llama-server /health answered {status}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(200)])
             )),
         }
     }
+}
+
+/// llama-server's `error.message`, or the body as text.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
