@@ -9,6 +9,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 apt_packages=()
 command -v cmake >/dev/null 2>&1 || apt_packages+=(cmake)
+# llama.cpp's llama-server is built from source for the end-to-end tests
+command -v make >/dev/null 2>&1 || apt_packages+=(make)
+command -v g++ >/dev/null 2>&1 || apt_packages+=(g++)
 command -v python3 >/dev/null 2>&1 || apt_packages+=(python3 python3-venv)
 # a real Prometheus and promtool for the metrics tests (starts no daemon here)
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
@@ -48,3 +51,8 @@ for dir in examples/node tests/browser; do
     cp "$dir/package-lock.json" "$stamp"
   fi
 done
+
+# A real llama.cpp llama-server (pinned, built once into ~/.cache/llm-edge: 5-12 min
+# the first time, instant after) and the tiny deterministic model it serves.
+scripts/build-llama-server.sh >/dev/null
+.venv/bin/python scripts/make-tiny-model.py >/dev/null
