@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{self, ApiKey, KeyTable};
+use crate::clients::{ClientPolicy, IpNet};
 use crate::cors::CorsPolicy;
 use crate::limits::{KeyLimits, OverMaxTokens};
 use crate::models::{Catalogue, ModelRoute};
@@ -165,6 +166,7 @@ pub struct KeyLimitsSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {
+    pub max_header_bytes: usize,
     pub max_body_bytes: usize,
     pub max_buffered_body_bytes: usize,
     pub max_concurrent_requests: Option<usize>,
@@ -173,6 +175,7 @@ pub struct LimitsSection {
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
+            max_header_bytes: 64 << 10,
             max_body_bytes: 32 << 20,
             max_buffered_body_bytes: 512 << 20,
             max_concurrent_requests: None,
@@ -187,6 +190,9 @@ pub struct DownstreamSection {
     pub read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    pub trusted_proxies: Vec<String>,
+    pub max_auth_failures_per_minute: Option<u32>,
+    pub max_concurrent_per_ip: Option<u32>,
 }
 
 impl Default for DownstreamSection {
@@ -194,6 +200,9 @@ impl Default for DownstreamSection {
         DownstreamSection {
             read_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+            max_auth_failures_per_minute: Some(60),
+            max_concurrent_per_ip: None,
         }
     }
 }
@@ -266,6 +275,7 @@ pub struct Upstream {
 
 #[derive(Debug, Clone)]
 pub struct Limits {
+    pub max_header_bytes: usize,
     pub max_body_bytes: usize,
     pub max_buffered_body_bytes: usize,
     pub max_concurrent_requests: Option<usize>,
@@ -275,6 +285,7 @@ pub struct Limits {
 pub struct Downstream {
     pub read_timeout: Duration,
     pub keepalive_timeout: Duration,
+    pub clients: ClientPolicy,
 }
 
 /// Where and how `/metrics` is served.
@@ -393,6 +404,7 @@ impl FileConfig {
         let keys = validate_keys(self.keys, &catalogue, self.allow_anonymous)?;
 
         let limits = Limits {
+            max_header_bytes: self.limits.max_header_bytes,
             max_body_bytes: self.limits.max_body_bytes,
             max_buffered_body_bytes: self.limits.max_buffered_body_bytes,
             max_concurrent_requests: self.limits.max_concurrent_requests,
@@ -412,9 +424,36 @@ impl FileConfig {
                 "must be at least limits.max_body_bytes, or no large request could ever be served",
             ));
         }
+        let d = self.downstream;
+        let mut trusted_proxies = Vec::with_capacity(d.trusted_proxies.len());
+        for (i, p) in d.trusted_proxies.iter().enumerate() {
+            let net: IpNet = p
+                .parse()
+                .map_err(|e: String| err(format!("downstream.trusted_proxies[{i}]"), e))?;
+            trusted_proxies.push(net);
+        }
+        for (field, value) in [
+            (
+                "max_auth_failures_per_minute",
+                d.max_auth_failures_per_minute,
+            ),
+            ("max_concurrent_per_ip", d.max_concurrent_per_ip),
+        ] {
+            if value == Some(0) {
+                return Err(err(
+                    format!("downstream.{field}"),
+                    "must be at least 1 (null turns it off)",
+                ));
+            }
+        }
         let downstream = Downstream {
-            read_timeout: nonzero("downstream.read_timeout", self.downstream.read_timeout)?,
-            keepalive_timeout: self.downstream.keepalive_timeout,
+            read_timeout: nonzero("downstream.read_timeout", d.read_timeout)?,
+            keepalive_timeout: d.keepalive_timeout,
+            clients: ClientPolicy {
+                trusted_proxies,
+                max_auth_failures_per_minute: d.max_auth_failures_per_minute,
+                max_concurrent_per_ip: d.max_concurrent_per_ip,
+            },
         };
         let server = self.server;
         if server.threads == 0 {

@@ -57,6 +57,10 @@ pub struct RequestCtx {
     pub slot: Option<SlotPermit>,
     /// Which limit refused it, if one did.
     pub limited: Option<&'static str>,
+    /// The client's address (the peer, or per X-Forwarded-For from a trusted proxy).
+    pub client_ip: Option<std::net::IpAddr>,
+    /// This request's share of its IP's concurrency limit.
+    pub ip_slot: Option<crate::clients::IpSlot>,
 }
 
 impl RequestCtx {
@@ -81,6 +85,8 @@ impl RequestCtx {
             limit_guard: None,
             slot: None,
             limited: None,
+            client_ip: None,
+            ip_slot: None,
         }
     }
 

@@ -34,6 +34,10 @@ pub enum ApiError {
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error(
+        "request headers are larger than the limit of {limit} bytes (limits.max_header_bytes)"
+    )]
+    HeadersTooLarge { limit: usize },
     #[error("{0}")]
     Overloaded(String),
     #[error("{message}")]
@@ -61,6 +65,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge { .. } => 413,
+            ApiError::HeadersTooLarge { .. } => 431,
             ApiError::RateLimited { .. } => 429,
             ApiError::Overloaded(_)
             | ApiError::UpstreamUnavailable(_)
@@ -81,7 +86,8 @@ impl ApiError {
             | ApiError::ModelNotFound(_)
             | ApiError::NotFound { .. }
             | ApiError::MethodNotAllowed { .. }
-            | ApiError::BodyTooLarge { .. } => "invalid_request_error",
+            | ApiError::BodyTooLarge { .. }
+            | ApiError::HeadersTooLarge { .. } => "invalid_request_error",
             ApiError::Overloaded(_) | ApiError::UpstreamBusy { .. } => "overloaded_error",
             ApiError::RateLimited { .. } => "requests",
             ApiError::UpstreamUnreachable(_)
@@ -104,6 +110,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::Overloaded(_) => "gateway_overloaded",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::UpstreamBusy { .. } => "upstream_busy",
@@ -193,6 +200,7 @@ mod tests {
                 allowed: "POST",
             },
             ApiError::BodyTooLarge { limit: 10 },
+            ApiError::HeadersTooLarge { limit: 10 },
             ApiError::Overloaded("m".into()),
             ApiError::RateLimited {
                 message: "m".into(),

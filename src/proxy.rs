@@ -26,6 +26,7 @@ use crate::ctx::{self, DisconnectPhase, RequestCtx, CLIENT_CLOSED_REQUEST};
 use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
 use crate::headers;
+use crate::hygiene;
 use crate::limits;
 use crate::metrics::{RequestRecord, KEY_INVALID};
 use crate::metrics_app;
@@ -72,6 +73,12 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Next, GatewayError> {
         let req = session.req_header();
+        hygiene::check(
+            req.raw_path(),
+            &req.uri,
+            &req.headers,
+            self.state.cfg.limits.max_header_bytes,
+        )?;
         if req.method == http::Method::OPTIONS {
             let requested = session
                 .get_header("access-control-request-headers")
@@ -107,6 +114,13 @@ impl GatewayProxy {
             }
             _ => {}
         }
+        if let Some(ip) = ctx.client_ip {
+            let clients = &self.state.clients;
+            let entered = clients
+                .enter(ip)
+                .and_then(|slot| clients.check_auth_throttle(ip).map(|()| slot));
+            ctx.ip_slot = entered.map_err(|refusal| refusal_error(ctx, refusal))?;
+        }
         let authorization = session.get_header("authorization").map(|v| v.as_bytes());
         let key = self
             .state
@@ -116,6 +130,9 @@ impl GatewayProxy {
             .inspect_err(|e| {
                 if e.code() == "invalid_api_key" {
                     ctx.key_id = Some(KEY_INVALID.to_string());
+                }
+                if let Some(ip) = ctx.client_ip {
+                    self.state.clients.note_auth_failure(ip);
                 }
             })?;
         ctx.key_id = Some(key.id.clone());
@@ -153,13 +170,7 @@ impl GatewayProxy {
     ) -> Result<(), GatewayError> {
         // Limits first: a refused request costs no body read and never reaches the upstream.
         let admitted = self.state.limiter.admit(&key.id, std::time::Instant::now());
-        ctx.limit_guard = Some(admitted.map_err(|refusal| {
-            ctx.limited = Some(refusal.reason);
-            ApiError::RateLimited {
-                message: refusal.message,
-                retry_after: refusal.retry_after.as_secs_f64().ceil() as u64,
-            }
-        })?);
+        ctx.limit_guard = Some(admitted.map_err(|refusal| refusal_error(ctx, refusal))?);
         let (body, reservation) = self.read_body(session, ctx).await?;
         let info = body::inspect(&body)?;
         let requested = info.model.as_ref().map(|m| m.name.as_str());
@@ -418,12 +429,14 @@ impl GatewayProxy {
             m.auth_failure(code);
         }
     }
+}
 
-    fn client_addr(session: &Session) -> String {
-        session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map_or_else(|| "-".to_string(), |a| a.ip().to_string())
+/// A limit's refusal as the 429 the client gets (and the metric label it leaves).
+fn refusal_error(ctx: &mut RequestCtx, refusal: limits::Refusal) -> ApiError {
+    ctx.limited = Some(refusal.reason);
+    ApiError::RateLimited {
+        message: refusal.message,
+        retry_after: refusal.retry_after.as_secs_f64().ceil() as u64,
     }
 }
 
@@ -502,6 +515,14 @@ impl ProxyHttp for GatewayProxy {
             .get_header("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|id| ctx::valid_request_id(id));
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let forwarded_for = session
+            .get_header("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        ctx.client_ip = self.state.clients.client_ip(peer, forwarded_for);
         let origin = session.get_header("origin").and_then(|v| v.to_str().ok());
         ctx.cors_origin = self.state.cfg.cors.allowed(origin);
         ctx.request_id = Some(match incoming {
@@ -672,13 +693,15 @@ impl ProxyHttp for GatewayProxy {
         // The request is over: give its upstream slot and limit counts back now.
         ctx.slot = None;
         ctx.limit_guard = None;
+        ctx.ip_slot = None;
         let status = ctx
             .status
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))
             .unwrap_or(if e.is_some() { 500 } else { 0 });
         let req = session.req_header();
         let line = ctx.access_log_line(
-            &Self::client_addr(session),
+            &ctx.client_ip
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
             req.method.as_str(),
             req.uri.path(),
             status,

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::admission::SlotQueue;
 use crate::budget::BodyBudget;
+use crate::clients::ClientGuard;
 use crate::config::Config;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
@@ -16,6 +17,8 @@ pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     pub budget: Arc<BodyBudget>,
     pub limiter: Arc<Limiter>,
+    /// Per-client-IP protections, before authentication.
+    pub clients: ClientGuard,
     /// Slot-aware admission, when `upstream.max_in_flight` is set.
     pub slots: Option<Arc<SlotQueue>>,
 }
@@ -40,6 +43,7 @@ impl GatewayState {
             metrics: Arc::new(metrics),
             budget: BodyBudget::new(cfg.limits.max_buffered_body_bytes),
             limiter: Arc::new(limiter),
+            clients: ClientGuard::new(cfg.downstream.clients.clone()),
             slots,
             cfg,
         })

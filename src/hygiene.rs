@@ -1,0 +1,150 @@
+//! Request-smuggling and path hygiene, checked before routing.
+//!
+//! An edge must not forward anything a backend could read differently from
+//! us: both `Content-Length` and `Transfer-Encoding`, conflicting lengths, a
+//! transfer coding other than plain `chunked`, absolute-form targets (we are
+//! not a forward proxy) and percent-encoded dots, slashes or NULs in the path
+//! are refused with a 400 that says why.
+
+use http::HeaderMap;
+use http::Uri;
+
+use crate::errors::ApiError;
+
+fn bad(message: &str) -> ApiError {
+    ApiError::InvalidRequest(message.to_string())
+}
+
+/// `raw_target` is the request target exactly as it came on the request line.
+pub fn check(
+    raw_target: &[u8],
+    uri: &Uri,
+    headers: &HeaderMap,
+    max_header_bytes: usize,
+) -> Result<(), ApiError> {
+    let header_bytes: usize = raw_target.len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if header_bytes > max_header_bytes {
+        return Err(ApiError::HeadersTooLarge {
+            limit: max_header_bytes,
+        });
+    }
+    if !raw_target.starts_with(b"/") || uri.scheme().is_some() || uri.authority().is_some() {
+        return Err(bad(
+            "absolute-form request targets are not accepted: send the path only (e.g. POST /v1/chat/completions)",
+        ));
+    }
+    let path = uri.path();
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "%00"]
+        .iter()
+        .any(|enc| lower.contains(enc))
+        || path.contains('\\')
+    {
+        return Err(bad(
+            "the request path must not contain encoded dots, slashes, backslashes or NUL bytes",
+        ));
+    }
+    let lengths: Vec<_> = headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    let codings: Vec<_> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if !lengths.is_empty() && !codings.is_empty() {
+        return Err(bad(
+            "a request must not carry both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if lengths.len() > 1
+        || lengths
+            .first()
+            .is_some_and(|v| v.as_bytes().contains(&b','))
+    {
+        return Err(bad("a request must carry a single Content-Length"));
+    }
+    if let Some(v) = lengths.first() {
+        let valid = !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
+        if !valid {
+            return Err(bad("invalid Content-Length header"));
+        }
+    }
+    if codings.len() > 1
+        || codings
+            .first()
+            .is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(bad(
+            "Transfer-Encoding other than a single 'chunked' is not supported",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(target: &str, headers: &[(&str, &str)]) -> Result<(), ApiError> {
+        let uri: Uri = target.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        check(target.as_bytes(), &uri, &map, 8192)
+    }
+
+    #[test]
+    fn ordinary_requests_pass() {
+        assert!(req("/v1/chat/completions", &[("content-length", "12")]).is_ok());
+        assert!(req("/v1/chat/completions", &[("transfer-encoding", "chunked")]).is_ok());
+        assert!(req("/v1/models?x=%20", &[]).is_ok());
+    }
+
+    #[test]
+    fn smuggling_vectors_are_400() {
+        for headers in [
+            &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
+            &[("content-length", "5"), ("content-length", "6")],
+            &[("content-length", "5, 5")],
+            &[("content-length", "+5")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "identity")],
+        ] {
+            let e = req("/v1/chat/completions", headers).unwrap_err();
+            assert_eq!(e.status(), 400, "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_headers_are_431() {
+        let big = "a".repeat(9000);
+        let e = req("/v1/models", &[("x-big", &big)]).unwrap_err();
+        assert_eq!(e.status(), 431);
+    }
+
+    #[test]
+    fn paths_and_targets() {
+        for target in [
+            "http://evil.example/v1/models",
+            "/v1/%2e%2e/admin",
+            "/v1/models%2Fsecret",
+            "/v1/a%00b",
+            "/v1/a%5cb",
+        ] {
+            assert_eq!(req(target, &[]).unwrap_err().status(), 400, "{target}");
+        }
+    }
+}
