@@ -56,6 +56,21 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub metrics: MetricsSection,
     pub cors: CorsSection,
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+    #[serde(default = "default_true")]
+    pub http2: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +104,7 @@ impl Default for FileConfig {
             server: ServerSection::default(),
             metrics: MetricsSection::default(),
             cors: CorsSection::default(),
+            tls: None,
         }
     }
 }
@@ -312,6 +328,16 @@ pub struct Config {
     pub server: ServerSection,
     pub metrics: MetricsConfig,
     pub cors: CorsPolicy,
+    pub tls: Option<TlsConfig>,
+}
+
+/// The optional TLS listener (rustls; HTTP/2 over ALPN when `http2`).
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+    pub http2: bool,
 }
 
 /// Reads the environment; a parameter so tests can pass their own.
@@ -480,6 +506,10 @@ impl FileConfig {
         }
         let metrics = validate_metrics(self.metrics, &listen)?;
         let cors = validate_cors(self.cors)?;
+        let tls = match self.tls {
+            None => None,
+            Some(t) => Some(validate_tls(t, &listen, metrics.listen.as_deref())?),
+        };
         Ok(Config {
             listen,
             upstream,
@@ -491,6 +521,7 @@ impl FileConfig {
             server,
             metrics,
             cors,
+            tls,
         })
     }
 }
@@ -536,6 +567,46 @@ fn validate_metrics(m: MetricsSection, public_listen: &str) -> Result<MetricsCon
         path: m.path,
         bearer_token: m.bearer_token,
         on_public_listener: m.on_public_listener,
+    })
+}
+
+fn validate_tls(
+    t: TlsSection,
+    listen: &str,
+    metrics: Option<&str>,
+) -> Result<TlsConfig, ConfigError> {
+    t.listen.parse::<SocketAddr>().map_err(|_| {
+        err(
+            "tls.listen",
+            format!("'{}' is not an IP:PORT address", t.listen),
+        )
+    })?;
+    if t.listen == listen || Some(t.listen.as_str()) == metrics {
+        return Err(err(
+            "tls.listen",
+            "must differ from listen and metrics.listen",
+        ));
+    }
+    // Read now, so a reload with a missing or wrong file fails validation
+    // instead of the new process.
+    for (path, file, marker) in [
+        ("tls.cert", &t.cert, "CERTIFICATE"),
+        ("tls.key", &t.key, "PRIVATE KEY"),
+    ] {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| err(path, format!("cannot read '{file}': {e}")))?;
+        if !text.contains("-----BEGIN") || !text.contains(marker) {
+            return Err(err(
+                path,
+                format!("'{file}' is not a PEM file with a {marker}"),
+            ));
+        }
+    }
+    Ok(TlsConfig {
+        listen: t.listen,
+        cert: t.cert,
+        key: t.key,
+        http2: t.http2,
     })
 }
 

@@ -15,14 +15,15 @@ fn bad(message: &str) -> ApiError {
     ApiError::InvalidRequest(message.to_string())
 }
 
-/// `raw_target` is the request target exactly as it came on the request line.
+/// `raw_target` is the request target exactly as it came on the request line
+/// (`None` for HTTP/2, where `:scheme` and `:authority` are always present).
 pub fn check(
-    raw_target: &[u8],
+    raw_target: Option<&[u8]>,
     uri: &Uri,
     headers: &HeaderMap,
     max_header_bytes: usize,
 ) -> Result<(), ApiError> {
-    let header_bytes: usize = raw_target.len()
+    let header_bytes: usize = raw_target.map_or(uri.path().len(), <[u8]>::len)
         + headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
@@ -32,7 +33,10 @@ pub fn check(
             limit: max_header_bytes,
         });
     }
-    if !raw_target.starts_with(b"/") || uri.scheme().is_some() || uri.authority().is_some() {
+    let absolute_form = raw_target.is_some_and(|t| {
+        !t.starts_with(b"/") || uri.scheme().is_some() || uri.authority().is_some()
+    });
+    if absolute_form {
         return Err(bad(
             "absolute-form request targets are not accepted: send the path only (e.g. POST /v1/chat/completions)",
         ));
@@ -99,7 +103,7 @@ mod tests {
                 v.parse().unwrap(),
             );
         }
-        check(target.as_bytes(), &uri, &map, 8192)
+        check(Some(target.as_bytes()), &uri, &map, 8192)
     }
 
     #[test]
@@ -126,6 +130,12 @@ mod tests {
             let e = req("/v1/chat/completions", headers).unwrap_err();
             assert_eq!(e.status(), 400, "{headers:?}");
         }
+    }
+
+    #[test]
+    fn http2_requests_carry_their_authority() {
+        let uri: Uri = "https://edge.example/v1/models".parse().unwrap();
+        assert!(check(None, &uri, &HeaderMap::new(), 8192).is_ok());
     }
 
     #[test]

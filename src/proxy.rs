@@ -73,8 +73,9 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Next, GatewayError> {
         let req = session.req_header();
+        let raw_target = (!session.is_http2()).then(|| req.raw_path());
         hygiene::check(
-            req.raw_path(),
+            raw_target,
             &req.uri,
             &req.headers,
             self.state.cfg.limits.max_header_bytes,

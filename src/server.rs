@@ -46,6 +46,30 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "llm-edge");
     service.add_tcp(&listen);
+    if let Some(tls) = &state.cfg.tls {
+        // Certificate files were checked by validation; they are read again on every start and upgrade.
+        let mut settings =
+            match pingora_core::listeners::tls::TlsSettings::intermediate(&tls.cert, &tls.key) {
+                Ok(settings) => settings,
+                Err(e) => {
+                    log::error!("tls: cannot use {} / {}: {e}", tls.cert, tls.key);
+                    std::process::exit(2);
+                }
+            };
+        if tls.http2 {
+            settings.enable_h2();
+        }
+        log::info!(
+            "TLS on {}{}",
+            tls.listen,
+            if tls.http2 {
+                " (HTTP/2 and HTTP/1.1)"
+            } else {
+                ""
+            }
+        );
+        service.add_tls_with_settings(&tls.listen, None, settings);
+    }
     server.add_service(service);
     if let Some(metrics_listen) = metrics_listen {
         log::info!(
