@@ -7,6 +7,7 @@ checked exactly. See real_llama.py for how the processes are run.
 """
 
 import concurrent.futures
+import os
 import time
 
 import openai
@@ -458,3 +459,21 @@ def test_gateway_metrics_agree_with_llama_server(gateway, llama, reply):
     # TTFT as the gateway saw it: after llama-server's own prompt processing,
     # before the client saw the first token
     assert sum(prompt_ms) / 1000 <= delta["g_ttft_sum"] <= sum(client_ttft)
+
+
+def test_the_node_client_example_against_the_real_server(gateway, reply):
+    """One check with the official Node client: the example, unmodified."""
+    import subprocess
+
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {**os.environ, "LLM_BASE_URL": gateway.url + "/v1", "LLM_API_KEY": CLIENT_KEY, "LLM_MODEL": "tiny"}
+    out = subprocess.run(
+        ["node", os.path.join(repo, "examples", "node", "client.mjs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    # the simple chat and the stream both print the model's sentence
+    assert out.stdout.count(reply[0]) >= 2, out.stdout
