@@ -6,6 +6,12 @@
 //! client socket is watched: if the client leaves, the upstream connection
 //! is dropped at once (not pooled), which is what makes llama-server cancel
 //! the generation and free its slot.
+//!
+//! Backpressure: a chunk is read from upstream only once the previous one
+//! was written, so a client that reads slowly slows the upstream down and the
+//! gateway holds at most one chunk (plus socket buffers) per stream. A client
+//! that accepts nothing for `upstream.idle_timeout` is treated as gone, so it
+//! cannot hold a llama-server slot forever.
 
 use std::time::Duration;
 
@@ -24,6 +30,63 @@ use crate::headers;
 use crate::metrics::Metrics;
 use crate::sse::Accounting;
 use crate::upstream::UpstreamClient;
+
+/// Why a write to the client did not complete.
+enum WriteFailed {
+    /// The client closed the connection, or accepted nothing for the
+    /// stall limit (it stopped reading).
+    ClientGone,
+    /// `upstream.total_timeout` passed while the write was blocked.
+    TotalTimeout,
+}
+
+/// Writes one piece of the response body, bounded: a client that accepts
+/// nothing for `stall` has stopped reading, and the total deadline (if any)
+/// also caps a blocked write.
+async fn write_body(
+    session: &mut Session,
+    chunk: Option<Bytes>,
+    end: bool,
+    stall: Duration,
+    deadline: Option<Instant>,
+) -> Result<(), WriteFailed> {
+    let stall_at = Instant::now() + stall;
+    let limit = deadline.map_or(stall_at, |d| d.min(stall_at));
+    match tokio::time::timeout_at(limit, session.write_response_body(chunk, end)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteFailed::ClientGone),
+        Err(_) => {
+            // A write may have stopped half-way: the connection cannot be reused.
+            session.set_keepalive(None);
+            if deadline.is_some_and(|d| d < stall_at) {
+                Err(WriteFailed::TotalTimeout)
+            } else {
+                log::debug!(
+                    "the client accepted no response bytes for {}; dropping it",
+                    humantime::format_duration(stall)
+                );
+                Err(WriteFailed::ClientGone)
+            }
+        }
+    }
+}
+
+/// Whether an SSE stream already told the client how it ends: llama-server's
+/// `data: [DONE]`, or an error event of its own.
+fn stream_ended(accounting: &Accounting) -> bool {
+    matches!(accounting, Accounting::Sse(s) if s.stats.saw_done || s.stats.saw_error)
+}
+
+fn saw_done(accounting: &Accounting) -> bool {
+    matches!(accounting, Accounting::Sse(s) if s.stats.saw_done)
+}
+
+/// Read errors that mean the upstream spoke broken HTTP (bad chunk framing,
+/// a body shorter than announced) rather than a connection that went away.
+fn is_protocol_error(e: &Error) -> bool {
+    matches!(e.etype(), ErrorType::InvalidHTTPHeader | ErrorType::H1Error)
+        || matches!(e.etype().as_str(), "InvalidChunk")
+}
 
 /// Waits until `deadline`, or forever when there is none.
 async fn until(deadline: Option<Instant>) {
@@ -120,14 +183,24 @@ async fn forward(
     let _stream = is_sse.then(|| metrics.stream_started(model.as_deref()));
     let inter_token = metrics.inter_token_histogram(model.as_deref());
     let mut last_token: Option<std::time::Instant> = None;
+    let stall = cfg.idle_timeout;
+    let total_timeout = || total_timeout_error(cfg.total_timeout.unwrap_or_default());
     loop {
         let next = tokio::select! {
+            // In this order. The upstream before the client: once a body
+            // with a Content-Length is complete the client has all of it and
+            // may send its next request on the same connection at once.
+            // Polled in random order, the client watch could read that
+            // request's first byte and take it for a disconnect, cutting the
+            // next request (499, and a connection closed under the client).
+            // The deadline first, so a stream that never pauses still ends.
+            biased;
+            _ = until(deadline) => {
+                return end_broken_response(session, ctx, is_sse, total_timeout(), stall).await;
+            }
             read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_bytes()) => read,
             _ = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(ctx.client_left(DisconnectPhase::Streaming));
-            }
-            _ = until(deadline) => {
-                return end_broken_response(session, ctx, is_sse, total_timeout_error(cfg.total_timeout.unwrap_or_default())).await;
             }
         };
         match next {
@@ -141,27 +214,68 @@ async fn forward(
                     }
                     last_token = Some(now);
                 }
-                session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .map_err(|_| ctx.client_left(DisconnectPhase::Streaming))?;
+                match write_body(session, Some(chunk), false, stall, deadline).await {
+                    Ok(()) => {}
+                    Err(WriteFailed::ClientGone) => {
+                        return Err(ctx.client_left(DisconnectPhase::Streaming));
+                    }
+                    Err(WriteFailed::TotalTimeout) => {
+                        return abort_response(ctx, total_timeout());
+                    }
+                }
             }
             Ok(Ok(None)) => {
-                session
-                    .write_response_body(None, true)
-                    .await
-                    .map_err(|_| ctx.client_left(DisconnectPhase::Streaming))?;
-                upstream.release(exchange).await;
-                return Ok(());
+                if is_sse && !stream_ended(&ctx.accounting) {
+                    // A clean end of the body (e.g. a close-delimited stream
+                    // whose connection closed) without `[DONE]`: the reply is
+                    // incomplete, and the client must not take it as whole.
+                    ctx.upstream_error = Some("reset");
+                    let err = ApiError::UpstreamBroken(format!(
+                        "the upstream at {} ended the stream before its end-of-stream event: the SSH tunnel or llama-server went away; the reply is incomplete",
+                        cfg.authority
+                    ));
+                    return end_broken_response(session, ctx, is_sse, err, stall).await;
+                }
+                return match write_body(session, None, true, stall, deadline).await {
+                    Ok(()) => {
+                        upstream.release(exchange).await;
+                        Ok(())
+                    }
+                    Err(WriteFailed::ClientGone) => {
+                        Err(ctx.client_left(DisconnectPhase::Streaming))
+                    }
+                    Err(WriteFailed::TotalTimeout) => abort_response(ctx, total_timeout()),
+                };
+            }
+            Ok(Err(_)) if is_sse && saw_done(&ctx.accounting) => {
+                // The whole reply, `[DONE]` included, reached the client; only
+                // the upstream connection's end was untidy. Finish the stream;
+                // that connection is dropped, not pooled.
+                return match write_body(session, None, true, stall, deadline).await {
+                    Ok(()) => Ok(()),
+                    Err(WriteFailed::ClientGone) => {
+                        Err(ctx.client_left(DisconnectPhase::Streaming))
+                    }
+                    Err(WriteFailed::TotalTimeout) => abort_response(ctx, total_timeout()),
+                };
             }
             Ok(Err(e)) => {
-                ctx.upstream_error = Some("reset");
-                let err = ApiError::UpstreamBroken(format!(
-                    "the connection to the upstream at {} broke during the response ({}): the SSH tunnel or llama-server went away; the reply is incomplete",
-                    cfg.authority,
-                    e.etype().as_str().to_lowercase()
-                ));
-                return end_broken_response(session, ctx, is_sse, err).await;
+                let err = if is_protocol_error(&e) {
+                    ctx.upstream_error = Some("invalid_response");
+                    ApiError::UpstreamBroken(format!(
+                        "the upstream at {} sent a malformed response body ({}); the reply is incomplete",
+                        cfg.authority,
+                        e.etype().as_str().to_lowercase()
+                    ))
+                } else {
+                    ctx.upstream_error = Some("reset");
+                    ApiError::UpstreamBroken(format!(
+                        "the connection to the upstream at {} broke during the response ({}): the SSH tunnel or llama-server went away; the reply is incomplete",
+                        cfg.authority,
+                        e.etype().as_str().to_lowercase()
+                    ))
+                };
+                return end_broken_response(session, ctx, is_sse, err, stall).await;
             }
             Err(_) => {
                 ctx.upstream_error = Some("timeout");
@@ -170,7 +284,7 @@ async fn forward(
                     cfg.authority,
                     humantime::format_duration(cfg.idle_timeout)
                 ));
-                return end_broken_response(session, ctx, is_sse, err).await;
+                return end_broken_response(session, ctx, is_sse, err, stall).await;
             }
         }
     }
@@ -180,23 +294,34 @@ async fn forward(
 /// gets a final `data: {"error":...}` event and ends without `[DONE]`, which
 /// OpenAI clients raise as an error; any other body is cut off without its
 /// terminating chunk so the client sees it incomplete, never as complete.
+///
+/// The SSE stream's HTTP framing stays whole, so the client connection stays
+/// reusable: closing it silently after a complete chunked body would race a
+/// client that sends its next request on it at once.
 async fn end_broken_response(
     session: &mut Session,
     ctx: &mut RequestCtx,
     is_sse: bool,
     err: ApiError,
+    stall: Duration,
 ) -> Result<(), GatewayError> {
-    ctx.error_code = Some(err.code());
-    session.set_keepalive(None);
     if is_sse {
+        ctx.error_code = Some(err.code());
         let event = err.sse_event(ctx.request_id.as_deref());
         ctx.bytes_out += event.len();
-        session
-            .write_response_body(Some(event), true)
-            .await
-            .map_err(|_| ctx.client_left(DisconnectPhase::Streaming))?;
-        return Ok(());
+        return match write_body(session, Some(event), true, stall, None).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(ctx.client_left(DisconnectPhase::Streaming)),
+        };
     }
+    abort_response(ctx, err)
+}
+
+/// Cuts a response that already started: the connection closes (an error
+/// ends the session, never reused) without the body's end, so the client
+/// sees it incomplete.
+fn abort_response(ctx: &mut RequestCtx, err: ApiError) -> Result<(), GatewayError> {
+    ctx.error_code = Some(err.code());
     Err(GatewayError::Aborted(Error::explain(
         ErrorType::ReadError,
         err.to_string(),

@@ -1,7 +1,15 @@
 //! Builds and runs the Pingora server from a validated [`Config`].
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_proxy::HttpProxy;
 
 use crate::config::Config;
 use crate::metrics_app::MetricsApp;
@@ -43,8 +51,11 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
     let metrics_listen = cfg.metrics.listen.clone();
     let state = GatewayState::new(cfg);
     let proxy = GatewayProxy::new(state.clone());
-    let mut service =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "llm-edge");
+    let app = EdgeApp {
+        proxy: Arc::new(pingora_proxy::http_proxy(&server.configuration, proxy)),
+        read_timeout: state.cfg.downstream.read_timeout,
+    };
+    let mut service = pingora_core::services::listening::Service::new("llm-edge".into(), app);
     service.add_tcp(&listen);
     if let Some(tls) = &state.cfg.tls {
         // Certificate files were checked by validation; they are read again on every start and upgrade.
@@ -84,4 +95,55 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
         server.add_service(metrics_service);
     }
     server.run_forever()
+}
+
+/// Pingora's proxy app, with `downstream.read_timeout` applied while the
+/// first request header of a new HTTP/1 connection is read.
+///
+/// Pingora 0.9.1 reads that header under its built-in 60 s keep-alive timer
+/// (per read), before any `ProxyHttp` phase can set a timeout, so a client
+/// that sent part of a header and went quiet (slowloris) held its connection
+/// for a minute whatever the config said. Later requests on a kept-alive
+/// connection still wait under `downstream.keepalive_timeout`; HTTP/2 (TLS
+/// with ALPN h2) goes through Pingora's own path unchanged.
+struct EdgeApp {
+    proxy: Arc<HttpProxy<GatewayProxy>>,
+    read_timeout: Duration,
+}
+
+#[async_trait]
+impl ServerApp for EdgeApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1)) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        // Pingora's own HTTP/1 loop (its `ServerApp` for HTTP apps), except
+        // that the first header is read under `read_timeout` (keep-alive off
+        // until `early_request_filter` sets it) instead of a fixed 60 s.
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(None);
+        session.set_read_timeout(Some(self.read_timeout));
+        session.set_keepalive_reuses_remaining(
+            self.proxy
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit),
+        );
+        let mut result = self.proxy.process_new_http(session, shutdown).await;
+        while let Some((stream, persistent)) = result.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(persistent) = persistent {
+                persistent.apply_to_session(&mut session);
+            }
+            result = self.proxy.process_new_http(session, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
 }

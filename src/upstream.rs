@@ -151,23 +151,28 @@ impl UpstreamClient {
         req: &RequestHeader,
         body: &Bytes,
     ) -> Result<Exchange, UpstreamFailure> {
-        let write = async {
-            http.write_request_header(Box::new(req.clone())).await?;
-            if !body.is_empty() {
-                http.write_body(body).await?;
-            }
-            http.finish_body().await?;
-            Ok::<(), Box<Error>>(())
-        };
-        write.await.map_err(UpstreamFailure::NoResponse)?;
-        match tokio::time::timeout(self.cfg.first_byte_timeout, http.read_response()).await {
-            Err(_) => Err(UpstreamFailure::FirstByteTimeout(
-                self.cfg.first_byte_timeout,
-            )),
-            Ok(Err(e)) => Err(match e.etype() {
+        // One deadline for sending the request and receiving the response
+        // header: an upstream that accepts but never reads (a stuck tunnel)
+        // must not hold a large body's write forever.
+        let limit = self.cfg.first_byte_timeout;
+        let exchange = async {
+            let write = async {
+                http.write_request_header(Box::new(req.clone())).await?;
+                if !body.is_empty() {
+                    http.write_body(body).await?;
+                }
+                http.finish_body().await?;
+                Ok::<(), Box<Error>>(())
+            };
+            write.await.map_err(UpstreamFailure::NoResponse)?;
+            http.read_response().await.map_err(|e| match e.etype() {
                 ErrorType::InvalidHTTPHeader | ErrorType::H1Error => UpstreamFailure::Invalid(e),
                 _ => UpstreamFailure::NoResponse(e),
-            }),
+            })
+        };
+        match tokio::time::timeout(limit, exchange).await {
+            Err(_) => Err(UpstreamFailure::FirstByteTimeout(limit)),
+            Ok(Err(failure)) => Err(failure),
             Ok(Ok(_)) => Ok(Exchange { http }),
         }
     }

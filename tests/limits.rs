@@ -208,7 +208,7 @@ async fn slot_admission_never_exceeds_the_limit_and_serves_in_order() {
             (resp.status(), resp.text().await.unwrap())
         }));
         // arrive in a defined order
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
     }
     let mut depth_seen = 0;
     for _ in 0..10 {

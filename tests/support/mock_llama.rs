@@ -13,7 +13,15 @@
 //! `x-mock-tokens: N`, `x-mock-delay-ms: MS` (between tokens),
 //! `x-mock-first-token-delay-ms: MS`, and `x-mock-fault:` one of
 //! `close-before-response`, `cut-mid-stream` (after half the tokens, no
-//! `[DONE]`), `hang-after-headers`, `html-500`.
+//! `[DONE]`), `hang-after-headers`, `html-500`, and the network faults
+//! `reset-mid-stream` (after half the tokens or half a non-streamed body, the
+//! connection is reset: `SO_LINGER` 0, then close), `bad-chunk-size` (after
+//! half the tokens, a chunk whose size line is not hex; the connection then
+//! stays open), `malformed-sse` ([`MALFORMED_SSE_FRAMES`] before the tokens),
+//! `eof-without-done` (a close-delimited stream, no `Transfer-Encoding`, that
+//! ends with a clean FIN after half the tokens and no `[DONE]`).
+//! `x-mock-bulk-bytes: N` streams about N bytes of large content events as
+//! fast as the reader takes them (see [`MockLlama::streamed_bytes`]).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -27,6 +35,27 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const IDLE_CLOSE: Duration = Duration::from_secs(5);
 pub const MAX_REQUESTS_PER_CONNECTION: usize = 100;
+
+/// What `x-mock-fault: malformed-sse` sends before the tokens, each written
+/// as its own HTTP chunk: a comment, an `event:` line, CRLF line endings, a
+/// `data:` that is not JSON, an empty `data:`, a JSON value of the wrong
+/// shape, a line split across two chunks and one without a space after
+/// `data:`. A relay must pass every byte through untouched.
+pub const MALFORMED_SSE_FRAMES: &[&str] = &[
+    ": keep-alive comment\n\n",
+    "event: ping\ndata: {}\n\n",
+    "data: {\"choices\":[]}\r\n\r\n",
+    "data: {this is not json\n\n",
+    "data:\n\n",
+    "data: [1,2,3]\n\n",
+    "data: {\"choices\":[{\"delta\":{\"content\":\"sp",
+    "lit\"},\"index\":0}]}\n\n",
+    "data:{\"choices\":[{\"index\":0,\"delta\":{\"content\":null}}]}\n\n",
+    "retry: 1000\nid: 7\n\n",
+];
+
+/// Size of the content of one `x-mock-bulk-bytes` event.
+pub const BULK_EVENT_CONTENT: usize = 16 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct MockOptions {
@@ -81,6 +110,7 @@ struct State {
     max_active: AtomicUsize,
     abort_times: Mutex<Vec<Instant>>,
     loading: std::sync::atomic::AtomicBool,
+    streamed_bytes: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -184,6 +214,12 @@ impl MockLlama {
 
     pub fn max_active(&self) -> usize {
         self.state.max_active.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of `x-mock-bulk-bytes` streams written so far (all requests).
+    /// When the reader stops reading, this stops growing: the write blocks.
+    pub fn streamed_bytes(&self) -> usize {
+        self.state.streamed_bytes.load(Ordering::SeqCst)
     }
 
     async fn serve_connection(self, mut stream: TcpStream) {
@@ -373,6 +409,7 @@ impl MockLlama {
             }
             let text = reply_text(tokens);
             let timings = timings(prompt_n, tokens);
+            let cut_body = fault == "reset-mid-stream";
             let usage = json!({"completion_tokens": tokens, "prompt_tokens": prompt_n, "total_tokens": tokens + prompt_n,
                 "prompt_tokens_details": {"cached_tokens": 0}});
             let out = if chat {
@@ -384,6 +421,20 @@ impl MockLlama {
                     "created": now(), "model": self.opts.alias, "system_fingerprint": "b11434-mock", "object":"text_completion",
                     "usage": usage, "id": id, "timings": timings})
             };
+            if cut_body {
+                // The header promises the whole body; half of it comes, then a reset.
+                let body = out.to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nServer: llama.cpp\r\n\r\n",
+                    body.len()
+                );
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(&body.as_bytes()[..body.len() / 2]).await?;
+                stream.flush().await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                reset(stream);
+                return Ok(false);
+            }
             write_response(
                 stream,
                 200,
@@ -396,11 +447,27 @@ impl MockLlama {
             return Ok(!last);
         }
 
+        if fault == "eof-without-done" {
+            return self.close_delimited_stream(stream, tokens, delay).await;
+        }
         let head = format!(
             "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: \r\nContent-Type: text/event-stream\r\nKeep-Alive: timeout=5, max=100\r\nServer: llama.cpp\r\nTransfer-Encoding: chunked\r\nX-Accel-Buffering: no\r\n{}\r\n",
             if last { "Connection: close\r\n" } else { "" }
         );
         stream.write_all(head.as_bytes()).await?;
+        if fault == "malformed-sse" {
+            for frame in MALFORMED_SSE_FRAMES {
+                let chunk = format!("{:x}\r\n{frame}\r\n", frame.len());
+                stream.write_all(chunk.as_bytes()).await?;
+                stream.flush().await?;
+            }
+        }
+        if let Some(bulk) = req
+            .header("x-mock-bulk-bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            return self.bulk_stream(stream, bulk, last).await;
+        }
         if fault == "hang-after-headers" {
             let _ = wait_or_client_gone(stream, Duration::from_secs(3600)).await;
             self.note_abort();
@@ -423,13 +490,31 @@ impl MockLlama {
             );
             send_event(stream, &first.to_string()).await?;
         }
-        let cut_at = (fault == "cut-mid-stream").then_some(tokens / 2);
+        let cut_at = matches!(
+            fault,
+            "cut-mid-stream" | "reset-mid-stream" | "bad-chunk-size"
+        )
+        .then_some(tokens / 2);
         for i in 0..tokens {
             if i > 0 && !delay.is_zero() && !wait_or_client_gone(stream, delay).await {
                 self.note_abort();
                 return Ok(false);
             }
             if Some(i) == cut_at {
+                match fault {
+                    "reset-mid-stream" => reset(stream),
+                    "bad-chunk-size" => {
+                        stream
+                            .write_all(b"zz\r\ndata: {\"not\":\"a chunk\"}\n\n\r\n")
+                            .await?;
+                        stream.flush().await?;
+                        // Stay connected: only the framing is broken, not the connection.
+                        if !wait_or_client_gone(stream, Duration::from_secs(30)).await {
+                            self.note_abort();
+                        }
+                    }
+                    _ => {}
+                }
                 return Ok(false);
             }
             let sent_at = SystemTime::now()
@@ -471,6 +556,67 @@ impl MockLlama {
         Ok(!last)
     }
 
+    /// `eof-without-done`: a stream delimited by the connection's close (no
+    /// `Transfer-Encoding`, no `Content-Length`), ended by a clean FIN after
+    /// half the tokens, without a finish chunk or `[DONE]`.
+    async fn close_delimited_stream(
+        &self,
+        stream: &mut TcpStream,
+        tokens: usize,
+        delay: Duration,
+    ) -> std::io::Result<bool> {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nServer: llama.cpp\r\nConnection: close\r\n\r\n";
+        stream.write_all(head.as_bytes()).await?;
+        for i in 0..tokens / 2 {
+            if i > 0 && !delay.is_zero() && !wait_or_client_gone(stream, delay).await {
+                self.note_abort();
+                return Ok(false);
+            }
+            let ev = json!({"choices":[{"finish_reason": null, "index": 0, "delta": {"content": token_text(i)}}],
+                "created": now(), "id": "chatcmpl-eof", "model": self.opts.alias, "object": "chat.completion.chunk"});
+            stream
+                .write_all(format!("data: {ev}\n\n").as_bytes())
+                .await?;
+            stream.flush().await?;
+        }
+        stream.shutdown().await?;
+        Ok(false)
+    }
+
+    /// `x-mock-bulk-bytes`: large content events as fast as the reader takes
+    /// them, counted in `streamed_bytes` as each write completes.
+    async fn bulk_stream(
+        &self,
+        stream: &mut TcpStream,
+        total: usize,
+        last: bool,
+    ) -> std::io::Result<bool> {
+        let content = "x".repeat(BULK_EVENT_CONTENT);
+        let ev = json!({"choices":[{"finish_reason": null, "index": 0, "delta": {"content": content}}],
+            "created": now(), "id": "chatcmpl-bulk", "model": self.opts.alias, "object": "chat.completion.chunk"})
+        .to_string();
+        let frame = format!("data: {ev}\n\n");
+        let chunk = format!("{:x}\r\n{frame}\r\n", frame.len());
+        let mut sent = 0;
+        while sent < total {
+            if stream.write_all(chunk.as_bytes()).await.is_err() {
+                self.note_abort();
+                return Ok(false);
+            }
+            sent += chunk.len();
+            self.state
+                .streamed_bytes
+                .fetch_add(chunk.len(), Ordering::SeqCst);
+        }
+        let fin = json!({"choices":[{"finish_reason": "stop", "index": 0, "delta": {}}],
+            "created": now(), "id": "chatcmpl-bulk", "model": self.opts.alias, "object": "chat.completion.chunk"});
+        send_event(stream, &fin.to_string()).await?;
+        send_event(stream, "[DONE]").await?;
+        stream.write_all(b"0\r\n\r\n").await?;
+        self.state.completed.fetch_add(1, Ordering::SeqCst);
+        Ok(!last)
+    }
+
     fn note_abort(&self) {
         self.state.aborted.fetch_add(1, Ordering::SeqCst);
         self.state.abort_times.lock().unwrap().push(Instant::now());
@@ -491,6 +637,11 @@ impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Makes dropping `stream` reset the connection (RST) instead of closing it.
+fn reset(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
 }
 
 pub fn token_text(i: usize) -> String {
