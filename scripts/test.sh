@@ -10,6 +10,9 @@ echo "== cargo test"
 cargo build --bins --examples
 cargo test --all-targets
 
+echo "== fuzzing the parsers briefly on their seed corpus (scripts/fuzz.sh SECONDS for longer)"
+scripts/fuzz.sh 10
+
 echo "== official OpenAI client tests"
 export LLM_EDGE_BIN="$PWD/target/debug/llm-edge"
 export MOCK_LLAMA_BIN="$PWD/target/debug/examples/mock-llama-server"
