@@ -20,7 +20,8 @@
 //! Under `cargo test --benches` (no `--bench` argument) it runs a tiny version
 //! in seconds. Environment knobs: `LOAD_ONLY=ns,stream,slow,wrongkey` (scenarios),
 //! `LOAD_TARGETS=direct,llm-edge,nginx`, `LOAD_SECONDS` (per closed-loop run),
-//! `LOAD_ROUNDS` (interleaved rounds), `LOAD_SLOW=2000,5000`, `NGINX_BIN`
+//! `LOAD_ROUNDS` (interleaved rounds), `LOAD_CONCURRENCY` (closed loops),
+//! `LOAD_STREAMS` (scenario 2), `LOAD_SLOW=2000,5000`, `NGINX_BIN`
 //! (`none` to skip nginx), `LLM_EDGE_BIN` (another llm-edge binary) and
 //! `LLM_EDGE_WRAP` (a command prefix such as
 //! `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p`).
@@ -82,9 +83,9 @@ impl Plan {
             quick,
             rounds: env_parse("LOAD_ROUNDS", if quick { 1 } else { 3 }),
             closed_loop_time: Duration::from_secs_f64(secs.clamp(0.05, 120.0)),
-            ns_concurrency: if quick { 4 } else { 64 },
+            ns_concurrency: env_parse("LOAD_CONCURRENCY", if quick { 4 } else { 64 }),
             ns_tokens: 16,
-            st_clients: if quick { 4 } else { 200 },
+            st_clients: env_parse("LOAD_STREAMS", if quick { 4 } else { 200 }),
             st_rounds: if quick { 1 } else { 3 },
             st_tokens: if quick { 5 } else { 100 },
             st_delay_ms: 10,
@@ -94,7 +95,7 @@ impl Plan {
                 .collect(),
             slow_tokens: if quick { 3 } else { 20 },
             slow_delay_ms: if quick { 100 } else { 500 },
-            wk_concurrency: if quick { 4 } else { 64 },
+            wk_concurrency: env_parse("LOAD_CONCURRENCY", if quick { 4 } else { 64 }),
             only: list("LOAD_ONLY", "ns,stream,slow,wrongkey"),
             targets: list("LOAD_TARGETS", "direct,llm-edge,nginx"),
         }
@@ -330,6 +331,11 @@ fn wait_listening(addr: SocketAddr, what: &str, child: &mut Child, log: &Path) {
     }
 }
 
+/// The llm-edge binary under test: `LLM_EDGE_BIN`, else the one cargo built.
+fn edge_bin() -> String {
+    std::env::var("LLM_EDGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_llm-edge").to_string())
+}
+
 struct Edge {
     child: Child,
     addr: SocketAddr,
@@ -347,8 +353,7 @@ impl Edge {
         );
         let path = dir.join(format!("llm-edge-{port}.yaml"));
         std::fs::write(&path, config).unwrap();
-        let bin = std::env::var("LLM_EDGE_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_llm-edge").to_string());
+        let bin = edge_bin();
         let wrap: Vec<String> = std::env::var("LLM_EDGE_WRAP")
             .unwrap_or_default()
             .split_whitespace()
@@ -1851,11 +1856,15 @@ fn main() {
         }
     });
     println!(
-        "\n## llm-edge load benchmark ({} run)\n\n{cores} cores; load average {la_start} at start, {} at end; llm-edge `server.threads: 2`; nginx {} with `worker_processes 2`; \
+        "\n## llm-edge load benchmark ({} run)\n\n{cores} cores; load average {la_start} at start, {} at end; llm-edge `server.threads: 2`; nginx {}; \
          one load-generator thread and one mock thread in the bench process. Ratios compare within this run.\n",
         if quick { "quick" } else { "full" },
         loadavg(),
-        nginx.as_ref().map_or("absent (skipped)".to_string(), |p| nginx_version(p)),
+        nginx.as_ref().map_or("absent (column skipped)".to_string(), |p| format!("{} with `worker_processes 2`", nginx_version(p))),
     );
+    if quick {
+        println!("Quick run (no `--bench` argument, as under `cargo test --benches`): tiny loads against whatever build cargo made; the figures check that the bench works, they are not measurements.\n");
+    }
+    println!("llm-edge binary: {}\n", edge_bin());
     table.print();
 }
