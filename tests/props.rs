@@ -376,7 +376,8 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(12))]
+    // Large inputs: a fixed, small number of cases whatever PROPTEST_CASES says.
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// A line that never ends costs at most about twice the 1 MiB carry limit
     /// plus the chunk size, and the stream is read normally after it.
@@ -398,9 +399,39 @@ proptest! {
         }
         let bound = (2 * checks::MAX_CARRY + 2 * chunk + (64 << 10)) as isize;
         prop_assert!(peak <= bound, "scanner holds {peak} bytes (bound {bound})");
-        let long_line_counted = line_len <= checks::MAX_CARRY;
+        let long_line = stream.iter().position(|&b| b == b'\n').unwrap();
+        // Dropped when its unfinished part, at the last chunk boundary before
+        // its `\n`, is longer than the limit.
+        let long_line_counted = long_line / chunk * chunk <= checks::MAX_CARRY;
         prop_assert_eq!(total, 1 + u64::from(long_line_counted));
         prop_assert!(scanner.stats.saw_done);
+    }
+}
+
+/// The carry limit is exact: a line whose unfinished part reaches 1 MiB is
+/// still read, one byte more and it is dropped (counted as malformed); fed
+/// whole, it is read either way.
+#[test]
+fn sse_carry_limit_boundary() {
+    for (len, read_in_pieces) in [
+        (checks::MAX_CARRY - 1, true),
+        (checks::MAX_CARRY, true),
+        (checks::MAX_CARRY + 1, false),
+    ] {
+        let mut line = b"data: {\"choices\":[{\"delta\":{\"content\":\"".to_vec();
+        let tail = b"\"}}]}";
+        line.resize(len - tail.len(), b'x');
+        line.extend_from_slice(tail);
+        assert_eq!(line.len(), len);
+        line.extend_from_slice(b"\n\n");
+        // Chunks of 64 KiB, and one that ends just before the line's `\n`.
+        let mut cuts: Vec<usize> = (1..16).map(|i| i * 65536).collect();
+        cuts.push(len);
+        let (pieces, n) = checks::scan_in_pieces(&line, &cuts);
+        assert_eq!(n, u64::from(read_in_pieces), "{len}");
+        assert_eq!(pieces.stats.malformed, u64::from(!read_in_pieces), "{len}");
+        let mut whole = SseScanner::new();
+        assert_eq!(whole.feed(&line), 1, "{len}");
     }
 }
 
@@ -802,8 +833,8 @@ fn regression_same_name_spelled_with_escapes_is_left_alone() {
     assert_eq!(out, input);
 }
 
-/// The fuzzer's seed corpus holds the bodies from body.rs's unit tests; these
-/// are the ones whose rewrite is easy to get wrong.
+/// Bodies whose rewrite is easy to get wrong: insertion into empty objects,
+/// repeated and escaped keys, numbers serde cannot hold, CR/LF whitespace.
 #[test]
 fn rewrite_edge_cases_hold() {
     for (body, name, cap) in [

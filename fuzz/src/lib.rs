@@ -304,8 +304,9 @@ pub const REWRITE_NAMES: [&str; 5] = [
 ];
 
 /// Runs [`check_body`] for several rewrites of one body: to the body's own
-/// model name (the no-op case), to each of [`REWRITE_NAMES`], with and without
-/// caps of various sizes.
+/// model name (the no-op case, then with a cap), to one of [`REWRITE_NAMES`]
+/// with one of several caps (both picked from the input's bytes), and to a
+/// plain name without a cap.
 pub fn check_body_variants(body: &[u8]) {
     let own = body::inspect(body)
         .ok()
