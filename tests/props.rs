@@ -477,6 +477,8 @@ fn yaml_scalar() -> BoxedStrategy<Value> {
             "319F30A68BFC6A136B93CD8153D32FE9522908704892171CAE65FBC52534C807", "abc",
             "*", "https://chat.example.com", "https://a.example/path", "ftp://x",
             "clamp", "reject", "truncate", "sk-example",
+            "0.0.0.0:8443",
+            "/dev/null",
         ])
         .prop_map(|s| json!(s)),
         2 => prop_oneof![
@@ -572,6 +574,7 @@ fn file_config() -> impl Strategy<Value = Value> {
         yaml_scalar(),
     );
     let cors = section(&["allowed_origins", "max_age"], yaml_value());
+    let tls = section(&["listen", "cert", "key", "http2"], yaml_scalar());
     (
         prop::option::of(yaml_scalar()),
         prop::option::of(upstream),
@@ -585,6 +588,7 @@ fn file_config() -> impl Strategy<Value = Value> {
             prop::option::of(server),
             prop::option::of(metrics),
             prop::option::of(cors),
+            prop::option::of(tls),
         ),
     )
         .prop_map(
@@ -595,7 +599,7 @@ fn file_config() -> impl Strategy<Value = Value> {
                 models,
                 keys,
                 anon,
-                (limits, down, server, metrics, cors),
+                (limits, down, server, metrics, cors, tls),
             )| {
                 let mut map = serde_json::Map::new();
                 let mut put = |k: &str, v: Option<Value>| {
@@ -614,6 +618,7 @@ fn file_config() -> impl Strategy<Value = Value> {
                 put("server", server);
                 put("metrics", metrics);
                 put("cors", cors);
+                put("tls", tls);
                 Value::Object(map)
             },
         )

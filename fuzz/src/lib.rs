@@ -462,7 +462,8 @@ pub fn needs_dns(url: &str) -> bool {
 
 /// Checks that parsing, the environment and validation never panic, and that
 /// every error names a non-empty path. Upstream URLs that would need DNS are
-/// replaced by an IP literal first (validation resolves host names).
+/// replaced by an IP literal first (validation resolves host names), and TLS
+/// file paths by a missing file or /dev/null (validation reads them).
 pub fn check_config(text: &str) {
     let vars = env_from_comments(text);
     let env = |name: &str| {
@@ -486,6 +487,15 @@ pub fn check_config(text: &str) {
     let mut file = config::apply_env(file, &env);
     if needs_dns(&file.upstream.url) {
         file.upstream.url = "http://127.0.0.1:8080".into();
+    }
+    // Validation reads tls.cert and tls.key: keep generated paths away from
+    // devices and FIFOs (/dev/zero would exhaust memory, a FIFO would block).
+    if let Some(tls) = &mut file.tls {
+        for path in [&mut tls.cert, &mut tls.key] {
+            if path != "/dev/null" {
+                *path = "/nonexistent/llm-edge-fuzz.pem".into();
+            }
+        }
     }
     match file.validate() {
         Ok(cfg) => {
