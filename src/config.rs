@@ -377,7 +377,8 @@ pub fn parse_yaml(text: &str) -> Result<FileConfig, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." {
+        // A top-level key that is itself empty (`"": 1`) yields an empty path.
+        let path = if path == "." || path.is_empty() {
             "(top level)".into()
         } else {
             path
@@ -593,6 +594,18 @@ fn validate_tls(
         ("tls.cert", &t.cert, "CERTIFICATE"),
         ("tls.key", &t.key, "PRIVATE KEY"),
     ] {
+        // Only a regular file: a FIFO or a device would block or never end.
+        let meta =
+            std::fs::metadata(file).map_err(|e| err(path, format!("cannot read '{file}': {e}")))?;
+        if !meta.is_file() {
+            return Err(err(path, format!("'{file}' is not a regular file")));
+        }
+        if meta.len() > 1024 * 1024 {
+            return Err(err(
+                path,
+                format!("'{file}' is larger than 1 MiB: not a PEM certificate or key"),
+            ));
+        }
         let text = std::fs::read_to_string(file)
             .map_err(|e| err(path, format!("cannot read '{file}': {e}")))?;
         if !text.contains("-----BEGIN") || !text.contains(marker) {
@@ -917,6 +930,21 @@ mod tests {
         assert_eq!(c.limits.max_body_bytes, 32 << 20);
         assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
         assert!(!c.metrics.on_public_listener);
+    }
+
+    #[test]
+    fn tls_files_must_be_regular_files() {
+        for (cert, key, path) in [
+            ("/dev/zero", "/dev/null", "tls.cert"),
+            ("/", "/dev/null", "tls.cert"),
+            ("/nonexistent.pem", "/dev/null", "tls.cert"),
+        ] {
+            let e = load_str(&format!(
+                "tls:\n  listen: 127.0.0.1:8443\n  cert: {cert}\n  key: {key}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, path, "{cert}: {e}");
+        }
     }
 
     #[test]
