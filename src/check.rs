@@ -1122,6 +1122,27 @@ impl Net<'_> {
                     ),
                 )
             }
+            (200, "degraded") => {
+                let down: Vec<String> = body
+                    .get("upstreams")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|u| u.get("status").and_then(Value::as_str) != Some("ok"))
+                    .map(|u| {
+                        format!(
+                            "{} ({})",
+                            u.get("name").and_then(Value::as_str).unwrap_or("?"),
+                            u.get("status").and_then(Value::as_str).unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                Check::warn(
+                    name,
+                    format!("some upstream servers are not up: {}; requests go to the others", down.join(", ")),
+                    "see /health/upstream on the gateway for each server's reason; on the edge, the tunnel of each down server",
+                )
+            }
             (_, "loading") => Check::warn(name, format!("{} loading: {message}", reply.status), LOADING_HINT),
             (_, "unreachable") => Check::warn(
                 name,

@@ -112,8 +112,13 @@ impl Default for FileConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
-    pub url: String,
+    /// One llama-server (the default, `http://127.0.0.1:8080`); or `servers`.
+    pub url: Option<String>,
     pub api_key: Option<String>,
+    /// Several llama-servers (GPU machines, each behind its own tunnel port).
+    pub servers: Vec<UpstreamServerSection>,
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -135,8 +140,10 @@ pub struct UpstreamSection {
 impl Default for UpstreamSection {
     fn default() -> Self {
         UpstreamSection {
-            url: DEFAULT_UPSTREAM.into(),
+            url: None,
             api_key: None,
+            servers: Vec::new(),
+            health_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(10 * 60),
             idle_timeout: Duration::from_secs(5 * 60),
@@ -150,6 +157,17 @@ impl Default for UpstreamSection {
     }
 }
 
+/// One of several upstreams (`upstream.servers[i]`); unset fields inherit
+/// from `upstream`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamServerSection {
+    pub name: Option<String>,
+    pub url: String,
+    pub api_key: Option<String>,
+    pub max_in_flight: Option<usize>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -158,6 +176,9 @@ pub struct ModelSection {
     pub aliases: Vec<String>,
     pub upstream_name: Option<String>,
     pub owned_by: Option<String>,
+    /// Names of the `upstream.servers` that serve this model (default: all).
+    #[serde(default)]
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,21 +291,32 @@ impl Default for ServerSection {
 // ---------------------------------------------------------------------------
 // The validated configuration the gateway runs on.
 
+/// One llama-server.
 #[derive(Debug, Clone)]
-pub struct Upstream {
-    /// `host:port` as configured, for messages.
+pub struct UpstreamServer {
+    /// Its name in metrics and messages: `upstream.servers[i].name`, or
+    /// `host:port` when there is only `upstream.url`.
+    pub name: String,
+    /// `host:port` as configured, for messages and the `Host` header.
     pub authority: String,
-    pub host: String,
     pub addr: SocketAddr,
     pub api_key: Option<String>,
+    /// Requests allowed at this server at once (its slots); 0: no limit.
+    pub max_in_flight: usize,
+}
+
+/// The upstream servers and what applies to all of them.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub servers: Vec<UpstreamServer>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub total_timeout: Option<Duration>,
     pub pool_idle_timeout: Duration,
     pub health_timeout: Duration,
-    /// Requests allowed at the upstream at once (its slots); 0: no limit.
-    pub max_in_flight: usize,
+    /// How often each server's `/health` is probed when there are several.
+    pub health_interval: Duration,
     pub queue_timeout: Duration,
     pub max_queued: usize,
 }
@@ -390,7 +422,7 @@ pub fn parse_yaml(text: &str) -> Result<FileConfig, ConfigError> {
 /// The seed's variables: `LLAMA_BASE_URL`, `DEFAULT_MODEL`, `API_KEYS`.
 pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
     if let Some(url) = env("LLAMA_BASE_URL") {
-        file.upstream.url = url.trim().to_string();
+        file.upstream.url = Some(url.trim().to_string());
     }
     if let Some(model) = env("DEFAULT_MODEL") {
         let model = model.trim().to_string();
@@ -404,6 +436,7 @@ pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
                 aliases: vec![],
                 upstream_name: None,
                 owned_by: None,
+                upstreams: Vec::new(),
             });
         }
         file.default_model = Some(model);
@@ -426,7 +459,7 @@ impl FileConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let listen = validate_listen(&self.listen)?;
         let upstream = validate_upstream(self.upstream)?;
-        let catalogue = validate_models(self.models, self.default_model)?;
+        let catalogue = validate_models(self.models, self.default_model, &upstream.servers)?;
         let key_limits = validate_key_limits(&self.keys)?;
         let keys = validate_keys(self.keys, &catalogue, self.allow_anonymous)?;
 
@@ -664,54 +697,63 @@ fn validate_listen(listen: &str) -> Result<String, ConfigError> {
 }
 
 fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigError> {
-    let url = s.url.trim();
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        err(
-            "upstream.url",
-            format!("'{url}' must start with http:// (the upstream is llama-server at the end of the SSH tunnel)"),
-        )
-    })?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    if !matches!(path, "" | "/" | "/v1" | "/v1/") {
-        return Err(err(
-            "upstream.url",
-            format!("'{url}' has a path; give only http://HOST:PORT"),
-        ));
-    }
-    let uri: http::uri::Authority = authority
-        .parse()
-        .map_err(|_| err("upstream.url", format!("'{url}' has no valid HOST:PORT")))?;
-    let host = uri
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    if host.is_empty() {
-        return Err(err("upstream.url", format!("'{url}' has no host")));
-    }
-    // Resolved once here: pingora's HttpPeer::new panics on a name it cannot resolve.
-    let addr = (host.as_str(), port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| err("upstream.url", format!("cannot resolve host '{host}'")))?;
-    if let Some(key) = &s.api_key {
-        if key.is_empty() || key.bytes().any(|b| b.is_ascii_control()) {
+    validate_upstream_key("upstream.api_key", s.api_key.as_deref())?;
+    let servers = match (s.url, s.servers.is_empty()) {
+        (Some(_), false) => {
             return Err(err(
-                "upstream.api_key",
-                "must be a non-empty string without control characters",
-            ));
+                "upstream.url",
+                "give either upstream.url (one llama-server) or upstream.servers (several), not both; LLAMA_BASE_URL also sets upstream.url",
+            ))
         }
-    }
+        (url, true) => {
+            let url = url.unwrap_or_else(|| DEFAULT_UPSTREAM.into());
+            let (authority, addr) = parse_upstream_url("upstream.url", &url)?;
+            vec![UpstreamServer {
+                name: authority.clone(),
+                authority,
+                addr,
+                api_key: s.api_key.clone(),
+                max_in_flight: s.max_in_flight,
+            }]
+        }
+        (None, false) => {
+            let mut servers: Vec<UpstreamServer> = Vec::with_capacity(s.servers.len());
+            for (i, srv) in s.servers.into_iter().enumerate() {
+                let at = |field: &str| format!("upstream.servers[{i}].{field}");
+                let (authority, addr) = parse_upstream_url(&at("url"), &srv.url)?;
+                let name = srv.name.unwrap_or_else(|| authority.clone());
+                if !valid_model_name(&name) {
+                    return Err(err(
+                        at("name"),
+                        format!("'{name}' is not a valid name (non-empty, no spaces or control characters)"),
+                    ));
+                }
+                if let Some(other) = servers.iter().find(|o| o.addr == addr) {
+                    return Err(err(
+                        at("url"),
+                        format!("'{}' is the same address as server '{}'", srv.url, other.name),
+                    ));
+                }
+                if let Some(other) = servers.iter().find(|o| o.name == name) {
+                    return Err(err(
+                        at("name"),
+                        format!("'{name}' is already the name of the server at {}", other.authority),
+                    ));
+                }
+                validate_upstream_key(&at("api_key"), srv.api_key.as_deref())?;
+                servers.push(UpstreamServer {
+                    name,
+                    authority,
+                    addr,
+                    api_key: srv.api_key.or_else(|| s.api_key.clone()),
+                    max_in_flight: srv.max_in_flight.unwrap_or(s.max_in_flight),
+                });
+            }
+            servers
+        }
+    };
     Ok(Upstream {
-        authority: format!("{host}:{port}"),
-        host,
-        addr,
-        api_key: s.api_key,
+        servers,
         connect_timeout: nonzero("upstream.connect_timeout", s.connect_timeout)?,
         first_byte_timeout: nonzero("upstream.first_byte_timeout", s.first_byte_timeout)?,
         idle_timeout: nonzero("upstream.idle_timeout", s.idle_timeout)?,
@@ -721,10 +763,56 @@ fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigError> {
         },
         pool_idle_timeout: s.pool_idle_timeout,
         health_timeout: nonzero("upstream.health_timeout", s.health_timeout)?,
-        max_in_flight: s.max_in_flight,
+        health_interval: nonzero("upstream.health_interval", s.health_interval)?,
         queue_timeout: nonzero("upstream.queue_timeout", s.queue_timeout)?,
         max_queued: s.max_queued,
     })
+}
+
+fn validate_upstream_key(path: &str, key: Option<&str>) -> Result<(), ConfigError> {
+    match key {
+        Some(key) if key.is_empty() || key.bytes().any(|b| b.is_ascii_control()) => Err(err(
+            path,
+            "must be a non-empty string without control characters",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `http://HOST:PORT` -> (`host:port`, resolved address).
+fn parse_upstream_url(path: &str, url: &str) -> Result<(String, SocketAddr), ConfigError> {
+    let url = url.trim();
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        err(
+            path,
+            format!("'{url}' must start with http:// (the upstream is llama-server at the end of the SSH tunnel)"),
+        )
+    })?;
+    let (authority, rest_path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if !matches!(rest_path, "" | "/" | "/v1" | "/v1/") {
+        return Err(err(
+            path,
+            format!("'{url}' has a path; give only http://HOST:PORT"),
+        ));
+    }
+    let uri: http::uri::Authority = authority
+        .parse()
+        .map_err(|_| err(path, format!("'{url}' has no valid HOST:PORT")))?;
+    let host = uri.host().trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    if host.is_empty() {
+        return Err(err(path, format!("'{url}' has no host")));
+    }
+    // Resolved once here: pingora's HttpPeer::new panics on a name it cannot resolve.
+    let addr = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| err(path, format!("cannot resolve host '{host}'")))?;
+    Ok((format!("{host}:{port}"), addr))
 }
 
 fn valid_model_name(name: &str) -> bool {
@@ -736,6 +824,7 @@ fn valid_model_name(name: &str) -> bool {
 fn validate_models(
     models: Vec<ModelSection>,
     default_model: Option<String>,
+    servers: &[UpstreamServer],
 ) -> Result<Catalogue, ConfigError> {
     let mut models = models;
     if models.is_empty() {
@@ -746,6 +835,7 @@ fn validate_models(
             aliases: vec![],
             upstream_name: None,
             owned_by: None,
+            upstreams: Vec::new(),
         });
     }
     let mut seen = HashSet::new();
@@ -787,11 +877,35 @@ fn validate_models(
                 "must not be empty",
             ));
         }
+        let mut upstreams = Vec::with_capacity(m.upstreams.len());
+        for (j, wanted) in m.upstreams.iter().enumerate() {
+            let index = servers
+                .iter()
+                .position(|s| &s.name == wanted)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+                    err(
+                        format!("models[{i}].upstreams[{j}]"),
+                        format!(
+                            "'{wanted}' is not one of upstream.servers: {}",
+                            names.join(", ")
+                        ),
+                    )
+                })?;
+            if upstreams.contains(&index) {
+                return Err(err(
+                    format!("models[{i}].upstreams[{j}]"),
+                    format!("'{wanted}' is listed twice"),
+                ));
+            }
+            upstreams.push(index);
+        }
         routes.push(ModelRoute {
             name: m.name,
             aliases: m.aliases,
             upstream_name,
             owned_by: m.owned_by.unwrap_or_else(|| "llm-edge".into()),
+            upstreams,
         });
     }
     let default = default_model.unwrap_or_else(|| routes[0].name.clone());
@@ -924,7 +1038,10 @@ mod tests {
     fn defaults_listen_on_8000_and_forward_to_8080() {
         let c = Config::load(None, &no_env).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8000");
-        assert_eq!(c.upstream.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            c.upstream.servers[0].addr,
+            "127.0.0.1:8080".parse().unwrap()
+        );
         assert_eq!(c.catalogue.default_route().name, "local");
         assert!(c.keys.is_empty());
         assert_eq!(c.limits.max_body_bytes, 32 << 20);
@@ -983,7 +1100,7 @@ server:
         ))
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:9000");
-        assert_eq!(c.upstream.addr.port(), 8081);
+        assert_eq!(c.upstream.servers[0].addr.port(), 8081);
         assert_eq!(c.upstream.first_byte_timeout, Duration::from_secs(180));
         assert_eq!(c.upstream.total_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(c.catalogue.default_route().name, "qwen3");
@@ -1071,7 +1188,7 @@ server:
             _ => None,
         };
         let c = Config::load(None, &env).unwrap();
-        assert_eq!(c.upstream.addr.port(), 18080);
+        assert_eq!(c.upstream.servers[0].addr.port(), 18080);
         assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
         assert_eq!(
             c.keys
@@ -1095,6 +1212,66 @@ server:
     }
 
     #[test]
+    fn several_upstream_servers() {
+        let c = load_str(
+            "upstream:\n  api_key: shared\n  max_in_flight: 2\n  servers:\n    - name: gpu-a\n      url: http://127.0.0.1:8081\n    - url: http://127.0.0.1:8082\n      api_key: own\n      max_in_flight: 4\nmodels:\n  - name: big\n    upstreams: [gpu-a]\n  - name: small\n",
+        )
+        .unwrap();
+        let s = &c.upstream.servers;
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].name.as_str(), s[0].addr.port()), ("gpu-a", 8081));
+        assert_eq!(s[0].api_key.as_deref(), Some("shared"));
+        assert_eq!(s[0].max_in_flight, 2);
+        assert_eq!(
+            s[1].name, "127.0.0.1:8082",
+            "unnamed servers are named by address"
+        );
+        assert_eq!(s[1].api_key.as_deref(), Some("own"));
+        assert_eq!(s[1].max_in_flight, 4);
+        assert_eq!(c.catalogue.resolve(Some("big")).unwrap().upstreams, vec![0]);
+        assert!(c
+            .catalogue
+            .resolve(Some("small"))
+            .unwrap()
+            .upstreams
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_upstream_servers_name_their_path() {
+        for (yaml, path) in [
+            (
+                "upstream:\n  url: http://127.0.0.1:1\n  servers:\n    - url: http://127.0.0.1:2\n",
+                "upstream.url",
+            ),
+            (
+                "upstream:\n  servers:\n    - url: http://127.0.0.1:2\n    - url: https://127.0.0.1:3\n",
+                "upstream.servers[1].url",
+            ),
+            (
+                "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2'}\n    - {name: a, url: 'http://127.0.0.1:3'}\n",
+                "upstream.servers[1].name",
+            ),
+            (
+                "upstream:\n  servers:\n    - url: http://127.0.0.1:2\n    - url: http://127.0.0.1:2/\n",
+                "upstream.servers[1].url",
+            ),
+            (
+                "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2', port: 3}\n",
+                "upstream.servers[0].port",
+            ),
+            (
+                "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2'}\nmodels:\n  - name: m\n    upstreams: [b]\n",
+                "models[0].upstreams[0]",
+            ),
+            ("upstream:\n  health_interval: 0s\n", "upstream.health_interval"),
+        ] {
+            let e = load_str(yaml).unwrap_err();
+            assert_eq!(e.path, path, "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn key_limits() {
         let key = auth::digest_hex("k");
         let c = load_str(&format!(
@@ -1104,7 +1281,7 @@ server:
         assert_eq!(c.key_limits[0].0, "a");
         assert_eq!(c.key_limits[0].1.requests_per_minute, Some(60));
         assert_eq!(c.key_limits[0].1.over_max_tokens, OverMaxTokens::Reject);
-        assert_eq!(c.upstream.max_in_flight, 4);
+        assert_eq!(c.upstream.servers[0].max_in_flight, 4);
         let e = load_str(&format!(
             "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      max_tokens: 0\n"
         ))

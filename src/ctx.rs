@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::admission::SlotPermit;
+use crate::balance::Lease;
 use crate::gateway_error::GatewayError;
 use crate::limits::LimitGuard;
 use crate::metrics::InFlightGuard;
@@ -53,8 +53,13 @@ pub struct RequestCtx {
     pub in_flight: Option<InFlightGuard>,
     /// This request's share of its key's and the global concurrency limits.
     pub limit_guard: Option<LimitGuard>,
-    /// The upstream slot it holds (slot-aware admission).
-    pub slot: Option<SlotPermit>,
+    /// Its claim on the upstream server it went to (and that server's slot,
+    /// with slot-aware admission).
+    pub lease: Option<Lease>,
+    /// The server it went to last (index into `upstream.servers`).
+    pub upstream: Option<usize>,
+    /// Servers whose connect failed for it (Pingora's proxy loop failover).
+    pub tried: Vec<usize>,
     /// Which limit refused it, if one did.
     pub limited: Option<&'static str>,
     /// The client's address (the peer, or per X-Forwarded-For from a trusted proxy).
@@ -83,7 +88,9 @@ impl RequestCtx {
             accounting: Accounting::Off,
             in_flight: None,
             limit_guard: None,
-            slot: None,
+            lease: None,
+            upstream: None,
+            tried: Vec::new(),
             limited: None,
             client_ip: None,
             ip_slot: None,
@@ -102,7 +109,14 @@ impl RequestCtx {
     }
 
     /// One access-log line. Only bounded, non-secret values: the key id, never the key.
-    pub fn access_log_line(&self, client: &str, method: &str, path: &str, status: u16) -> String {
+    pub fn access_log_line(
+        &self,
+        client: &str,
+        method: &str,
+        path: &str,
+        status: u16,
+        upstream: Option<&str>,
+    ) -> String {
         let mut line = String::with_capacity(200);
         let _ = write!(
             line,
@@ -116,6 +130,9 @@ impl RequestCtx {
             self.bytes_out,
             self.start.elapsed().as_millis(),
         );
+        if let Some(name) = upstream {
+            let _ = write!(line, " upstream={name}");
+        }
         if let Some(id) = &self.request_id {
             let _ = write!(line, " request_id={id}");
         }
@@ -160,7 +177,13 @@ mod tests {
         ctx.first_byte = Some(Duration::from_millis(12));
         ctx.bytes_out = 345;
         let _ = ctx.client_left(DisconnectPhase::Streaming);
-        let line = ctx.access_log_line("1.2.3.4", "POST", "/v1/chat/completions", 499);
+        let line = ctx.access_log_line(
+            "1.2.3.4",
+            "POST",
+            "/v1/chat/completions",
+            499,
+            Some("gpu-a"),
+        );
         for part in [
             "1.2.3.4 \"POST /v1/chat/completions\" 499",
             "route=chat_completions",
@@ -171,6 +194,7 @@ mod tests {
             "bytes_out=345",
             "duration_ms=",
             "disconnect=streaming",
+            "upstream=gpu-a",
         ] {
             assert!(line.contains(part), "{line} lacks {part}");
         }

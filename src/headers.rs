@@ -8,7 +8,7 @@
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::config::Upstream;
+use crate::config::UpstreamServer;
 use crate::cors::CorsPolicy;
 
 const HOP_BY_HOP: &[&str] = &[
@@ -37,11 +37,12 @@ fn forwarded(name: &str) -> bool {
     !HOP_BY_HOP.contains(&name) && !NOT_FORWARDED.contains(&name)
 }
 
-/// The header llm-edge sends upstream for a body it has read and rewritten.
+/// The header llm-edge sends upstream for a body it has read and rewritten,
+/// still without `Host` and `Authorization`: those depend on which server it
+/// goes to ([`address_to`]), which failover may change.
 pub fn upstream_request(
     client: &RequestHeader,
     body_len: usize,
-    upstream: &Upstream,
     request_id: Option<&str>,
 ) -> Result<RequestHeader> {
     let path = client
@@ -58,14 +59,16 @@ pub fn upstream_request(
         }
     }
     req.insert_header("Content-Length", body_len.to_string())?;
-    finish_upstream_request(&mut req, upstream, request_id)?;
+    if let Some(id) = request_id {
+        req.insert_header("X-Request-Id", id)?;
+    }
     Ok(req)
 }
 
 /// Edits, in place, a request that Pingora's own proxy loop forwards.
 pub fn rewrite_passthrough_request(
     req: &mut RequestHeader,
-    upstream: &Upstream,
+    server: &UpstreamServer,
     request_id: Option<&str>,
 ) -> Result<()> {
     for name in [
@@ -76,20 +79,17 @@ pub fn rewrite_passthrough_request(
     ] {
         req.remove_header(name);
     }
-    finish_upstream_request(req, upstream, request_id)
-}
-
-fn finish_upstream_request(
-    req: &mut RequestHeader,
-    upstream: &Upstream,
-    request_id: Option<&str>,
-) -> Result<()> {
-    req.insert_header("Host", upstream.authority.as_str())?;
-    if let Some(key) = &upstream.api_key {
-        req.insert_header("Authorization", format!("Bearer {key}"))?;
-    }
     if let Some(id) = request_id {
         req.insert_header("X-Request-Id", id)?;
+    }
+    address_to(req, server)
+}
+
+/// `Host` and the server's own key (llama-server's `--api-key`), if any.
+pub fn address_to(req: &mut RequestHeader, server: &UpstreamServer) -> Result<()> {
+    req.insert_header("Host", server.authority.as_str())?;
+    if let Some(key) = &server.api_key {
+        req.insert_header("Authorization", format!("Bearer {key}"))?;
     }
     Ok(())
 }
@@ -147,23 +147,14 @@ pub fn finish_client_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    fn upstream(key: Option<&str>) -> Upstream {
-        Upstream {
+    fn upstream(key: Option<&str>) -> UpstreamServer {
+        UpstreamServer {
+            name: "gpu".into(),
             authority: "127.0.0.1:8080".into(),
-            host: "127.0.0.1".into(),
             addr: "127.0.0.1:8080".parse().unwrap(),
             api_key: key.map(str::to_string),
-            connect_timeout: Duration::from_secs(1),
-            first_byte_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            total_timeout: None,
-            pool_idle_timeout: Duration::from_secs(1),
-            health_timeout: Duration::from_secs(1),
             max_in_flight: 0,
-            queue_timeout: Duration::from_secs(1),
-            max_queued: 1,
         }
     }
 
@@ -184,13 +175,8 @@ mod tests {
 
     #[test]
     fn client_key_is_replaced_by_the_upstream_key() {
-        let req = upstream_request(
-            &client_request(),
-            42,
-            &upstream(Some("up-secret")),
-            Some("r1"),
-        )
-        .unwrap();
+        let mut req = upstream_request(&client_request(), 42, Some("r1")).unwrap();
+        address_to(&mut req, &upstream(Some("up-secret"))).unwrap();
         assert_eq!(req.headers["authorization"], "Bearer up-secret");
         assert_eq!(req.headers["content-length"], "42");
         assert_eq!(req.headers["host"], "127.0.0.1:8080");
@@ -204,7 +190,8 @@ mod tests {
 
     #[test]
     fn without_upstream_key_no_authorization_is_sent() {
-        let req = upstream_request(&client_request(), 1, &upstream(None), None).unwrap();
+        let mut req = upstream_request(&client_request(), 1, None).unwrap();
+        address_to(&mut req, &upstream(None)).unwrap();
         assert!(!req.headers.contains_key("authorization"));
         let mut pass = client_request();
         rewrite_passthrough_request(&mut pass, &upstream(None), None).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod balance;
 pub mod body;
 pub mod budget;
 pub mod check;

@@ -54,11 +54,22 @@ pub struct RequestRecord<'a> {
     pub stats: Option<&'a ResponseStats>,
 }
 
+/// `llm_edge_upstream_errors_total{kind}` values.
+pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
+    "refused",
+    "connect_timeout",
+    "reset",
+    "timeout",
+    "invalid_response",
+    "5xx",
+];
+
 pub struct Metrics {
     registry: Registry,
     known_models: HashSet<String>,
     known_keys: HashSet<String>,
-    upstream_label: String,
+    /// Server names (`upstream` label values), in configuration order.
+    upstreams: Vec<String>,
 
     requests: IntCounterVec,
     request_duration: HistogramVec,
@@ -78,8 +89,8 @@ pub struct Metrics {
     cache_hit_ratio: HistogramVec,
     body_budget_used: IntGauge,
     rate_limited: IntCounterVec,
-    queue_depth: IntGauge,
-    upstream_in_flight: IntGauge,
+    queue_depth: IntGaugeVec,
+    upstream_in_flight: IntGaugeVec,
     queue_wait: Histogram,
 }
 
@@ -115,7 +126,7 @@ impl Metrics {
     pub fn new<'a>(
         models: impl IntoIterator<Item = &'a str>,
         keys: impl IntoIterator<Item = &'a str>,
-        upstream: &str,
+        upstreams: impl IntoIterator<Item = &'a str>,
     ) -> Metrics {
         // Names carry the `llm_edge_` prefix themselves: a registry-wide prefix
         // would also rename the standard process_* metrics.
@@ -182,7 +193,7 @@ impl Metrics {
         let metrics = Metrics {
             known_models: models.into_iter().map(str::to_string).collect(),
             known_keys: keys.into_iter().map(str::to_string).collect(),
-            upstream_label: upstream.to_string(),
+            upstreams: upstreams.into_iter().map(str::to_string).collect(),
             requests: counter(r, "llm_edge_requests_total", "Requests answered, by route, model, key id and status code", &["route", "model", "key", "code"]),
             request_duration: histogram(r, "llm_edge_request_duration_seconds", "Time from request to the last response byte", &["route", "model"], DURATION_BUCKETS),
             ttft: histogram(r, "llm_edge_time_to_first_token_seconds", "Time from request to the first generated token of a stream", &["model"], TTFT_BUCKETS),
@@ -202,12 +213,12 @@ impl Metrics {
             body_budget_used,
             rate_limited: counter(r, "llm_edge_rate_limited_total", "Requests refused by a limit, by key id and reason (key_rate, key_concurrency, global_concurrency, queue_full, queue_timeout)", &["key", "reason"]),
             queue_depth: {
-                let g = IntGauge::new("llm_edge_queue_depth", "Requests waiting for an upstream slot (upstream.max_in_flight)").expect("gauge");
+                let g = IntGaugeVec::new(Opts::new("llm_edge_queue_depth", "Requests waiting for a slot of an upstream (max_in_flight)"), &["upstream"]).expect("gauge");
                 registry.register(Box::new(g.clone())).expect("register gauge");
                 g
             },
             upstream_in_flight: {
-                let g = IntGauge::new("llm_edge_upstream_in_flight", "Requests holding an upstream slot").expect("gauge");
+                let g = IntGaugeVec::new(Opts::new("llm_edge_upstream_in_flight", "Requests at an upstream now (holding one of its slots, when it has a limit)"), &["upstream"]).expect("gauge");
                 registry.register(Box::new(g.clone())).expect("register gauge");
                 g
             },
@@ -218,7 +229,16 @@ impl Metrics {
             },
             registry,
         };
-        metrics.upstream_up.with_label_values(&[upstream]).set(0);
+        // Every series of a known upstream exists from the start, at 0, so
+        // rate() and alerts see the first failure after a restart.
+        for name in &metrics.upstreams {
+            metrics.upstream_up.with_label_values(&[name]).set(0);
+            metrics.queue_depth.with_label_values(&[name]).set(0);
+            metrics.upstream_in_flight.with_label_values(&[name]).set(0);
+            for kind in UPSTREAM_ERROR_KINDS {
+                metrics.upstream_errors.with_label_values(&[name, kind]);
+            }
+        }
         metrics
     }
 
@@ -307,15 +327,16 @@ impl Metrics {
         self.client_disconnects.with_label_values(&[phase]).inc();
     }
 
-    pub fn upstream_error(&self, kind: &str) {
+    /// `upstream` must be a configured server's name (bounded labels).
+    pub fn upstream_error(&self, upstream: &str, kind: &str) {
         self.upstream_errors
-            .with_label_values(&[&self.upstream_label, kind])
+            .with_label_values(&[upstream, kind])
             .inc();
     }
 
-    pub fn set_upstream_up(&self, up: bool) {
+    pub fn set_upstream_up(&self, upstream: &str, up: bool) {
         self.upstream_up
-            .with_label_values(&[&self.upstream_label])
+            .with_label_values(&[upstream])
             .set(i64::from(up));
     }
 
@@ -333,9 +354,13 @@ impl Metrics {
         self.queue_wait.observe(waited.as_secs_f64());
     }
 
-    pub fn set_slots(&self, queued: usize, in_flight: usize) {
-        self.queue_depth.set(queued as i64);
-        self.upstream_in_flight.set(in_flight as i64);
+    pub fn set_slots(&self, upstream: &str, queued: usize, in_flight: usize) {
+        self.queue_depth
+            .with_label_values(&[upstream])
+            .set(queued as i64);
+        self.upstream_in_flight
+            .with_label_values(&[upstream])
+            .set(in_flight as i64);
     }
 
     pub fn set_buffered_bytes(&self, bytes: usize) {
@@ -429,7 +454,7 @@ mod tests {
     use crate::sse::SseScanner;
 
     fn metrics() -> Metrics {
-        Metrics::new(["qwen"], ["alice"], "127.0.0.1:8080")
+        Metrics::new(["qwen"], ["alice"], ["127.0.0.1:8080"])
     }
 
     fn text(m: &Metrics) -> String {

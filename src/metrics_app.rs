@@ -2,8 +2,9 @@
 //!
 //! Pingora's ready-made Prometheus service answers every path without
 //! authentication; this one serves only the configured path and checks an
-//! optional bearer token. Each scrape also probes llama-server's `/health`,
-//! so `llm_edge_upstream_up` is fresh even when no traffic flows.
+//! optional bearer token. Each scrape also probes llama-server's `/health`
+//! (with several servers the health checker keeps that state instead), so
+//! `llm_edge_upstream_up` is fresh even when no traffic flows.
 
 use std::sync::Arc;
 
@@ -45,10 +46,21 @@ pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16,
         );
         return (401, err.body(None).to_vec());
     }
-    metrics.set_upstream_up(state.upstream.health().await == HealthReport::Healthy);
+    let set = &state.upstream;
+    if set.is_single() {
+        let member = &set.members()[0];
+        let healthy = member.client.health().await == HealthReport::Healthy;
+        metrics.set_upstream_up(&member.server().name, healthy);
+    }
     metrics.set_buffered_bytes(state.budget.used());
-    if let Some(slots) = &state.slots {
-        metrics.set_slots(slots.queued(), slots.in_flight());
+    for member in set.members() {
+        let (in_flight, queued) = member.slot_use();
+        let in_flight = if member.server().max_in_flight > 0 {
+            in_flight
+        } else {
+            member.assigned()
+        };
+        metrics.set_slots(&member.server().name, queued, in_flight);
     }
     (200, metrics.render())
 }

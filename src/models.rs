@@ -15,6 +15,8 @@ pub struct ModelRoute {
     pub aliases: Vec<String>,
     pub upstream_name: String,
     pub owned_by: String,
+    /// Indices into `upstream.servers` that serve it; empty: all of them.
+    pub upstreams: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +112,7 @@ mod tests {
             aliases: aliases.iter().map(|s| s.to_string()).collect(),
             upstream_name: upstream.into(),
             owned_by: "llm-edge".into(),
+            upstreams: Vec::new(),
         }
     }
 

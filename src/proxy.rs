@@ -17,7 +17,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
 
-use crate::admission::{Denied, SlotPermit, SlotQueue};
 use crate::auth::ApiKey;
 use crate::body;
 use crate::budget::Reservation;
@@ -35,6 +34,16 @@ use crate::routes::{self, Route};
 use crate::state::GatewayState;
 use crate::upstream::HealthReport;
 
+/// A server's state in `/health/upstream`, and what it said.
+fn health_words(report: &HealthReport) -> (&'static str, Option<&str>) {
+    match report {
+        HealthReport::Healthy => ("ok", None),
+        HealthReport::Loading(d) => ("loading", Some(d)),
+        HealthReport::Unhealthy(d) => ("unhealthy", Some(d)),
+        HealthReport::Unreachable(d) => ("unreachable", Some(d)),
+    }
+}
+
 /// How long, after answering 413, we keep reading (and discarding) what the
 /// client still sends, so it reads our answer instead of a connection reset.
 const LINGER_AFTER_REJECT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -42,8 +51,8 @@ const LINGER_MAX_BYTES: usize = 64 << 20;
 
 pub struct GatewayProxy {
     state: Arc<GatewayState>,
-    /// Peer for Pingora's own proxy loop (other `/v1/*` paths).
-    passthrough_peer: HttpPeer,
+    /// Peers for Pingora's own proxy loop (other `/v1/*` paths), one per server.
+    passthrough_peers: Vec<HttpPeer>,
 }
 
 enum Next {
@@ -53,17 +62,21 @@ enum Next {
 
 impl GatewayProxy {
     pub fn new(state: Arc<GatewayState>) -> GatewayProxy {
-        let cfg = &state.cfg;
-        let mut passthrough_peer = state.upstream.peer().clone();
-        passthrough_peer.options.idle_timeout = Some(cfg.upstream.pool_idle_timeout);
-        passthrough_peer.options.read_timeout = Some(
-            cfg.upstream
-                .first_byte_timeout
-                .max(cfg.upstream.idle_timeout),
-        );
+        let cfg = &state.cfg.upstream;
+        let passthrough_peers = state
+            .upstream
+            .members()
+            .iter()
+            .map(|m| {
+                let mut peer = m.client.peer().clone();
+                peer.options.idle_timeout = Some(cfg.pool_idle_timeout);
+                peer.options.read_timeout = Some(cfg.first_byte_timeout.max(cfg.idle_timeout));
+                peer
+            })
+            .collect();
         GatewayProxy {
             state,
-            passthrough_peer,
+            passthrough_peers,
         }
     }
 
@@ -96,7 +109,8 @@ impl GatewayProxy {
             && req.uri.path() == self.state.cfg.metrics.path
         {
             let authorization = session.get_header("authorization").map(|v| v.as_bytes());
-            let (status, body) = metrics_app::scrape(&self.state, authorization).await;
+            // Boxed: a rare route's large future would grow every request's.
+            let (status, body) = Box::pin(metrics_app::scrape(&self.state, authorization)).await;
             let resp = metrics_app::response_header(status, body.len())?;
             write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await?;
             return Ok(Next::Responded);
@@ -110,7 +124,7 @@ impl GatewayProxy {
                 return Ok(Next::Responded);
             }
             Route::HealthUpstream => {
-                self.upstream_health(session, ctx).await?;
+                Box::pin(self.upstream_health(session, ctx)).await?;
                 return Ok(Next::Responded);
             }
             _ => {}
@@ -196,64 +210,17 @@ impl GatewayProxy {
             max_tokens,
         };
         let body = body::rewrite(body, &info, &rewrite);
-        if let Some(slots) = &self.state.slots {
-            ctx.slot = Some(self.wait_for_slot(session, ctx, slots, &key.id).await?);
-        }
-        let req = headers::upstream_request(
-            session.req_header(),
-            body.len(),
-            &self.state.cfg.upstream,
-            ctx.request_id.as_deref(),
-        )?;
+        let req =
+            headers::upstream_request(session.req_header(), body.len(), ctx.request_id.as_deref())?;
         let relay = Relay {
             upstream: &self.state.upstream,
             metrics: &self.state.metrics,
             cors: &self.state.cfg.cors,
+            allowed: &route.upstreams,
+            model: &route.name,
+            key: &key.id,
         };
         relay.forward(session, ctx, req, body, reservation).await
-    }
-
-    /// Queues for one of the upstream's slots, watching the client meanwhile.
-    async fn wait_for_slot(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        slots: &Arc<SlotQueue>,
-        key_id: &str,
-    ) -> Result<SlotPermit, GatewayError> {
-        let cfg = &self.state.cfg.upstream;
-        let started = std::time::Instant::now();
-        let acquired = tokio::select! {
-            acquired = slots.acquire(key_id, cfg.queue_timeout) => acquired,
-            _ = session.as_downstream_mut().read_body_or_idle(true) => {
-                return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
-            }
-        };
-        self.state.metrics.queue_waited(started.elapsed());
-        acquired.map_err(|denied| {
-            let (reason, message) = match denied {
-                Denied::QueueFull => (
-                    "queue_full",
-                    format!(
-                        "all {} slots of llama-server are busy and {} requests are already waiting (upstream.max_queued); retry shortly",
-                        cfg.max_in_flight, cfg.max_queued
-                    ),
-                ),
-                Denied::Timeout => (
-                    "queue_timeout",
-                    format!(
-                        "all {} slots of llama-server stayed busy for {} (upstream.queue_timeout); retry shortly",
-                        cfg.max_in_flight,
-                        humantime::format_duration(cfg.queue_timeout)
-                    ),
-                ),
-            };
-            ctx.limited = Some(reason);
-            GatewayError::from(ApiError::UpstreamBusy {
-                message,
-                retry_after: 2,
-            })
-        })
     }
 
     /// Reads the whole request body, within the per-request limit and the
@@ -319,23 +286,72 @@ impl GatewayProxy {
         Ok((buf.freeze(), reservation))
     }
 
+    /// Probes every server now. 200 while at least one is up (`degraded`
+    /// when some are not), else 503 with each server's state.
     async fn upstream_health(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
-        let authority = &self.state.cfg.upstream.authority;
-        let (state, message) = match self.state.upstream.health().await {
-            HealthReport::Healthy => {
-                let body = json!({"status": "ok", "upstream": authority}).to_string();
-                return self.respond_json(session, ctx, 200, body).await;
-            }
-            HealthReport::Loading(detail) => (
+        let set = &self.state.upstream;
+        let reports = set.check_all(&self.state.metrics).await;
+        let servers: Vec<serde_json::Value> = set
+            .members()
+            .iter()
+            .zip(&reports)
+            .map(|(m, report)| {
+                let (status, detail) = health_words(report);
+                let mut v = json!({
+                    "name": m.server().name,
+                    "upstream": m.server().authority,
+                    "status": status,
+                });
+                if let Some(detail) = detail {
+                    v["message"] = json!(detail);
+                }
+                v
+            })
+            .collect();
+        let up = reports
+            .iter()
+            .filter(|r| **r == HealthReport::Healthy)
+            .count();
+        let authority = match set.members() {
+            [single] => single.server().authority.clone(),
+            _ => set
+                .members()
+                .iter()
+                .map(|m| m.server().authority.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        if up > 0 {
+            let status = if up == reports.len() {
+                "ok"
+            } else {
+                "degraded"
+            };
+            let body = json!({"status": status, "upstream": authority, "upstreams": servers});
+            return self.respond_json(session, ctx, 200, body.to_string()).await;
+        }
+        let (state, message) = match reports.as_slice() {
+            [HealthReport::Loading(detail)] => (
                 "loading",
                 format!("llama-server at {authority} is still loading its model: {detail}"),
             ),
-            HealthReport::Unhealthy(detail) => ("unhealthy", detail),
-            HealthReport::Unreachable(detail) => ("unreachable", detail),
+            [HealthReport::Unhealthy(detail)] => ("unhealthy", detail.clone()),
+            [HealthReport::Unreachable(detail)] => ("unreachable", detail.clone()),
+            all => {
+                let loading = all.iter().all(|r| matches!(r, HealthReport::Loading(_)));
+                (
+                    if loading { "loading" } else { "unreachable" },
+                    format!(
+                        "none of the {} upstream servers is up: {}",
+                        all.len(),
+                        set.describe(&[])
+                    ),
+                )
+            }
         };
         let error = ApiError::UpstreamUnavailable(message);
         ctx.error_code = Some(error.code());
@@ -343,6 +359,7 @@ impl GatewayProxy {
             serde_json::from_slice(&error.body(ctx.request_id.as_deref())).unwrap_or_default();
         body["status"] = json!(state);
         body["upstream"] = json!(authority);
+        body["upstreams"] = json!(servers);
         self.respond_json(session, ctx, 503, body.to_string()).await
     }
 
@@ -399,6 +416,16 @@ impl GatewayProxy {
         Ok(())
     }
 
+    /// The name of the server the request went to (or the first one).
+    fn upstream_name(&self, ctx: &RequestCtx) -> &str {
+        self.upstream_server(ctx).name.as_str()
+    }
+
+    fn upstream_server(&self, ctx: &RequestCtx) -> &crate::config::UpstreamServer {
+        let members = self.state.upstream.members();
+        members[ctx.upstream.unwrap_or(0).min(members.len() - 1)].server()
+    }
+
     /// Per-request totals, recorded once when the request ends.
     fn record_metrics(&self, ctx: &mut RequestCtx, status: u16) {
         let stats = ctx.accounting.finish();
@@ -419,10 +446,11 @@ impl GatewayProxy {
         if let Some(reason) = ctx.limited {
             m.rate_limited(ctx.key_id.as_deref(), reason);
         }
+        let upstream = self.upstream_name(ctx);
         if let Some(kind) = ctx.upstream_error {
-            m.upstream_error(kind);
+            m.upstream_error(upstream, kind);
         } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
-            m.upstream_error("5xx");
+            m.upstream_error(upstream, "5xx");
         }
         if let Some(code @ ("missing_api_key" | "invalid_api_key" | "model_not_allowed")) =
             ctx.error_code
@@ -551,9 +579,48 @@ impl ProxyHttp for GatewayProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.passthrough_peer.clone()))
+        let set = &self.state.upstream;
+        let Some(index) = set.choose(&[], &ctx.tried) else {
+            // Every server is down (or failed to connect for this request).
+            let last = ctx.tried.last().copied().unwrap_or(0);
+            ctx.upstream = Some(last);
+            return Error::e_explain(
+                ErrorType::ConnectRefused,
+                format!("no upstream server is up: {}", set.describe(&[])),
+            );
+        };
+        ctx.upstream = Some(index);
+        ctx.lease = Some(set.assign(index));
+        Ok(Box::new(self.passthrough_peers[index].clone()))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent: another server may take it (upstream_peer skips
+        // the ones tried). A lone server's error goes to the client as it is.
+        if let Some(index) = ctx.upstream {
+            let set = &self.state.upstream;
+            let name = &set.members()[index].server().name;
+            self.state.metrics.set_upstream_up(name, false);
+            set.mark(
+                index,
+                crate::balance::Health::Down,
+                &e.etype().as_str().to_lowercase(),
+            );
+            ctx.tried.push(index);
+            if set.choose(&[], &ctx.tried).is_some() {
+                self.state.metrics.upstream_error(name, "refused");
+                e.set_retry(true);
+            }
+        }
+        e
     }
 
     async fn upstream_request_filter(
@@ -564,7 +631,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         headers::rewrite_passthrough_request(
             upstream_request,
-            &self.state.cfg.upstream,
+            self.upstream_server(ctx),
             ctx.request_id.as_deref(),
         )
     }
@@ -652,25 +719,38 @@ impl ProxyHttp for GatewayProxy {
                 | ErrorType::ConnectRefused
                 | ErrorType::ConnectError
                 | ErrorType::ConnectNoRoute,
+            ) if !self.state.upstream.is_single() => {
+                ctx.upstream_error = Some("refused");
+                ApiError::UpstreamUnavailable(format!(
+                    "no upstream server could take the request: {}; check their SSH tunnels and llama-server processes",
+                    self.state.upstream.describe(&[])
+                ))
+            }
+            (
+                _,
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::ConnectNoRoute,
             ) => {
                 ctx.upstream_error = Some("refused");
                 ApiError::UpstreamUnreachable(format!(
                     "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
-                    self.state.cfg.upstream.authority
+                    self.upstream_server(ctx).authority
                 ))
             }
             (_, ErrorType::ReadTimedout) => {
                 ctx.upstream_error = Some("timeout");
                 ApiError::UpstreamTimeout(format!(
                     "the upstream at {} did not answer in time",
-                    self.state.cfg.upstream.authority
+                    self.upstream_server(ctx).authority
                 ))
             }
             (ErrorSource::Upstream, _) => {
                 ctx.upstream_error = Some("reset");
                 ApiError::UpstreamBroken(format!(
                     "the upstream at {} failed ({}): check the SSH tunnel and llama-server",
-                    self.state.cfg.upstream.authority,
+                    self.upstream_server(ctx).authority,
                     e.etype().as_str().to_lowercase()
                 ))
             }
@@ -692,22 +772,27 @@ impl ProxyHttp for GatewayProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // The request is over: give its upstream slot and limit counts back now.
-        ctx.slot = None;
+        ctx.lease = None;
         ctx.limit_guard = None;
         ctx.ip_slot = None;
         let status = ctx
             .status
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))
             .unwrap_or(if e.is_some() { 500 } else { 0 });
-        let req = session.req_header();
-        let line = ctx.access_log_line(
-            &ctx.client_ip
-                .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-            req.method.as_str(),
-            req.uri.path(),
-            status,
-        );
-        log::info!(target: "llm_edge::access", "{line}");
+        // Built only when it will be written (the line costs ~6 allocations).
+        if log::log_enabled!(target: "llm_edge::access", log::Level::Info) {
+            let req = session.req_header();
+            let upstream = ctx.upstream.map(|_| self.upstream_name(ctx));
+            let line = ctx.access_log_line(
+                &ctx.client_ip
+                    .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+                req.method.as_str(),
+                req.uri.path(),
+                status,
+                upstream,
+            );
+            log::info!(target: "llm_edge::access", "{line}");
+        }
         self.record_metrics(ctx, status);
     }
 }

@@ -13,6 +13,7 @@
 //! that accepts nothing for `upstream.idle_timeout` is treated as gone, so it
 //! cannot hold a llama-server slot forever.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +22,8 @@ use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
+use crate::admission::Denied;
+use crate::balance::{Health, Lease, UpstreamSet};
 use crate::budget::Reservation;
 use crate::cors::CorsPolicy;
 use crate::ctx::{DisconnectPhase, RequestCtx};
@@ -29,7 +32,7 @@ use crate::gateway_error::GatewayError;
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::sse::Accounting;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{Exchange, UpstreamFailure};
 
 /// Why a write to the client did not complete.
 enum WriteFailed {
@@ -105,9 +108,143 @@ fn total_timeout_error(limit: Duration) -> ApiError {
 
 /// What a relay needs besides the request itself.
 pub struct Relay<'a> {
-    pub upstream: &'a UpstreamClient,
+    pub upstream: &'a Arc<UpstreamSet>,
     pub metrics: &'a Metrics,
     pub cors: &'a CorsPolicy,
+    /// The servers that serve the model (empty: all).
+    pub allowed: &'a [usize],
+    /// The public model name, for messages.
+    pub model: &'a str,
+    /// The key id, for fair queueing.
+    pub key: &'a str,
+}
+
+/// Why no server took the request.
+struct NotOpened {
+    upstream: Option<usize>,
+    upstream_error: Option<&'static str>,
+    limited: Option<&'static str>,
+    error: ApiError,
+}
+
+/// Picks a server, waits for one of its slots, sends the request; when the
+/// connect fails, marks that server down and tries the next one.
+async fn open(
+    relay: &Relay<'_>,
+    req: &RequestHeader,
+    body: &Bytes,
+) -> Result<(Lease, Exchange), NotOpened> {
+    let (set, metrics) = (relay.upstream, relay.metrics);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut failed: Option<(usize, UpstreamFailure)> = None;
+    loop {
+        let Some(index) = set.choose(relay.allowed, &tried) else {
+            return Err(no_server_left(relay, failed));
+        };
+        if let Some((previous, failure)) = failed.take() {
+            // Another server takes over: count the failure now.
+            metrics.upstream_error(&set.members()[previous].server().name, failure.kind());
+        }
+        let server = set.members()[index].server();
+        let waited = std::time::Instant::now();
+        let lease = set.lease(index, relay.key).await;
+        if server.max_in_flight > 0 {
+            metrics.queue_waited(waited.elapsed());
+        }
+        let lease = lease.map_err(|denied| busy(set, index, denied))?;
+        match lease.member().client.send(req, body).await {
+            Ok(exchange) => {
+                set.mark(index, Health::Up, "");
+                metrics.set_upstream_up(&server.name, true);
+                return Ok((lease, exchange));
+            }
+            Err(failure) => {
+                metrics.set_upstream_up(&server.name, false);
+                if matches!(
+                    failure,
+                    UpstreamFailure::Connect(_) | UpstreamFailure::NoResponse(_)
+                ) {
+                    let reason = failure.short_reason();
+                    set.mark(index, Health::Down, &reason);
+                }
+                if !failure.nothing_sent() {
+                    return Err(NotOpened {
+                        upstream: Some(index),
+                        upstream_error: Some(failure.kind()),
+                        limited: None,
+                        error: failure.into_api_error(&server.authority),
+                    });
+                }
+                tried.push(index);
+                failed = Some((index, failure));
+            }
+        }
+    }
+}
+
+/// No server (left) to try: a lone server's own error, or 503 naming each
+/// server's state.
+fn no_server_left(relay: &Relay<'_>, failed: Option<(usize, UpstreamFailure)>) -> NotOpened {
+    let set = relay.upstream;
+    let candidates = if relay.allowed.is_empty() {
+        set.members().len()
+    } else {
+        relay.allowed.len()
+    };
+    match failed {
+        Some((index, failure)) if candidates == 1 => NotOpened {
+            upstream: Some(index),
+            upstream_error: Some(failure.kind()),
+            limited: None,
+            error: failure.into_api_error(&set.members()[index].server().authority),
+        },
+        failed => NotOpened {
+            upstream: failed.as_ref().map(|(i, _)| *i),
+            upstream_error: failed.as_ref().map(|(_, f)| f.kind()),
+            limited: None,
+            error: ApiError::UpstreamUnavailable(format!(
+                "all {candidates} upstream servers for model '{}' are down or loading: {}; check their SSH tunnels and llama-server processes",
+                relay.model,
+                set.describe(relay.allowed)
+            )),
+        },
+    }
+}
+
+fn busy(set: &UpstreamSet, index: usize, denied: Denied) -> NotOpened {
+    let server = set.members()[index].server();
+    let cfg = set.config();
+    let which = if set.is_single() {
+        String::new()
+    } else {
+        format!(" {}", server.name)
+    };
+    let (reason, message) = match denied {
+        Denied::QueueFull => (
+            "queue_full",
+            format!(
+                "all {} slots of llama-server{which} are busy and {} requests are already waiting (upstream.max_queued); retry shortly",
+                server.max_in_flight, cfg.max_queued
+            ),
+        ),
+        Denied::Timeout => (
+            "queue_timeout",
+            format!(
+                "all {} slots of llama-server{which} stayed busy for {} (upstream.queue_timeout); retry shortly",
+                server.max_in_flight,
+                humantime::format_duration(cfg.queue_timeout)
+            ),
+        ),
+    };
+    NotOpened {
+        upstream: Some(index),
+        upstream_error: None,
+        limited: Some(reason),
+        error: ApiError::UpstreamBusy {
+            message,
+            retry_after: 2,
+        },
+    }
 }
 
 impl Relay<'_> {
@@ -131,12 +268,12 @@ async fn forward(
     body: Bytes,
     reservation: Reservation,
 ) -> Result<(), GatewayError> {
-    let (upstream, metrics) = (relay.upstream, relay.metrics);
-    let cfg = upstream.config();
+    let metrics = relay.metrics;
+    let cfg = relay.upstream.config();
     let deadline = cfg.total_timeout.map(|t| Instant::from_std(ctx.start) + t);
 
-    let sent = tokio::select! {
-        sent = upstream.send(&req, &body) => sent,
+    let opened = tokio::select! {
+        opened = open(relay, &req, &body) => opened,
         _ = session.as_downstream_mut().read_body_or_idle(true) => {
             return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
         }
@@ -146,12 +283,16 @@ async fn forward(
     };
     drop(body);
     drop(reservation);
-    let mut exchange = sent.map_err(|failure| {
-        ctx.upstream_error = Some(failure.kind());
-        metrics.set_upstream_up(false);
-        GatewayError::from(failure.into_api_error(&cfg.authority))
+    // Held until the response is over: the server's slot and its in-flight count.
+    let (lease, mut exchange) = opened.map_err(|not| {
+        ctx.upstream = not.upstream;
+        ctx.upstream_error = not.upstream_error;
+        ctx.limited = not.limited;
+        GatewayError::from(not.error)
     })?;
-    metrics.set_upstream_up(true);
+    ctx.upstream = Some(lease.index());
+    let member = lease.member();
+    let authority = member.server().authority.as_str();
 
     let upstream_resp = exchange
         .http
@@ -232,13 +373,13 @@ async fn forward(
                     ctx.upstream_error = Some("reset");
                     let err = ApiError::UpstreamBroken(format!(
                         "the upstream at {} ended the stream before its end-of-stream event: the SSH tunnel or llama-server went away; the reply is incomplete",
-                        cfg.authority
+                        authority
                     ));
                     return end_broken_response(session, ctx, is_sse, err, stall).await;
                 }
                 return match write_body(session, None, true, stall, deadline).await {
                     Ok(()) => {
-                        upstream.release(exchange).await;
+                        member.client.release(exchange).await;
                         Ok(())
                     }
                     Err(WriteFailed::ClientGone) => {
@@ -264,14 +405,14 @@ async fn forward(
                     ctx.upstream_error = Some("invalid_response");
                     ApiError::UpstreamBroken(format!(
                         "the upstream at {} sent a malformed response body ({}); the reply is incomplete",
-                        cfg.authority,
+                        authority,
                         e.etype().as_str().to_lowercase()
                     ))
                 } else {
                     ctx.upstream_error = Some("reset");
                     ApiError::UpstreamBroken(format!(
                         "the connection to the upstream at {} broke during the response ({}): the SSH tunnel or llama-server went away; the reply is incomplete",
-                        cfg.authority,
+                        authority,
                         e.etype().as_str().to_lowercase()
                     ))
                 };
@@ -281,7 +422,7 @@ async fn forward(
                 ctx.upstream_error = Some("timeout");
                 let err = ApiError::UpstreamTimeout(format!(
                     "the upstream at {} sent nothing for {} during the response (upstream.idle_timeout); the reply is incomplete",
-                    cfg.authority,
+                    authority,
                     humantime::format_duration(cfg.idle_timeout)
                 ));
                 return end_broken_response(session, ctx, is_sse, err, stall).await;

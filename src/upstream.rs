@@ -22,8 +22,9 @@ use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
 
-use crate::config;
+use crate::config::{self, UpstreamServer};
 use crate::errors::ApiError;
+use crate::headers;
 
 /// Why the upstream did not produce a response header.
 #[derive(Debug)]
@@ -40,6 +41,16 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// Nothing reached the server: another one can take the request. Only a
+    /// failed connect qualifies; once a request was sent it may be running
+    /// (as nginx, a POST is not sent twice), and a request that crashes
+    /// llama-server must not crash every replica in turn.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(self, UpstreamFailure::Connect(_))
+    }
+}
+
+impl UpstreamFailure {
     pub fn kind(&self) -> &'static str {
         match self {
             UpstreamFailure::Connect(e) if matches!(e.etype(), ErrorType::ConnectTimedout) => {
@@ -49,6 +60,16 @@ impl UpstreamFailure {
             UpstreamFailure::NoResponse(_) => "reset",
             UpstreamFailure::FirstByteTimeout(_) => "timeout",
             UpstreamFailure::Invalid(_) => "invalid_response",
+        }
+    }
+
+    /// A few words for the list of servers' states.
+    pub fn short_reason(&self) -> String {
+        match self {
+            UpstreamFailure::Connect(e) => describe(e),
+            UpstreamFailure::NoResponse(e) => format!("closed without answering ({})", describe(e)),
+            UpstreamFailure::FirstByteTimeout(_) => "no response in time".into(),
+            UpstreamFailure::Invalid(e) => format!("invalid HTTP ({})", describe(e)),
         }
     }
 
@@ -89,40 +110,52 @@ pub struct Exchange {
     pub http: HttpSession,
 }
 
+/// The connection pool and timeouts for one llama-server.
 pub struct UpstreamClient {
     transport: TransportConnector,
     peer: HttpPeer,
-    cfg: config::Upstream,
+    server: UpstreamServer,
+    first_byte_timeout: Duration,
+    pool_idle_timeout: Duration,
+    health_timeout: Duration,
 }
 
 impl UpstreamClient {
-    pub fn new(cfg: config::Upstream) -> UpstreamClient {
-        let mut peer = HttpPeer::new(cfg.addr, false, String::new());
+    pub fn new(server: UpstreamServer, cfg: &config::Upstream) -> UpstreamClient {
+        let mut peer = HttpPeer::new(server.addr, false, String::new());
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         peer.options.total_connection_timeout = Some(cfg.connect_timeout);
         let transport = TransportConnector::new(Some(ConnectorOptions::new(256)));
         UpstreamClient {
             transport,
             peer,
-            cfg,
+            server,
+            first_byte_timeout: cfg.first_byte_timeout,
+            pool_idle_timeout: cfg.pool_idle_timeout,
+            health_timeout: cfg.health_timeout,
         }
     }
 
-    pub fn config(&self) -> &config::Upstream {
-        &self.cfg
+    pub fn server(&self) -> &UpstreamServer {
+        &self.server
     }
 
     pub fn peer(&self) -> &HttpPeer {
         &self.peer
     }
 
-    /// Sends the request and waits for the response header (cancel-safe:
-    /// dropping the future drops the connection, which stops llama-server).
+    /// Sends the request (addressed to this server) and waits for the
+    /// response header (cancel-safe: dropping the future drops the
+    /// connection, which stops llama-server).
     pub async fn send(
         &self,
         req: &RequestHeader,
         body: &Bytes,
     ) -> Result<Exchange, UpstreamFailure> {
+        let mut req = req.clone();
+        headers::address_to(&mut req, &self.server)
+            .map_err(|e| UpstreamFailure::Invalid(Box::new(*e)))?;
+        let req = &req;
         if let Some(stream) = self.transport.reused_stream(&self.peer).await {
             let http = HttpSession::new_with_options(stream, &self.peer);
             match self.exchange(http, req, body).await {
@@ -136,9 +169,9 @@ impl UpstreamClient {
                 Err(other) => return Err(other),
             }
         }
-        let stream = self
-            .transport
-            .new_stream(&self.peer)
+        // Boxed: the connect future is large and only needed when the pool
+        // has no connection (it would otherwise grow every request's future).
+        let stream = Box::pin(self.transport.new_stream(&self.peer))
             .await
             .map_err(UpstreamFailure::Connect)?;
         let http = HttpSession::new_with_options(stream, &self.peer);
@@ -154,7 +187,7 @@ impl UpstreamClient {
         // One deadline for sending the request and receiving the response
         // header: an upstream that accepts but never reads (a stuck tunnel)
         // must not hold a large body's write forever.
-        let limit = self.cfg.first_byte_timeout;
+        let limit = self.first_byte_timeout;
         let exchange = async {
             let write = async {
                 http.write_request_header(Box::new(req.clone())).await?;
@@ -184,18 +217,27 @@ impl UpstreamClient {
             self.transport.release_stream(
                 stream,
                 self.peer.reuse_hash(),
-                Some(self.cfg.pool_idle_timeout),
+                Some(self.pool_idle_timeout),
             );
         }
     }
 
     /// Probes llama-server's own `GET /health` (public even with `--api-key`).
     pub async fn health(&self) -> HealthReport {
+        self.probe().await.0
+    }
+
+    /// [`UpstreamClient::health`], with a few words on why it is not healthy
+    /// (for the list of servers' states).
+    pub async fn probe(&self) -> (HealthReport, String) {
         let mut req = match RequestHeader::build("GET", b"/health", None) {
             Ok(req) => req,
-            Err(e) => return HealthReport::Unreachable(format!("cannot build request: {e}")),
+            Err(e) => {
+                let why = format!("cannot build request: {e}");
+                return (HealthReport::Unreachable(why.clone()), why);
+            }
         };
-        let _ = req.insert_header("Host", self.cfg.authority.as_str());
+        let _ = headers::address_to(&mut req, &self.server);
         let probe = async {
             let stream = self
                 .transport
@@ -214,21 +256,34 @@ impl UpstreamClient {
             }
             Ok::<_, UpstreamFailure>((status, body))
         };
-        match tokio::time::timeout(self.cfg.health_timeout, probe).await {
-            Err(_) => HealthReport::Unreachable(format!(
-                "no answer from {} within {}",
-                self.cfg.authority,
-                humantime::format_duration(self.cfg.health_timeout)
-            )),
+        let limit = humantime::format_duration(self.health_timeout);
+        match tokio::time::timeout(self.health_timeout, probe).await {
+            Err(_) => (
+                HealthReport::Unreachable(format!(
+                    "no answer from {} within {limit}",
+                    self.server.authority,
+                )),
+                format!("no answer within {limit}"),
+            ),
             Ok(Err(failure)) => {
-                HealthReport::Unreachable(failure.into_api_error(&self.cfg.authority).to_string())
+                let why = failure.short_reason();
+                let report = HealthReport::Unreachable(
+                    failure.into_api_error(&self.server.authority).to_string(),
+                );
+                (report, why)
             }
-            Ok(Ok((200, _))) => HealthReport::Healthy,
-            Ok(Ok((503, body))) => HealthReport::Loading(error_message(&body)),
-            Ok(Ok((status, body))) => HealthReport::Unhealthy(format!(
-                "llama-server /health answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            )),
+            Ok(Ok((200, _))) => (HealthReport::Healthy, String::new()),
+            Ok(Ok((503, body))) => {
+                let message = error_message(&body);
+                (HealthReport::Loading(message.clone()), message)
+            }
+            Ok(Ok((status, body))) => (
+                HealthReport::Unhealthy(format!(
+                    "llama-server /health answered {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                )),
+                format!("/health answered {status}"),
+            ),
         }
     }
 }

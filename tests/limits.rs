@@ -215,7 +215,7 @@ async fn slot_admission_never_exceeds_the_limit_and_serves_in_order() {
         let s = gw.scrape().await;
         let depth: f64 = s
             .lines()
-            .find(|l| l.starts_with("llm_edge_queue_depth "))
+            .find(|l| l.starts_with("llm_edge_queue_depth{"))
             .and_then(|l| l.split(' ').nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);

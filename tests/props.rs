@@ -513,7 +513,7 @@ fn section(keys: &'static [&'static str], value: BoxedStrategy<Value>) -> BoxedS
 
 fn model_entry() -> BoxedStrategy<Value> {
     section(
-        &["name", "aliases", "upstream_name", "owned_by"],
+        &["name", "aliases", "upstream_name", "owned_by", "upstreams"],
         yaml_value(),
     )
 }
@@ -546,8 +546,18 @@ fn file_config() -> impl Strategy<Value = Value> {
             "max_in_flight",
             "queue_timeout",
             "max_queued",
+            "health_interval",
+            "servers",
         ],
-        yaml_scalar(),
+        prop_oneof![
+            6 => yaml_scalar(),
+            1 => vec(
+                section(&["name", "url", "api_key", "max_in_flight"], yaml_scalar()),
+                0..3
+            )
+            .prop_map(Value::Array),
+        ]
+        .boxed(),
     );
     let limits = section(
         &[

@@ -485,8 +485,14 @@ pub fn check_config(text: &str) {
         }
     };
     let mut file = config::apply_env(file, &env);
-    if needs_dns(&file.upstream.url) {
-        file.upstream.url = "http://127.0.0.1:8080".into();
+    // No DNS lookups of generated names (slow, and not what is fuzzed).
+    if file.upstream.url.as_deref().is_some_and(needs_dns) {
+        file.upstream.url = Some("http://127.0.0.1:8080".into());
+    }
+    for server in &mut file.upstream.servers {
+        if needs_dns(&server.url) {
+            server.url = "http://127.0.0.1:8080".into();
+        }
     }
     // Validation reads tls.cert and tls.key: keep generated paths away from
     // devices and FIFOs (/dev/zero would exhaust memory, a FIFO would block).

@@ -1,0 +1,376 @@
+//! Several llama-servers behind one gateway: which one gets a request.
+//!
+//! Each server (a GPU machine at the end of its own tunnel port) is a
+//! [`Member`] with its own connection pool, its own slot queue
+//! (`max_in_flight`) and a health state kept fresh by [`HealthChecker`], a
+//! Pingora background service that probes every server's `/health`.
+//!
+//! A request goes to the healthy server (allowed for its model) with the
+//! fewest requests assigned, queued ones included; ties rotate. When the
+//! connect to it fails the server is marked down and the next one is tried:
+//! nothing was sent, so nothing runs twice. With a single server nothing is
+//! skipped: every request tries it, and its own error (the tunnel hint) is
+//! what the client sees; with several, a request for which every server is
+//! down or loading is answered 503 at once, naming each server's state.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::admission::{Denied, SlotPermit, SlotQueue};
+use crate::config::{self, UpstreamServer};
+use crate::metrics::Metrics;
+use crate::upstream::{HealthReport, UpstreamClient};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet.
+    Unknown,
+    Up,
+    /// llama-server answers but is still loading its model (`/health` 503).
+    Loading,
+    Down,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Up,
+            2 => Health::Loading,
+            3 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Health::Unknown => 0,
+            Health::Up => 1,
+            Health::Loading => 2,
+            Health::Down => 3,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Loading => "loading",
+            Health::Down => "down",
+        }
+    }
+
+    fn routable(self) -> bool {
+        matches!(self, Health::Up | Health::Unknown)
+    }
+}
+
+impl From<&HealthReport> for Health {
+    fn from(report: &HealthReport) -> Health {
+        match report {
+            HealthReport::Healthy => Health::Up,
+            HealthReport::Loading(_) => Health::Loading,
+            HealthReport::Unhealthy(_) | HealthReport::Unreachable(_) => Health::Down,
+        }
+    }
+}
+
+/// One llama-server and what the gateway knows about it.
+pub struct Member {
+    pub client: UpstreamClient,
+    slots: Option<Arc<SlotQueue>>,
+    /// Requests assigned to it and not finished, queued ones included.
+    assigned: AtomicUsize,
+    health: AtomicU8,
+    /// Why it was last marked down or loading, for the all-down message.
+    reason: std::sync::Mutex<String>,
+}
+
+impl Member {
+    pub fn server(&self) -> &UpstreamServer {
+        self.client.server()
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Slots in use and requests waiting for one (0, 0 without a slot limit).
+    pub fn slot_use(&self) -> (usize, usize) {
+        self.slots
+            .as_ref()
+            .map_or((0, 0), |q| (q.in_flight(), q.queued()))
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn set_health(&self, health: Health, reason: &str) {
+        self.health.store(health.as_u8(), Ordering::Relaxed);
+        if health != Health::Up {
+            let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+            r.clear();
+            r.push_str(reason);
+        }
+    }
+}
+
+/// The configured servers.
+pub struct UpstreamSet {
+    members: Vec<Member>,
+    cfg: config::Upstream,
+    /// Rotates the starting point among equally loaded servers.
+    next: AtomicUsize,
+}
+
+/// A request's claim on one server: counted as assigned to it (and holding
+/// one of its slots, if it has a limit) until dropped.
+pub struct Lease {
+    set: Arc<UpstreamSet>,
+    index: usize,
+    slot: Option<SlotPermit>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("upstream", &self.member().server().name)
+            .field("slot", &self.slot.is_some())
+            .finish()
+    }
+}
+
+impl Lease {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn member(&self) -> &Member {
+        &self.set.members[self.index]
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.set.members[self.index]
+            .assigned
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The servers that may take a request, as (index, health, assigned), out of
+/// `of` (> 0) servers. Picks a routable one with the fewest assigned,
+/// rotating among equals from `start`; `None` when none is routable.
+pub fn pick(
+    candidates: impl IntoIterator<Item = (usize, Health, usize)>,
+    start: usize,
+    of: usize,
+) -> Option<usize> {
+    candidates
+        .into_iter()
+        .filter(|&(_, health, _)| health.routable())
+        .min_by_key(|&(index, _, assigned)| (assigned, (index + of - start % of) % of))
+        .map(|(index, _, _)| index)
+}
+
+impl UpstreamSet {
+    pub fn new(cfg: &config::Upstream) -> UpstreamSet {
+        let members = cfg
+            .servers
+            .iter()
+            .map(|server| Member {
+                client: UpstreamClient::new(server.clone(), cfg),
+                slots: (server.max_in_flight > 0)
+                    .then(|| SlotQueue::new(server.max_in_flight, cfg.max_queued)),
+                assigned: AtomicUsize::new(0),
+                health: AtomicU8::new(Health::Unknown.as_u8()),
+                reason: std::sync::Mutex::new(String::new()),
+            })
+            .collect();
+        UpstreamSet {
+            members,
+            cfg: cfg.clone(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &config::Upstream {
+        &self.cfg
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.members.len() == 1
+    }
+
+    /// The server for the next attempt of a request allowed on `allowed`
+    /// (empty: all), other than those in `tried`.
+    pub fn choose(&self, allowed: &[usize], tried: &[usize]) -> Option<usize> {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let candidates = (0..n)
+            .filter(|i| allowed.is_empty() || allowed.contains(i))
+            .filter(|i| !tried.contains(i))
+            .map(|i| {
+                let m = &self.members[i];
+                // A lone server is always tried: its own error says more.
+                let health = if self.is_single() {
+                    Health::Unknown
+                } else {
+                    m.health()
+                };
+                (i, health, m.assigned())
+            });
+        pick(candidates, start, n)
+    }
+
+    /// Assigns a request to server `index`, waiting (at most
+    /// `queue_timeout`) for one of its slots when it has a limit.
+    /// Cancel-safe: dropping the future leaves the queue.
+    pub async fn lease(self: &Arc<Self>, index: usize, key: &str) -> Result<Lease, Denied> {
+        let mut lease = self.assign(index);
+        if let Some(slots) = &self.members[index].slots {
+            lease.slot = Some(slots.acquire(key, self.cfg.queue_timeout).await?);
+        }
+        Ok(lease)
+    }
+
+    /// Counts a request as assigned to server `index`, without a slot
+    /// (requests that are not generations do not queue).
+    pub fn assign(self: &Arc<Self>, index: usize) -> Lease {
+        self.members[index].assigned.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            set: self.clone(),
+            index,
+            slot: None,
+        }
+    }
+
+    /// Records what a request learned about a server: a connect that failed
+    /// marks it down until its next good health probe.
+    pub fn mark(&self, index: usize, health: Health, reason: &str) {
+        self.members[index].set_health(health, reason);
+    }
+
+    /// "a (down: connection refused), b (loading)" for the servers in `allowed`.
+    pub fn describe(&self, allowed: &[usize]) -> String {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| allowed.is_empty() || allowed.contains(i))
+            .map(|(_, m)| {
+                let health = m.health();
+                let reason = m.reason();
+                if reason.is_empty() || health == Health::Up {
+                    format!("{} ({})", m.server().name, health.label())
+                } else {
+                    format!("{} ({}: {reason})", m.server().name, health.label())
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Probes every server's `/health` at once and records the results.
+    pub async fn check_all(self: &Arc<Self>, metrics: &Metrics) -> Vec<HealthReport> {
+        let probes: Vec<_> = (0..self.members.len())
+            .map(|i| {
+                let set = self.clone();
+                tokio::spawn(async move { set.members[i].client.probe().await })
+            })
+            .collect();
+        let mut reports = Vec::with_capacity(probes.len());
+        for (i, probe) in probes.into_iter().enumerate() {
+            let (report, reason) = probe.await.unwrap_or_else(|e| {
+                let why = format!("the health probe failed: {e}");
+                (HealthReport::Unreachable(why.clone()), why)
+            });
+            let reason = reason.as_str();
+            let member = &self.members[i];
+            let health = Health::from(&report);
+            if member.health() != health {
+                log::info!(
+                    "upstream {} ({}) is {}{}{reason}",
+                    member.server().name,
+                    member.server().authority,
+                    health.label(),
+                    if reason.is_empty() { "" } else { ": " }
+                );
+            }
+            member.set_health(health, reason);
+            metrics.set_upstream_up(&member.server().name, health == Health::Up);
+            reports.push(report);
+        }
+        reports
+    }
+}
+
+/// The Pingora background service that keeps every server's health fresh
+/// (only started when there are several: a lone server is always tried).
+pub struct HealthChecker {
+    pub set: Arc<UpstreamSet>,
+    pub metrics: Arc<Metrics>,
+    pub interval: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    self.set.check_all(&self.metrics).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_assigned_wins_and_ties_rotate() {
+        let c = |a: usize, b: usize, c: usize| {
+            vec![(0, Health::Up, a), (1, Health::Up, b), (2, Health::Up, c)]
+        };
+        assert_eq!(pick(c(3, 1, 2), 0, 3), Some(1));
+        assert_eq!(pick(c(0, 0, 0), 0, 3), Some(0));
+        assert_eq!(pick(c(0, 0, 0), 1, 3), Some(1));
+        assert_eq!(pick(c(0, 0, 0), 2, 3), Some(2));
+        assert_eq!(pick(c(1, 0, 0), 0, 3), Some(1));
+        assert_eq!(pick(c(0, 1, 0), 1, 3), Some(2));
+    }
+
+    #[test]
+    fn down_and_loading_servers_are_skipped() {
+        let c = vec![
+            (0, Health::Down, 0),
+            (1, Health::Loading, 0),
+            (2, Health::Up, 9),
+        ];
+        assert_eq!(pick(c, 0, 3), Some(2));
+        let none = vec![(0, Health::Down, 0), (1, Health::Loading, 0)];
+        assert_eq!(pick(none, 0, 2), None);
+        assert_eq!(pick(vec![(0, Health::Unknown, 0)], 0, 1), Some(0));
+    }
+}
