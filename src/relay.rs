@@ -326,7 +326,14 @@ async fn forward(
     let mut last_token: Option<std::time::Instant> = None;
     let stall = cfg.idle_timeout;
     let total_timeout = || total_timeout_error(cfg.total_timeout.unwrap_or_default());
+    // One timer of each kind per response, reset per chunk: registering a
+    // fresh timer for every chunk costs more than moving one.
+    let total = until(deadline);
+    tokio::pin!(total);
+    let idle = tokio::time::sleep(cfg.idle_timeout);
+    tokio::pin!(idle);
     loop {
+        idle.as_mut().reset(Instant::now() + cfg.idle_timeout);
         let next = tokio::select! {
             // In this order. The upstream before the client: once a body
             // with a Content-Length is complete the client has all of it and
@@ -336,10 +343,11 @@ async fn forward(
             // next request (499, and a connection closed under the client).
             // The deadline first, so a stream that never pauses still ends.
             biased;
-            _ = until(deadline) => {
+            _ = &mut total => {
                 return end_broken_response(session, ctx, is_sse, total_timeout(), stall).await;
             }
-            read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_bytes()) => read,
+            read = exchange.http.read_body_bytes() => Ok(read),
+            _ = &mut idle => Err(()),
             _ = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(ctx.client_left(DisconnectPhase::Streaming));
             }
