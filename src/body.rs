@@ -59,11 +59,21 @@ pub fn inspect(body: &[u8]) -> Result<RequestBody, ApiError> {
                 .into(),
         ));
     }
+    // JSON text is UTF-8 (RFC 8259 section 8.1). The visitor below skips most
+    // values without decoding them, so check the whole body here: a body that
+    // is not UTF-8 must not reach llama-server. After this check serde_json
+    // reads the text without validating each string again.
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "the request body is not valid JSON: it is not UTF-8 text (invalid byte sequence at byte offset {}); send the JSON encoded as UTF-8",
+            e.valid_up_to()
+        ))
+    })?;
     let object_start = body
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(0);
-    let mut de = serde_json::Deserializer::from_slice(body);
+    let mut de = serde_json::Deserializer::from_str(text);
     let scan = de
         .deserialize_map(TopLevelVisitor {
             base: body.as_ptr() as usize,
@@ -138,8 +148,9 @@ pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
     let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
     let mut inserted: Vec<String> = Vec::new();
     match &info.model {
-        Some(field) if body[field.span.clone()] != *model_json.as_bytes() => {
-            edits.push((field.span.clone(), model_json.clone().into_bytes()));
+        // Compare decoded names: `"m\u0061"` already is `ma` and stays as sent.
+        Some(field) if field.name != rw.upstream_model => {
+            edits.push((field.span.clone(), model_json.into_bytes()));
         }
         Some(_) => {}
         None => inserted.push(format!("\"model\":{model_json}")),
@@ -322,6 +333,33 @@ mod tests {
         // an escaped key is still the top-level model key
         let info = inspect(br#"{"mod\u0065l":"a"}"#).unwrap();
         assert_eq!(info.model.unwrap().name, "a");
+    }
+
+    #[test]
+    fn same_name_spelled_with_escapes_is_left_alone() {
+        let bytes = Bytes::from_static(br#"{"model":"m\u0061","messages":[]}"#);
+        let info = inspect(&bytes).unwrap();
+        let out = rewrite_model(bytes.clone(), &info, "ma");
+        assert_eq!(out.as_ptr(), bytes.as_ptr());
+        // a different name is still spliced in
+        assert_eq!(rewrite(r#"{"model":"m\u0061"}"#, "mb"), r#"{"model":"mb"}"#);
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_is_400() {
+        for body in [
+            &b"{\"messages\":\"R\xff\xfe\"}"[..],
+            b"{\"a\":{\"\xc3\":1}}",
+            b"{\"model\":\"m\",\"messages\":[{\"content\":\"\xed\xa0\x80\"}]}",
+            b"{\"model\":\"m\"}  \x80",
+        ] {
+            let err = inspect(body).unwrap_err();
+            assert_eq!(err.status(), 400, "{:?}", String::from_utf8_lossy(body));
+            assert_eq!(err.code(), "invalid_request");
+            assert!(err.to_string().contains("not UTF-8"), "{err}");
+        }
+        let err = inspect(b"{\"messages\":\"R\xff\"}").unwrap_err();
+        assert!(err.to_string().contains("at byte offset 14"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,18 @@
 //! when present, else from llama.cpp's `timings` (its `prompt_n` excludes the
 //! cached part, so prompt = `prompt_n + cache_n`), else from a count of
 //! content deltas.
+//!
+//! Most events of a stream are token deltas that carry neither `usage`,
+//! `timings`, `error` nor a `finish_reason`: for those only "has content"
+//! matters. A small validating scanner ([`quick_content`]) answers that
+//! without serde; it accepts only events that serde certainly parses with
+//! that result, and hands everything else (the final event, errors, anything
+//! unusual) to the full parse. Debug builds (tests, fuzzing) run both and
+//! panic if they ever disagree.
 
+use std::fmt;
+
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -83,7 +94,8 @@ impl ResponseStats {
         }
         if let Some(t) = self.timings {
             return TokenCounts {
-                prompt: t.prompt_n + t.cache_n,
+                // Upstream numbers: saturate rather than overflow.
+                prompt: t.prompt_n.saturating_add(t.cache_n),
                 completion: t.predicted_n,
                 cached: t.cache_n,
             };
@@ -98,12 +110,40 @@ impl ResponseStats {
     /// Share of the prompt served from llama.cpp's prompt cache.
     pub fn cache_hit_ratio(&self) -> Option<f64> {
         let t = self.timings?;
-        let total = t.prompt_n + t.cache_n;
+        // Saturating, so `cache_n <= total` still holds and the ratio stays in 0..=1.
+        let total = t.prompt_n.saturating_add(t.cache_n);
         (total > 0).then(|| t.cache_n as f64 / total as f64)
     }
 
+    /// Reads one stream event (a `data:` payload); returns whether it carried content.
     fn absorb(&mut self, payload: &[u8]) -> bool {
         self.events += 1;
+        let Some(has_content) = quick_content(payload) else {
+            return self.absorb_parsed(payload);
+        };
+        if cfg!(debug_assertions) {
+            // The fast path must agree with the full parse (tests and fuzzing
+            // run with debug assertions).
+            let mut full = ResponseStats::default();
+            let full_content = full.absorb_parsed(payload);
+            let expected = ResponseStats {
+                content_events: u64::from(has_content),
+                ..ResponseStats::default()
+            };
+            assert!(
+                full_content == has_content && full == expected,
+                "SSE fast path: {has_content} but the full parse gives {full:?} for {:?}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+        if has_content {
+            self.content_events += 1;
+        }
+        has_content
+    }
+
+    /// The full parse of one JSON document (`events` is the caller's).
+    fn absorb_parsed(&mut self, payload: &[u8]) -> bool {
         let event: Event = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(_) => {
@@ -120,27 +160,21 @@ impl ResponseStats {
         if event.timings.is_some() {
             self.timings = event.timings;
         }
-        let mut has_content = false;
-        for choice in event.choices.unwrap_or_default() {
-            if let Some(reason) = choice.finish_reason {
-                self.finish_reason = Some(reason);
-            }
-            let content = choice.delta.and_then(|d| d.content).or(choice.text);
-            if content.is_some_and(|c| !matches!(c.get(), "null" | "\"\"")) {
-                has_content = true;
-            }
+        let choices = event.choices.unwrap_or_default();
+        if choices.finish_reason.is_some() {
+            self.finish_reason = choices.finish_reason;
         }
-        if has_content {
+        if choices.has_content {
             self.content_events += 1;
         }
-        has_content
+        choices.has_content
     }
 }
 
 #[derive(Deserialize)]
 struct Event<'a> {
-    #[serde(borrow, default)]
-    choices: Option<Vec<Choice<'a>>>,
+    #[serde(default)]
+    choices: Option<Choices>,
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
@@ -165,6 +199,405 @@ struct Delta<'a> {
     content: Option<&'a RawValue>,
 }
 
+impl Choice<'_> {
+    fn has_content(&self) -> bool {
+        let content = self.delta.as_ref().and_then(|d| d.content).or(self.text);
+        content.is_some_and(|c| !matches!(c.get(), "null" | "\"\""))
+    }
+}
+
+/// What the event's `choices` array says, folded while it is read (the same
+/// elements, errors and order as a `Vec<Choice>`, without allocating one).
+#[derive(Default)]
+struct Choices {
+    has_content: bool,
+    /// The last non-null `finish_reason`.
+    finish_reason: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ChoicesVisitor;
+
+        impl<'de> Visitor<'de> for ChoicesVisitor {
+            type Value = Choices;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut out = Choices::default();
+                while let Some(choice) = seq.next_element::<Choice<'de>>()? {
+                    out.has_content |= choice.has_content();
+                    if choice.finish_reason.is_some() {
+                        out.finish_reason = choice.finish_reason;
+                    }
+                }
+                Ok(out)
+            }
+        }
+
+        deserializer.deserialize_seq(ChoicesVisitor)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fast path
+
+/// Nesting the fast path follows inside a value it skips; deeper events take
+/// the full parse.
+const QUICK_MAX_DEPTH: u32 = 16;
+
+/// Whether the stream event `payload` carries content, decided without serde,
+/// or `None` when the full parse must decide.
+///
+/// `Some` only for a payload that `serde_json::from_slice::<Event>` certainly
+/// parses, with no `usage`, `timings` or `error` and every `finish_reason`
+/// null or absent: then "has content" is the event's only effect. It checks
+/// the whole payload: valid UTF-8, JSON syntax as strict as serde_json's,
+/// one top-level object, `choices` null or an array of objects, `delta` null
+/// or an object. It gives up (`None`) on whatever it does not need to handle:
+/// keys of those objects spelled with escapes, duplicate known keys (a serde
+/// error), deep nesting, a non-null `finish_reason`, any `usage`, `timings`
+/// or `error` key.
+fn quick_content(payload: &[u8]) -> Option<bool> {
+    std::str::from_utf8(payload).ok()?;
+    let mut q = Quick { b: payload, i: 0 };
+    if q.peek()? != b'{' {
+        return None;
+    }
+    q.i += 1;
+    let mut has_content = false;
+    let mut seen_choices = false;
+    let mut first = true;
+    while let Some(key) = q.next_key(&mut first, true)? {
+        match key {
+            b"choices" => {
+                if std::mem::replace(&mut seen_choices, true) {
+                    return None;
+                }
+                has_content = q.choices()?;
+            }
+            b"usage" | b"timings" | b"error" => return None,
+            _ => q.skip_value(QUICK_MAX_DEPTH)?,
+        }
+    }
+    if q.peek().is_some() {
+        return None; // trailing characters
+    }
+    Some(has_content)
+}
+
+/// A cursor over one JSON payload. Every method returns `None` as soon as the
+/// input is malformed or outside what the fast path handles.
+struct Quick<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Quick<'a> {
+    /// The next byte after JSON whitespace (not consumed); `None` at the end.
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(&c) = self.b.get(self.i) {
+            if !matches!(c, b' ' | b'\n' | b'\t' | b'\r') {
+                return Some(c);
+            }
+            self.i += 1;
+        }
+        None
+    }
+
+    /// Inside an object: the next member's key (raw, between the quotes) with
+    /// its `:` consumed, or `Some(None)` after the closing `}`. With `plain`,
+    /// a key containing an escape gives up (it may spell a known name).
+    fn next_key(&mut self, first: &mut bool, plain: bool) -> Option<Option<&'a [u8]>> {
+        let mut c = self.peek()?;
+        if c == b'}' {
+            self.i += 1;
+            return Some(None);
+        }
+        if !*first {
+            if c != b',' {
+                return None;
+            }
+            self.i += 1;
+            c = self.peek()?;
+        }
+        *first = false;
+        if c != b'"' {
+            return None;
+        }
+        self.i += 1;
+        let (key, escaped) = self.string()?;
+        if plain && escaped {
+            return None;
+        }
+        if self.peek()? != b':' {
+            return None;
+        }
+        self.i += 1;
+        Some(Some(key))
+    }
+
+    /// Inside an array: whether an element follows (not consumed); `false`
+    /// after the closing `]`.
+    fn next_element(&mut self, first: &mut bool) -> Option<bool> {
+        let c = self.peek()?;
+        if c == b']' {
+            self.i += 1;
+            return Some(false);
+        }
+        if !*first {
+            if c != b',' {
+                return None;
+            }
+            self.i += 1;
+        }
+        *first = false;
+        Some(true)
+    }
+
+    /// After an opening quote: the string's raw bytes and whether it has an
+    /// escape. Rejects what serde_json rejects: control characters, unknown
+    /// escapes, `\u` without four hex digits, a missing closing quote.
+    fn string(&mut self) -> Option<(&'a [u8], bool)> {
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            self.skip_plain();
+            let c = *self.b.get(self.i)?;
+            self.i += 1;
+            match c {
+                b'"' => return Some((&self.b[start..self.i - 1], escaped)),
+                b'\\' => {
+                    escaped = true;
+                    match *self.b.get(self.i)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+                        b'u' => {
+                            let hex = self.b.get(self.i + 1..self.i + 5)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            self.i += 5;
+                        }
+                        _ => return None,
+                    }
+                }
+                _ => return None, // a control character
+            }
+        }
+    }
+
+    /// Inside a string: advances to the next `"`, `\` or control character
+    /// (or the end), eight bytes at a time. The same word trick as
+    /// serde_json's: in each word, the lowest flagged byte is exactly the
+    /// first such byte (borrows only carry into higher bytes).
+    fn skip_plain(&mut self) {
+        const ONES: u64 = u64::MAX / 255;
+        const HIGH: u64 = ONES << 7;
+        while let Some(word) = self.b.get(self.i..self.i + 8) {
+            let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            let control = x.wrapping_sub(ONES * 0x20) & !x;
+            let q = x ^ (ONES * u64::from(b'"'));
+            let quote = q.wrapping_sub(ONES) & !q;
+            let bs = x ^ (ONES * u64::from(b'\\'));
+            let backslash = bs.wrapping_sub(ONES) & !bs;
+            let found = (control | quote | backslash) & HIGH;
+            if found != 0 {
+                self.i += found.trailing_zeros() as usize / 8;
+                return;
+            }
+            self.i += 8;
+        }
+        while self
+            .b
+            .get(self.i)
+            .is_some_and(|&c| c != b'"' && c != b'\\' && c >= 0x20)
+        {
+            self.i += 1;
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// A number, by JSON's grammar (serde_json checks no range for a value it skips).
+    fn number(&mut self) -> Option<()> {
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        match *self.b.get(self.i)? {
+            b'0' => {
+                self.i += 1;
+                if self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+                    return None;
+                }
+            }
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+            self.i += 1;
+            if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        if !self.b[self.i..].starts_with(word) {
+            return None;
+        }
+        self.i += word.len();
+        Some(())
+    }
+
+    /// Skips one value, checking it; `depth` bounds its nesting.
+    fn skip_value(&mut self, depth: u32) -> Option<()> {
+        match self.peek()? {
+            b'"' => {
+                self.i += 1;
+                self.string()?;
+            }
+            b'{' => {
+                let depth = depth.checked_sub(1)?;
+                self.i += 1;
+                let mut first = true;
+                while self.next_key(&mut first, false)?.is_some() {
+                    self.skip_value(depth)?;
+                }
+            }
+            b'[' => {
+                let depth = depth.checked_sub(1)?;
+                self.i += 1;
+                let mut first = true;
+                while self.next_element(&mut first)? {
+                    self.skip_value(depth)?;
+                }
+            }
+            b'n' => self.literal(b"null")?,
+            b't' => self.literal(b"true")?,
+            b'f' => self.literal(b"false")?,
+            b'-' | b'0'..=b'9' => self.number()?,
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Skips a value that serde reads as `Option<&RawValue>`: `None` for
+    /// null, else whether it counts as content (anything but `""`).
+    fn raw_content(&mut self) -> Option<Option<bool>> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            return Some(None);
+        }
+        let start = self.i;
+        self.skip_value(QUICK_MAX_DEPTH)?;
+        Some(Some(&self.b[start..self.i] != b"\"\""))
+    }
+
+    /// The value of `choices`: null, or an array of choice objects.
+    fn choices(&mut self) -> Option<bool> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null")?;
+                return Some(false);
+            }
+            b'[' => self.i += 1,
+            _ => return None,
+        }
+        let mut has_content = false;
+        let mut first = true;
+        while self.next_element(&mut first)? {
+            has_content |= self.choice()?;
+        }
+        Some(has_content)
+    }
+
+    /// One choice object: whether it has content (`delta.content`, else `text`).
+    fn choice(&mut self) -> Option<bool> {
+        if self.peek()? != b'{' {
+            return None; // serde also reads a struct from an array: leave that to it
+        }
+        self.i += 1;
+        let (mut delta, mut text) = (None, None);
+        let (mut seen_delta, mut seen_text, mut seen_finish) = (false, false, false);
+        let mut first = true;
+        while let Some(key) = self.next_key(&mut first, true)? {
+            match key {
+                b"delta" => {
+                    if std::mem::replace(&mut seen_delta, true) {
+                        return None;
+                    }
+                    delta = self.delta()?;
+                }
+                b"text" => {
+                    if std::mem::replace(&mut seen_text, true) {
+                        return None;
+                    }
+                    text = self.raw_content()?;
+                }
+                b"finish_reason" => {
+                    if std::mem::replace(&mut seen_finish, true) {
+                        return None;
+                    }
+                    if self.peek()? != b'n' {
+                        return None; // a reason: the full parse records it
+                    }
+                    self.literal(b"null")?;
+                }
+                _ => self.skip_value(QUICK_MAX_DEPTH)?,
+            }
+        }
+        Some(delta.or(text) == Some(true))
+    }
+
+    /// The value of `delta`: `None` for null or no `content`, else whether
+    /// `content` counts as content.
+    fn delta(&mut self) -> Option<Option<bool>> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null")?;
+                return Some(None);
+            }
+            b'{' => self.i += 1,
+            _ => return None,
+        }
+        let mut content = None;
+        let mut seen_content = false;
+        let mut first = true;
+        while let Some(key) = self.next_key(&mut first, true)? {
+            if key == b"content" {
+                if std::mem::replace(&mut seen_content, true) {
+                    return None;
+                }
+                content = self.raw_content()?;
+            } else {
+                self.skip_value(QUICK_MAX_DEPTH)?;
+            }
+        }
+        Some(content)
+    }
+}
+
 /// Incremental SSE reader.
 #[derive(Debug, Default)]
 pub struct SseScanner {
@@ -182,7 +615,7 @@ impl SseScanner {
     pub fn feed(&mut self, chunk: &[u8]) -> u64 {
         let mut content = 0;
         let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
             let (line_part, after) = rest.split_at(nl);
             rest = &after[1..];
             if self.overflowed {
@@ -253,7 +686,9 @@ impl JsonCollector {
     pub fn finish(self) -> ResponseStats {
         let mut stats = ResponseStats::default();
         if !self.too_big && !self.body.is_empty() {
-            stats.absorb(&self.body);
+            // A whole response, not a delta: straight to the full parse.
+            stats.events += 1;
+            stats.absorb_parsed(&self.body);
             // A non-streamed reply is one message: its content is not a delta count.
             stats.content_events = 0;
         }
@@ -435,6 +870,105 @@ mod tests {
         assert!(sc.carry.len() <= MAX_CARRY);
         sc.feed(b"\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
         assert_eq!(sc.stats.content_events, 1);
+    }
+
+    #[test]
+    fn sums_of_huge_timings_saturate() {
+        let (stats, _) = scan_whole(b"data: {\"choices\":[],\"timings\":{\"cache_n\":18446744073709551615,\"prompt_n\":5}}\n\n");
+        assert_eq!(stats.tokens().prompt, u64::MAX);
+        assert_eq!(stats.tokens().cached, u64::MAX);
+        assert_eq!(stats.cache_hit_ratio(), Some(1.0));
+    }
+
+    /// What the fast path decides itself (`Some`) and what it leaves to serde.
+    /// Every case also goes through `absorb`, which (in this debug build)
+    /// checks the fast path against the full parse.
+    #[test]
+    fn the_fast_path_decides_only_plain_events() {
+        let cases: &[(&str, Option<bool>)] = &[
+            (
+                r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"Hel"}}],"id":"c"}"#,
+                Some(true),
+            ),
+            (
+                r#"{"choices":[{"delta":{"role":"assistant","content":null}}]}"#,
+                Some(false),
+            ),
+            (r#"{"choices":[{"delta":{"content":""}}]}"#, Some(false)),
+            (r#"{"choices":[{"delta":{"content":" "}}]}"#, Some(true)),
+            (r#"{"choices":[{"delta":{"content":{}}}]}"#, Some(true)),
+            (r#"{"choices":[{"delta":{}}]}"#, Some(false)),
+            (r#"{"choices":[{"delta":null,"text":"b"}]}"#, Some(true)),
+            (
+                r#"{"choices":[{"delta":{"content":""},"text":"b"}]}"#,
+                Some(false),
+            ),
+            (r#"{"choices":[{"delta":{},"text":"b"}]}"#, Some(true)),
+            (r#"{"choices":[{"text":""},{"text":"x"}]}"#, Some(true)),
+            (
+                r#" { "choices" : [ { "delta" : { "content" : "a\u00e9\n\"" } } ] } "#,
+                Some(true),
+            ),
+            (r#"{"choices":null}"#, Some(false)),
+            (r#"{"choices":[]}"#, Some(false)),
+            (r#"{}"#, Some(false)),
+            (
+                r#"{"x":[1,-2.5e-3,0,true,false,null,{"a":[],"\u0041":"\ud800"}]}"#,
+                Some(false),
+            ),
+            (r#"{"\u0041":1}"#, None),
+            (
+                r#"{"choices":[{"delta":{"content":"🦙"}}],"big":1e400}"#,
+                Some(true),
+            ),
+            // left to serde: effects other than content, or shapes it reads specially
+            (r#"{"choices":[{"finish_reason":"stop","delta":{}}]}"#, None),
+            (
+                r#"{"choices":[{"finish_reason" : "stop","delta":{}}]}"#,
+                None,
+            ),
+            (r#"{"choices":[],"usage":null}"#, None),
+            (r#"{"timings":{}}"#, None),
+            (r#"{"error":{"message":"x"}}"#, None),
+            (r#"{"choices":[{"delta":{"cont\u0065nt":"x"}}]}"#, None),
+            (r#"{"choices":[],"choices":[]}"#, None),
+            (
+                r#"{"choices":[{"delta":{"content":"a","content":"b"}}]}"#,
+                None,
+            ),
+            (r#"{"choices":[[null,"x"]]}"#, None),
+            (r#"{"choices":[{"delta":[]}]}"#, None),
+            (r#"{"choices":{}}"#, None),
+            (r#"["x"]"#, None),
+            // malformed: the full parse counts them
+            ("", None),
+            ("{", None),
+            (r#"{"choices":[{"delta":{"content":"a"}}]} x"#, None),
+            (r#"{"choices":[{"delta":{"content":"a"}},]}"#, None),
+            (r#"{"a":01}"#, None),
+            (r#"{"a":1.}"#, None),
+            (r#"{"a":-}"#, None),
+            (r#"{"a":"\x"}"#, None),
+            (r#"{"a":"\u12"}"#, None),
+            ("{\"a\":\"\u{1}\"}", None),
+            (r#"{"a":nul}"#, None),
+            (r#"{"a":1,}"#, None),
+            (r#"{,"a":1}"#, None),
+        ];
+        for (payload, expected) in cases {
+            assert_eq!(quick_content(payload.as_bytes()), *expected, "{payload}");
+            let mut stats = ResponseStats::default();
+            let content = stats.absorb(payload.as_bytes());
+            if let Some(expected) = expected {
+                assert_eq!(content, *expected, "{payload}");
+            }
+        }
+        assert_eq!(quick_content(b"{\"a\":\"\xff\"}"), None);
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(40), "]".repeat(40));
+        assert_eq!(quick_content(deep.as_bytes()), None);
+        let mut stats = ResponseStats::default();
+        assert!(!stats.absorb(deep.as_bytes()));
+        assert_eq!(stats.malformed, 0);
     }
 
     #[test]
