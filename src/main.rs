@@ -6,6 +6,14 @@ use clap::Parser;
 use llm_edge::cli::{Cli, Command};
 use llm_edge::config::{process_env, Config};
 
+/// jemalloc instead of glibc malloc: per request the gateway allocates and
+/// frees ~130 small blocks across worker threads; under load glibc's arenas
+/// took ~19 % of the CPU (with lock waits). Measured in the load bench:
+/// ~20 % less CPU per request, +6 KiB RSS per open stream (mimalloc: the same
+/// CPU gain but twice the RSS per stream). See docs/PERFORMANCE.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
