@@ -170,19 +170,38 @@ impl Drop for Lease {
     }
 }
 
-/// The servers that may take a request, as (index, health, assigned), out of
-/// `of` (> 0) servers. Picks a routable one with the fewest assigned,
-/// rotating among equals from `start`; `None` when none is routable.
+/// A server as [`pick`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub index: usize,
+    pub health: Health,
+    /// Requests assigned to it, queued ones included.
+    pub assigned: usize,
+    /// Its slots (`max_in_flight`), 0 for no limit.
+    pub slots: usize,
+}
+
+impl Candidate {
+    /// Load relative to its size: a server with 8 slots and 4 requests is
+    /// less loaded than one with 1 slot and 1 request.
+    fn load(&self) -> u64 {
+        (self.assigned as u64 * 1024) / self.slots.max(1) as u64
+    }
+}
+
+/// Out of `of` (> 0) servers, picks a routable candidate with the least load
+/// (assigned requests per slot), rotating among equals from `start`; `None`
+/// when none is routable.
 pub fn pick(
-    candidates: impl IntoIterator<Item = (usize, Health, usize)>,
+    candidates: impl IntoIterator<Item = Candidate>,
     start: usize,
     of: usize,
 ) -> Option<usize> {
     candidates
         .into_iter()
-        .filter(|&(_, health, _)| health.routable())
-        .min_by_key(|&(index, _, assigned)| (assigned, (index + of - start % of) % of))
-        .map(|(index, _, _)| index)
+        .filter(|c| c.health.routable())
+        .min_by_key(|c| (c.load(), (c.index + of - start % of) % of))
+        .map(|c| c.index)
 }
 
 impl UpstreamSet {
@@ -221,22 +240,43 @@ impl UpstreamSet {
     /// The server for the next attempt of a request allowed on `allowed`
     /// (empty: all), other than those in `tried`.
     pub fn choose(&self, allowed: &[usize], tried: &[usize]) -> Option<usize> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        self.choose_from(allowed, tried, start)
+    }
+
+    /// Whether [`UpstreamSet::choose`] would find a server (without moving
+    /// the rotation).
+    pub fn has_candidate(&self, allowed: &[usize], tried: &[usize]) -> bool {
+        self.choose_from(allowed, tried, 0).is_some()
+    }
+
+    /// How many servers may serve a request allowed on `allowed`.
+    pub fn candidates(&self, allowed: &[usize]) -> usize {
+        if allowed.is_empty() {
+            self.members.len()
+        } else {
+            allowed.len()
+        }
+    }
+
+    fn choose_from(&self, allowed: &[usize], tried: &[usize], start: usize) -> Option<usize> {
         let n = self.members.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        // A lone candidate is always tried: its own error says more than
+        // "down", and it is back the moment it answers.
+        let lone = self.candidates(allowed) == 1;
         let candidates = (0..n)
             .filter(|i| allowed.is_empty() || allowed.contains(i))
             .filter(|i| !tried.contains(i))
             .map(|i| {
                 let m = &self.members[i];
-                // A lone server is always tried: its own error says more.
-                let health = if self.is_single() {
-                    Health::Unknown
-                } else {
-                    m.health()
-                };
-                (i, health, m.assigned())
+                Candidate {
+                    index: i,
+                    health: if lone { Health::Unknown } else { m.health() },
+                    assigned: m.assigned(),
+                    slots: m.server().max_in_flight,
+                }
             });
-        pick(candidates, start, n)
+        pick(candidates, start % n, n)
     }
 
     /// Assigns a request to server `index`, waiting (at most
@@ -331,7 +371,10 @@ pub struct HealthChecker {
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.interval);
+        // The first probe after one interval: until then every server is
+        // "unknown" and tried (a failed connect still moves on at once).
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.interval, self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -348,11 +391,18 @@ impl BackgroundService for HealthChecker {
 mod tests {
     use super::*;
 
+    fn up(index: usize, assigned: usize) -> Candidate {
+        Candidate {
+            index,
+            health: Health::Up,
+            assigned,
+            slots: 0,
+        }
+    }
+
     #[test]
     fn least_assigned_wins_and_ties_rotate() {
-        let c = |a: usize, b: usize, c: usize| {
-            vec![(0, Health::Up, a), (1, Health::Up, b), (2, Health::Up, c)]
-        };
+        let c = |a: usize, b: usize, c: usize| vec![up(0, a), up(1, b), up(2, c)];
         assert_eq!(pick(c(3, 1, 2), 0, 3), Some(1));
         assert_eq!(pick(c(0, 0, 0), 0, 3), Some(0));
         assert_eq!(pick(c(0, 0, 0), 1, 3), Some(1));
@@ -362,15 +412,39 @@ mod tests {
     }
 
     #[test]
+    fn load_is_relative_to_the_slots() {
+        let small = Candidate {
+            slots: 1,
+            ..up(0, 1)
+        };
+        let big = Candidate {
+            slots: 8,
+            ..up(1, 4)
+        };
+        assert_eq!(pick([small, big], 0, 2), Some(1));
+        let big_full = Candidate {
+            slots: 8,
+            ..up(1, 9)
+        };
+        assert_eq!(pick([small, big_full], 0, 2), Some(0));
+    }
+
+    #[test]
     fn down_and_loading_servers_are_skipped() {
-        let c = vec![
-            (0, Health::Down, 0),
-            (1, Health::Loading, 0),
-            (2, Health::Up, 9),
-        ];
-        assert_eq!(pick(c, 0, 3), Some(2));
-        let none = vec![(0, Health::Down, 0), (1, Health::Loading, 0)];
-        assert_eq!(pick(none, 0, 2), None);
-        assert_eq!(pick(vec![(0, Health::Unknown, 0)], 0, 1), Some(0));
+        let down = Candidate {
+            health: Health::Down,
+            ..up(0, 0)
+        };
+        let loading = Candidate {
+            health: Health::Loading,
+            ..up(1, 0)
+        };
+        assert_eq!(pick([down, loading, up(2, 9)], 0, 3), Some(2));
+        assert_eq!(pick([down, loading], 0, 2), None);
+        let unknown = Candidate {
+            health: Health::Unknown,
+            ..up(0, 0)
+        };
+        assert_eq!(pick([unknown], 0, 1), Some(0));
     }
 }

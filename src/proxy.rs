@@ -34,6 +34,18 @@ use crate::routes::{self, Route};
 use crate::state::GatewayState;
 use crate::upstream::HealthReport;
 
+/// The error `upstream_peer` gives when no server is up (several servers).
+const NO_UPSTREAM: &str = "NoUpstream";
+
+/// `llm_edge_upstream_errors_total{kind}` of a failed connect.
+fn connect_error_kind(e: &Error) -> &'static str {
+    if matches!(e.etype(), ErrorType::ConnectTimedout) {
+        "connect_timeout"
+    } else {
+        "refused"
+    }
+}
+
 /// A server's state in `/health/upstream`, and what it said.
 fn health_words(report: &HealthReport) -> (&'static str, Option<&str>) {
     match report {
@@ -583,11 +595,10 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<Box<HttpPeer>> {
         let set = &self.state.upstream;
         let Some(index) = set.choose(&[], &ctx.tried) else {
-            // Every server is down (or failed to connect for this request).
-            let last = ctx.tried.last().copied().unwrap_or(0);
-            ctx.upstream = Some(last);
+            // Every server is down (fail_to_connect only retries when
+            // another one is left, so nothing was tried for this request).
             return Error::e_explain(
-                ErrorType::ConnectRefused,
+                ErrorType::Custom(NO_UPSTREAM),
                 format!("no upstream server is up: {}", set.describe(&[])),
             );
         };
@@ -612,11 +623,13 @@ impl ProxyHttp for GatewayProxy {
             set.mark(
                 index,
                 crate::balance::Health::Down,
-                &e.etype().as_str().to_lowercase(),
+                &crate::upstream::describe(&e),
             );
             ctx.tried.push(index);
-            if set.choose(&[], &ctx.tried).is_some() {
-                self.state.metrics.upstream_error(name, "refused");
+            if set.has_candidate(&[], &ctx.tried) {
+                self.state
+                    .metrics
+                    .upstream_error(name, connect_error_kind(&e));
                 e.set_retry(true);
             }
         }
@@ -703,6 +716,10 @@ impl ProxyHttp for GatewayProxy {
             };
         }
         let err = match (e.esource(), e.etype()) {
+            (_, ErrorType::Custom(NO_UPSTREAM)) => ApiError::UpstreamUnavailable(format!(
+                "no upstream server is up: {}; check their SSH tunnels and llama-server processes",
+                self.state.upstream.describe(&[])
+            )),
             (_, ErrorType::HTTPStatus(413)) => ApiError::BodyTooLarge {
                 limit: self.state.cfg.limits.max_body_bytes,
             },
@@ -720,7 +737,7 @@ impl ProxyHttp for GatewayProxy {
                 | ErrorType::ConnectError
                 | ErrorType::ConnectNoRoute,
             ) if !self.state.upstream.is_single() => {
-                ctx.upstream_error = Some("refused");
+                ctx.upstream_error = Some(connect_error_kind(e));
                 ApiError::UpstreamUnavailable(format!(
                     "no upstream server could take the request: {}; check their SSH tunnels and llama-server processes",
                     self.state.upstream.describe(&[])

@@ -128,7 +128,8 @@ struct NotOpened {
 }
 
 /// Picks a server, waits for one of its slots, sends the request; when the
-/// connect fails, marks that server down and tries the next one.
+/// connect fails, marks that server down and tries the next one, and when
+/// its queue is full, tries the next one too.
 async fn open(
     relay: &Relay<'_>,
     req: &RequestHeader,
@@ -137,9 +138,13 @@ async fn open(
     let (set, metrics) = (relay.upstream, relay.metrics);
     let mut tried: Vec<usize> = Vec::new();
     let mut failed: Option<(usize, UpstreamFailure)> = None;
+    let mut full: Option<NotOpened> = None;
     loop {
         let Some(index) = set.choose(relay.allowed, &tried) else {
-            return Err(no_server_left(relay, failed));
+            return Err(match full {
+                Some(busy) if failed.is_none() => busy,
+                _ => no_server_left(relay, failed),
+            });
         };
         if let Some((previous, failure)) = failed.take() {
             // Another server takes over: count the failure now.
@@ -151,21 +156,33 @@ async fn open(
         if server.max_in_flight > 0 {
             metrics.queue_waited(waited.elapsed());
         }
-        let lease = lease.map_err(|denied| busy(set, index, denied))?;
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(Denied::QueueFull) => {
+                tried.push(index);
+                full = Some(busy(set, index, Denied::QueueFull));
+                continue;
+            }
+            Err(denied) => return Err(busy(set, index, denied)),
+        };
         match lease.member().client.send(req, body).await {
             Ok(exchange) => {
-                set.mark(index, Health::Up, "");
-                metrics.set_upstream_up(&server.name, true);
+                // A 503 is llama-server loading its model (or overloaded):
+                // only the health check brings such a server back.
+                let status = exchange.http.get_status().map_or(0, |s| s.as_u16());
+                if status != 503 {
+                    set.mark(index, Health::Up, "");
+                    metrics.set_upstream_up(&server.name, true);
+                }
                 return Ok((lease, exchange));
             }
             Err(failure) => {
-                metrics.set_upstream_up(&server.name, false);
                 if matches!(
                     failure,
                     UpstreamFailure::Connect(_) | UpstreamFailure::NoResponse(_)
                 ) {
-                    let reason = failure.short_reason();
-                    set.mark(index, Health::Down, &reason);
+                    metrics.set_upstream_up(&server.name, false);
+                    set.mark(index, Health::Down, &failure.short_reason());
                 }
                 if !failure.nothing_sent() {
                     return Err(NotOpened {
@@ -186,11 +203,7 @@ async fn open(
 /// server's state.
 fn no_server_left(relay: &Relay<'_>, failed: Option<(usize, UpstreamFailure)>) -> NotOpened {
     let set = relay.upstream;
-    let candidates = if relay.allowed.is_empty() {
-        set.members().len()
-    } else {
-        relay.allowed.len()
-    };
+    let candidates = set.candidates(relay.allowed);
     match failed {
         Some((index, failure)) if candidates == 1 => NotOpened {
             upstream: Some(index),
@@ -326,8 +339,9 @@ async fn forward(
     let mut last_token: Option<std::time::Instant> = None;
     let stall = cfg.idle_timeout;
     let total_timeout = || total_timeout_error(cfg.total_timeout.unwrap_or_default());
-    // One timer of each kind per response, reset per chunk: registering a
-    // fresh timer for every chunk costs more than moving one.
+    // One idle timer and one total-deadline timer per response for reading
+    // from upstream, the idle one reset per chunk: registering a fresh timer
+    // for every chunk costs more than moving one.
     let total = until(deadline);
     tokio::pin!(total);
     let idle = tokio::time::sleep(cfg.idle_timeout);

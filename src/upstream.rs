@@ -96,7 +96,7 @@ impl UpstreamFailure {
     }
 }
 
-fn describe(e: &Error) -> String {
+pub fn describe(e: &Error) -> String {
     match e.etype() {
         ErrorType::ConnectRefused => "connection refused".into(),
         ErrorType::ConnectTimedout => "connect timed out".into(),

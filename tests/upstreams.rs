@@ -11,10 +11,22 @@ use serde_json::{json, Value};
 use support::gateway::{sha256_hex, Gateway, KEY};
 use support::mock_llama::{MockLlama, MockOptions};
 
-/// `servers`: (name, url, extra fields); `models`: YAML for `models:`.
+/// `servers`: (name, url); `server_extra`: fields added to each server;
+/// `models`: YAML for `models:`. Health checks every 200 ms.
 fn config(servers: &[(&str, String)], server_extra: &str, models: &str) -> String {
-    let mut yaml = String::from(
-        "upstream:\n  connect_timeout: 2s\n  health_interval: 200ms\n  health_timeout: 1s\n  queue_timeout: 20s\n  servers:\n",
+    config_with(servers, server_extra, models, "200ms", "")
+}
+
+/// [`config`] with another `health_interval` and more `upstream` fields.
+fn config_with(
+    servers: &[(&str, String)],
+    server_extra: &str,
+    models: &str,
+    health_interval: &str,
+    upstream_extra: &str,
+) -> String {
+    let mut yaml = format!(
+        "upstream:\n  connect_timeout: 2s\n  health_interval: {health_interval}\n  health_timeout: 1s\n  queue_timeout: 20s\n{upstream_extra}  servers:\n",
     );
     for (name, url) in servers {
         yaml.push_str(&format!(
@@ -129,7 +141,7 @@ async fn new_requests_go_to_the_server_with_the_fewest_in_flight() {
     // different servers.
     let mut long = Vec::new();
     for started in 1..=2usize {
-        long.push(spawn_stream(gw.url(), 40, 50));
+        long.push(spawn_stream(gw.url(), 100, 50));
         let deadline = Instant::now() + Duration::from_secs(10);
         while mocks.iter().map(MockLlama::active).sum::<usize>() < started {
             assert!(Instant::now() < deadline, "stream {started} never started");
@@ -184,6 +196,11 @@ async fn a_killed_server_is_failed_over_marked_down_and_rejoins_after_restart() 
     // Killed: its port is closed. No request fails, whether the health
     // check noticed yet or not: a refused connect moves on to b.
     a.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(a.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "a's port never closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before_b = chats(&b);
     for i in 0..20 {
         let (status, body) = chat(&gw, "qwen", &[]).await;
@@ -304,7 +321,8 @@ async fn every_server_refusing_is_a_503_naming_each() {
         ("a", format!("http://127.0.0.1:{port_a}")),
         ("b", format!("http://127.0.0.1:{port_b}")),
     ];
-    let gw = Gateway::start(&config(&servers, "", ONE_MODEL));
+    // No health check in this test: the request itself tries both.
+    let gw = Gateway::start(&config_with(&servers, "", ONE_MODEL, "1h", ""));
     let (status, body) = chat(&gw, "qwen", &[]).await;
     assert_eq!(status, 503, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -377,7 +395,8 @@ async fn embeddings_and_other_v1_paths_fail_over_too() {
     let (_held, dead) = support::gateway::refused_port();
     let b = MockLlama::start(MockOptions::default()).await;
     let servers = [("a", format!("http://127.0.0.1:{dead}")), ("b", b.url())];
-    let gw = Gateway::start(&config(&servers, "", ONE_MODEL));
+    // No health check in this test: the failed connects move the requests on.
+    let gw = Gateway::start(&config_with(&servers, "", ONE_MODEL, "1h", ""));
     let client = reqwest::Client::new();
     for i in 0..6 {
         let resp = client
@@ -402,4 +421,55 @@ async fn embeddings_and_other_v1_paths_fail_over_too() {
     }
     let count = |path: &str| b.requests().iter().filter(|r| r.path == path).count();
     assert_eq!((count("/v1/embeddings"), count("/v1/tokenize")), (6, 6));
+    // Each path found a refused once (then a was marked down and skipped).
+    let scrape = gw.scrape().await;
+    let refused = metric(
+        &scrape,
+        "llm_edge_upstream_errors_total{kind=\"refused\",upstream=\"a\"}",
+    );
+    assert!((1.0..=12.0).contains(&refused), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_server_hands_requests_to_one_with_room() {
+    let a = MockLlama::start(MockOptions::default()).await;
+    let b = MockLlama::start(MockOptions::default()).await;
+    // a has 1 slot, b 4; nothing may wait in a queue.
+    let yaml = config_with(
+        &[("a", a.url()), ("b", b.url())],
+        "",
+        ONE_MODEL,
+        "200ms",
+        "  max_queued: 0\n",
+    )
+    .replace(
+        &format!("      url: {}\n", a.url()),
+        &format!("      url: {}\n      max_in_flight: 1\n", a.url()),
+    )
+    .replace(
+        &format!("      url: {}\n", b.url()),
+        &format!("      url: {}\n      max_in_flight: 4\n", b.url()),
+    );
+    let gw = Gateway::start(&yaml);
+    let streams: Vec<_> = (0..5).map(|_| spawn_stream(gw.url(), 20, 50)).collect();
+    for t in streams {
+        let (status, text) = t.await.unwrap();
+        assert_eq!(status, 200, "{text}");
+    }
+    assert_eq!((a.max_active(), chats(&a) + chats(&b)), (1, 5));
+    assert!(b.max_active() <= 4, "{}", b.max_active());
+
+    // Both full: the sixth is refused at once, not queued.
+    let streams: Vec<_> = (0..5).map(|_| spawn_stream(gw.url(), 40, 50)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.active() + b.active() < 5 {
+        assert!(Instant::now() < deadline, "the five never all started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = chat(&gw, "qwen", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_busy");
+    for t in streams {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
 }
