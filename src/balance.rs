@@ -326,6 +326,20 @@ impl UpstreamSet {
             .join(", ")
     }
 
+    /// What the health checks last found, as reports; `None` while a server
+    /// has not been probed yet.
+    pub fn last_reports(&self) -> Option<Vec<HealthReport>> {
+        self.members
+            .iter()
+            .map(|m| match m.health() {
+                Health::Unknown => None,
+                Health::Up => Some(HealthReport::Healthy),
+                Health::Loading => Some(HealthReport::Loading(m.reason())),
+                Health::Down => Some(HealthReport::Unreachable(m.reason())),
+            })
+            .collect()
+    }
+
     /// Probes every server's `/health` at once and records the results.
     pub async fn check_all(self: &Arc<Self>, metrics: &Metrics) -> Vec<HealthReport> {
         let probes: Vec<_> = (0..self.members.len())
