@@ -309,9 +309,7 @@ impl GatewayProxy {
         // With several servers, the health checker's last findings: this
         // path needs no key, and must not open a connection to every server
         // per call. A lone server is probed now, as before.
-        let cached = (!set.is_single())
-            .then(|| set.last_reports())
-            .flatten();
+        let cached = (!set.is_single()).then(|| set.last_reports()).flatten();
         let reports = match cached {
             Some(reports) => reports,
             None => set.check_all(&self.state.metrics).await,
