@@ -6,9 +6,10 @@
 //! Pingora background service that probes every server's `/health`.
 //!
 //! A request goes to the healthy server (allowed for its model) with the
-//! fewest requests assigned, queued ones included; ties rotate. When the
-//! connect to it fails the server is marked down and the next one is tried:
-//! nothing was sent, so nothing runs twice. With a single server nothing is
+//! least load: requests assigned, queued ones included, per slot; ties
+//! rotate. When the connect to it fails the server is marked down and the
+//! next one is tried: nothing was sent, so nothing runs twice; when its queue
+//! is full, the next one is tried too. A model's lone server is never
 //! skipped: every request tries it, and its own error (the tunnel hint) is
 //! what the client sees; with several, a request for which every server is
 //! down or loading is answered 503 at once, naming each server's state.
