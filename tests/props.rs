@@ -454,8 +454,8 @@ fn event_object(depth: u32) -> BoxedStrategy<String> {
 }
 
 /// `data:` lines whose JSON is near the common token-delta event: the cases
-/// where the scanner's fast path must agree with the full parse (debug builds
-/// check both on every event), then the same lines with a few bytes replaced.
+/// where the scanner's fast path must agree with the full parse (`check_sse`
+/// holds it to that on every line), then the same lines with a few bytes replaced.
 fn fast_path_events() -> impl Strategy<Value = Vec<u8>> {
     let line = prop_oneof![
         3 => (json_string(), select(vec!["", ",\"index\":0", ",\"role\":\"assistant\""])).prop_map(|(c, extra)| format!(
@@ -517,8 +517,8 @@ proptest! {
         checks::check_sse_variants(&stream);
     }
 
-    /// Events near and around what the fast path accepts: in a debug build the
-    /// scanner panics if the fast path and the full parse ever disagree.
+    /// Events near and around what the fast path accepts: the fast path and
+    /// the full parse must never disagree.
     #[test]
     fn sse_fast_path_agrees_with_the_full_parse(stream in fast_path_events()) {
         let (whole, _) = checks::scan_in_pieces(&stream, &[]);

@@ -17,7 +17,7 @@ use llm_edge::auth::{self, ApiKey, KeyTable};
 use llm_edge::body::{self, Rewrite};
 use llm_edge::config;
 use llm_edge::routes;
-use llm_edge::sse::{JsonCollector, SseScanner};
+use llm_edge::sse::{self, JsonCollector, SseScanner};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -317,10 +317,20 @@ pub fn scan_in_pieces(input: &[u8], cuts: &[usize]) -> (SseScanner, u64) {
 /// Checks that the SSE scanner never panics, that its counts are consistent,
 /// and that feeding `input` in the pieces given by `cuts` gives the same
 /// stats and the same total of `feed` results as feeding it whole. Also runs
-/// the non-streaming `JsonCollector` over the same pieces. (With debug
-/// assertions, as fuzz builds and tests have, the scanner also checks its
-/// serde-free fast path against the full parse on every event it decides.)
+/// the non-streaming `JsonCollector` over the same pieces, and holds the
+/// scanner's serde-free fast path to the full parse on every `data:` line.
 pub fn check_sse(input: &[u8], cuts: &[usize]) {
+    for line in input.split(|&b| b == b'\n') {
+        if let Some(payload) = line.strip_prefix(b"data:") {
+            let payload = payload.strip_prefix(b" ").unwrap_or(payload);
+            let payload = payload.strip_suffix(b"\r").unwrap_or(payload);
+            assert!(
+                sse::fast_path_agrees(payload),
+                "SSE fast path disagrees with the full parse on {:?}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+    }
     let mut whole = SseScanner::new();
     let total = whole.feed(input);
     let stats = &whole.stats;
