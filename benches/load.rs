@@ -1015,6 +1015,17 @@ struct Streams {
     steady_delay_us: Vec<f64>,
 }
 
+impl Streams {
+    /// Adds one client task's counts and samples.
+    fn add(&mut self, s: Streams) {
+        self.ok += s.ok;
+        self.errors += s.errors;
+        self.ttft_us.extend(s.ttft_us);
+        self.delay_us.extend(s.delay_us);
+        self.steady_delay_us.extend(s.steady_delay_us);
+    }
+}
+
 /// Sends `req` on `conn` and follows the SSE stream to its end.
 async fn one_stream(
     conn: &mut Option<Conn>,
@@ -1105,12 +1116,7 @@ async fn stream_clients(
         .collect();
     let mut total = Streams::default();
     for task in tasks {
-        let s = task.await.unwrap();
-        total.ok += s.ok;
-        total.errors += s.errors;
-        total.ttft_us.extend(s.ttft_us);
-        total.delay_us.extend(s.delay_us);
-        total.steady_delay_us.extend(s.steady_delay_us);
+        total.add(task.await.unwrap());
     }
     total.secs = start.elapsed().as_secs_f64();
     total.cpu_s = (cpu_ticks(&t.pids) - cpu0) as f64 / env.ticks;
@@ -1175,12 +1181,7 @@ async fn slow_streams(
         .collect();
     let mut total = Streams::default();
     for task in tasks {
-        let s = task.await.unwrap();
-        total.ok += s.ok;
-        total.errors += s.errors;
-        total.ttft_us.extend(s.ttft_us);
-        total.delay_us.extend(s.delay_us);
-        total.steady_delay_us.extend(s.steady_delay_us);
+        total.add(task.await.unwrap());
     }
     total.secs = start.elapsed().as_secs_f64();
     total.cpu_s = (cpu_ticks(&t.pids) - cpu0) as f64 / env.ticks;
