@@ -555,6 +555,7 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.in_flight = Some(self.state.metrics.request_started());
         session.set_read_timeout(Some(self.state.cfg.downstream.read_timeout));
         session.set_keepalive(Some(
             self.state.cfg.downstream.keepalive_timeout.as_secs().max(1),
@@ -797,6 +798,7 @@ impl ProxyHttp for GatewayProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // The request is over: give its upstream slot and limit counts back now.
         ctx.lease = None;
+        ctx.in_flight = None;
         ctx.limit_guard = None;
         ctx.ip_slot = None;
         let status = ctx

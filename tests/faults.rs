@@ -713,6 +713,7 @@ async fn a_client_that_never_reads_gets_backpressure_not_buffering() {
     assert_eq!(mock.aborted(), 0);
     let m = gw.scrape().await;
     assert_eq!(metric(&m, "llm_edge_streams_active", &[]), 1.0);
+    assert_eq!(metric(&m, "llm_edge_requests_in_flight", &[]), 1.0);
 
     // Others are served meanwhile.
     still_serving(&gw).await;
