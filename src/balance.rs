@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use prometheus::IntGauge;
 
 use crate::admission::{Denied, SlotPermit, SlotQueue};
 use crate::config::{self, UpstreamServer};
@@ -87,6 +88,8 @@ pub struct Member {
     /// Requests assigned to it and not finished, queued ones included.
     assigned: AtomicUsize,
     health: AtomicU8,
+    /// `llm_edge_upstream_up` for this server, kept in step with `health`.
+    up: IntGauge,
     /// Why it was last marked down or loading, for the all-down message.
     reason: std::sync::Mutex<String>,
 }
@@ -120,6 +123,7 @@ impl Member {
 
     fn set_health(&self, health: Health, reason: &str) {
         self.health.store(health.as_u8(), Ordering::Relaxed);
+        self.up.set(i64::from(health == Health::Up));
         if health != Health::Up {
             let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
             r.clear();
@@ -206,7 +210,7 @@ pub fn pick(
 }
 
 impl UpstreamSet {
-    pub fn new(cfg: &config::Upstream) -> UpstreamSet {
+    pub fn new(cfg: &config::Upstream, metrics: &Metrics) -> UpstreamSet {
         let members = cfg
             .servers
             .iter()
@@ -216,6 +220,7 @@ impl UpstreamSet {
                     .then(|| SlotQueue::new(server.max_in_flight, cfg.max_queued)),
                 assigned: AtomicUsize::new(0),
                 health: AtomicU8::new(Health::Unknown.as_u8()),
+                up: metrics.upstream_up_gauge(&server.name),
                 reason: std::sync::Mutex::new(String::new()),
             })
             .collect();
@@ -302,8 +307,9 @@ impl UpstreamSet {
         }
     }
 
-    /// Records what a request learned about a server: a connect that failed
-    /// marks it down until its next good health probe.
+    /// Records what a request learned about a server (a connect that failed
+    /// marks it down until its next good health probe), and its
+    /// `llm_edge_upstream_up`.
     pub fn mark(&self, index: usize, health: Health, reason: &str) {
         self.members[index].set_health(health, reason);
     }
@@ -342,7 +348,7 @@ impl UpstreamSet {
     }
 
     /// Probes every server's `/health` at once and records the results.
-    pub async fn check_all(self: &Arc<Self>, metrics: &Metrics) -> Vec<HealthReport> {
+    pub async fn check_all(self: &Arc<Self>) -> Vec<HealthReport> {
         let probes: Vec<_> = (0..self.members.len())
             .map(|i| {
                 let set = self.clone();
@@ -368,7 +374,6 @@ impl UpstreamSet {
                 );
             }
             member.set_health(health, reason);
-            metrics.set_upstream_up(&member.server().name, health == Health::Up);
             reports.push(report);
         }
         reports
@@ -379,7 +384,6 @@ impl UpstreamSet {
 /// (only started when there are several: a lone server is always tried).
 pub struct HealthChecker {
     pub set: Arc<UpstreamSet>,
-    pub metrics: Arc<Metrics>,
     pub interval: Duration,
 }
 
@@ -395,7 +399,7 @@ impl BackgroundService for HealthChecker {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {
-                    self.set.check_all(&self.metrics).await;
+                    self.set.check_all().await;
                 }
             }
         }

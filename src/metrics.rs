@@ -334,10 +334,9 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_upstream_up(&self, upstream: &str, up: bool) {
-        self.upstream_up
-            .with_label_values(&[upstream])
-            .set(i64::from(up));
+    /// `llm_edge_upstream_up` of a configured server, kept by its [`Member`](crate::balance::Member).
+    pub fn upstream_up_gauge(&self, upstream: &str) -> IntGauge {
+        self.upstream_up.with_label_values(&[upstream])
     }
 
     pub fn auth_failure(&self, reason: &str) {

@@ -18,7 +18,6 @@ use subtle::ConstantTimeEq;
 
 use crate::errors::ApiError;
 use crate::state::GatewayState;
-use crate::upstream::HealthReport;
 
 pub struct MetricsApp {
     pub state: Arc<GatewayState>,
@@ -48,9 +47,7 @@ pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16,
     }
     let set = &state.upstream;
     if set.is_single() {
-        let member = &set.members()[0];
-        let healthy = member.client.health().await == HealthReport::Healthy;
-        metrics.set_upstream_up(&member.server().name, healthy);
+        set.check_all().await;
     }
     metrics.set_buffered_bytes(state.budget.used());
     for member in set.members() {

@@ -37,15 +37,6 @@ use crate::upstream::HealthReport;
 /// The error `upstream_peer` gives when no server is up (several servers).
 const NO_UPSTREAM: &str = "NoUpstream";
 
-/// `llm_edge_upstream_errors_total{kind}` of a failed connect.
-fn connect_error_kind(e: &Error) -> &'static str {
-    if matches!(e.etype(), ErrorType::ConnectTimedout) {
-        "connect_timeout"
-    } else {
-        "refused"
-    }
-}
-
 /// A server's state in `/health/upstream`, and what it said.
 fn health_words(report: &HealthReport) -> (&'static str, Option<&str>) {
     match report {
@@ -312,7 +303,7 @@ impl GatewayProxy {
         let cached = (!set.is_single()).then(|| set.last_reports()).flatten();
         let reports = match cached {
             Some(reports) => reports,
-            None => set.check_all(&self.state.metrics).await,
+            None => set.check_all().await,
         };
         let servers: Vec<serde_json::Value> = set
             .members()
@@ -627,7 +618,6 @@ impl ProxyHttp for GatewayProxy {
         if let Some(index) = ctx.upstream {
             let set = &self.state.upstream;
             let name = &set.members()[index].server().name;
-            self.state.metrics.set_upstream_up(name, false);
             set.mark(
                 index,
                 crate::balance::Health::Down,
@@ -637,7 +627,7 @@ impl ProxyHttp for GatewayProxy {
             if set.has_candidate(&[], &ctx.tried) {
                 self.state
                     .metrics
-                    .upstream_error(name, connect_error_kind(&e));
+                    .upstream_error(name, crate::upstream::connect_kind(&e));
                 e.set_retry(true);
             }
         }
@@ -744,25 +734,19 @@ impl ProxyHttp for GatewayProxy {
                 | ErrorType::ConnectRefused
                 | ErrorType::ConnectError
                 | ErrorType::ConnectNoRoute,
-            ) if !self.state.upstream.is_single() => {
-                ctx.upstream_error = Some(connect_error_kind(e));
-                ApiError::UpstreamUnavailable(format!(
-                    "no upstream server could take the request: {}; check their SSH tunnels and llama-server processes",
-                    self.state.upstream.describe(&[])
-                ))
-            }
-            (
-                _,
-                ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectError
-                | ErrorType::ConnectNoRoute,
             ) => {
-                ctx.upstream_error = Some("refused");
-                ApiError::UpstreamUnreachable(format!(
-                    "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
-                    self.upstream_server(ctx).authority
-                ))
+                ctx.upstream_error = Some(crate::upstream::connect_kind(e));
+                if self.state.upstream.is_single() {
+                    ApiError::UpstreamUnreachable(format!(
+                        "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
+                        self.upstream_server(ctx).authority
+                    ))
+                } else {
+                    ApiError::UpstreamUnavailable(format!(
+                        "no upstream server could take the request: {}; check their SSH tunnels and llama-server processes",
+                        self.state.upstream.describe(&[])
+                    ))
+                }
             }
             (_, ErrorType::ReadTimedout) => {
                 ctx.upstream_error = Some("timeout");

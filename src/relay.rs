@@ -172,7 +172,6 @@ async fn open(
                 let status = exchange.http.get_status().map_or(0, |s| s.as_u16());
                 if status != 503 {
                     set.mark(index, Health::Up, "");
-                    metrics.set_upstream_up(&server.name, true);
                 }
                 return Ok((lease, exchange));
             }
@@ -181,7 +180,6 @@ async fn open(
                     failure,
                     UpstreamFailure::Connect(_) | UpstreamFailure::NoResponse(_)
                 ) {
-                    metrics.set_upstream_up(&server.name, false);
                     set.mark(index, Health::Down, &failure.short_reason());
                 }
                 if !failure.nothing_sent() {

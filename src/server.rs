@@ -107,7 +107,6 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
             "upstream health checks",
             HealthChecker {
                 set: state.upstream.clone(),
-                metrics: state.metrics.clone(),
                 interval: state.cfg.upstream.health_interval,
             },
         ));

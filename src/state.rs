@@ -35,7 +35,7 @@ impl GatewayState {
             Instant::now(),
         );
         Arc::new(GatewayState {
-            upstream: Arc::new(UpstreamSet::new(&cfg.upstream)),
+            upstream: Arc::new(UpstreamSet::new(&cfg.upstream, &metrics)),
             metrics: Arc::new(metrics),
             budget: BodyBudget::new(cfg.limits.max_buffered_body_bytes),
             limiter: Arc::new(limiter),

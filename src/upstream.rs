@@ -53,10 +53,7 @@ impl UpstreamFailure {
 impl UpstreamFailure {
     pub fn kind(&self) -> &'static str {
         match self {
-            UpstreamFailure::Connect(e) if matches!(e.etype(), ErrorType::ConnectTimedout) => {
-                "connect_timeout"
-            }
-            UpstreamFailure::Connect(_) => "refused",
+            UpstreamFailure::Connect(e) => connect_kind(e),
             UpstreamFailure::NoResponse(_) => "reset",
             UpstreamFailure::FirstByteTimeout(_) => "timeout",
             UpstreamFailure::Invalid(_) => "invalid_response",
@@ -93,6 +90,15 @@ impl UpstreamFailure {
                 describe(&e)
             )),
         }
+    }
+}
+
+/// `llm_edge_upstream_errors_total{kind}` of a failed connect.
+pub fn connect_kind(e: &Error) -> &'static str {
+    if matches!(e.etype(), ErrorType::ConnectTimedout) {
+        "connect_timeout"
+    } else {
+        "refused"
     }
 }
 
