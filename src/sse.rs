@@ -115,11 +115,13 @@ impl ResponseStats {
         (total > 0).then(|| t.cache_n as f64 / total as f64)
     }
 
-    /// Reads one stream event (a `data:` payload); returns whether it carried content.
+    /// Reads one stream event (a `data:` payload); returns whether it carried
+    /// content (a delta, counted in `content_events`).
     fn absorb(&mut self, payload: &[u8]) -> bool {
         self.events += 1;
-        let Some(has_content) = quick_content(payload) else {
-            return self.absorb_parsed(payload);
+        let has_content = match quick_content(payload) {
+            Some(has_content) => has_content,
+            None => self.absorb_parsed(payload),
         };
         if has_content {
             self.content_events += 1;
@@ -127,7 +129,9 @@ impl ResponseStats {
         has_content
     }
 
-    /// The full parse of one JSON document (`events` is the caller's).
+    /// The full parse of one JSON document: records everything but the
+    /// counts (`events`, `content_events` are the caller's); returns whether
+    /// it carried content.
     fn absorb_parsed(&mut self, payload: &[u8]) -> bool {
         let event: Event = match serde_json::from_slice(payload) {
             Ok(e) => e,
@@ -148,9 +152,6 @@ impl ResponseStats {
         let choices = event.choices.unwrap_or_default();
         if choices.finish_reason.is_some() {
             self.finish_reason = choices.finish_reason;
-        }
-        if choices.has_content {
-            self.content_events += 1;
         }
         choices.has_content
     }
@@ -239,11 +240,7 @@ pub fn fast_path_agrees(payload: &[u8]) -> bool {
     };
     let mut full = ResponseStats::default();
     let full_content = full.absorb_parsed(payload);
-    let expected = ResponseStats {
-        content_events: u64::from(has_content),
-        ..ResponseStats::default()
-    };
-    full_content == has_content && full == expected
+    full_content == has_content && full == ResponseStats::default()
 }
 
 /// Nesting the fast path follows inside a value it skips; deeper events take
@@ -688,10 +685,9 @@ impl JsonCollector {
         let mut stats = ResponseStats::default();
         if !self.too_big && !self.body.is_empty() {
             // A whole response, not a delta: straight to the full parse.
+            // One message, not a delta: `content_events` stays 0.
             stats.events += 1;
             stats.absorb_parsed(&self.body);
-            // A non-streamed reply is one message: its content is not a delta count.
-            stats.content_events = 0;
         }
         stats
     }
