@@ -195,8 +195,8 @@ impl Candidate {
 }
 
 /// Out of `of` (> 0) servers, picks a routable candidate with the least load
-/// (assigned requests per slot), rotating among equals from `start`; `None`
-/// when none is routable.
+/// (assigned requests per slot), rotating among equals from `start` (< `of`);
+/// `None` when none is routable.
 pub fn pick(
     candidates: impl IntoIterator<Item = Candidate>,
     start: usize,
@@ -205,7 +205,7 @@ pub fn pick(
     candidates
         .into_iter()
         .filter(|c| c.health.routable())
-        .min_by_key(|c| (c.load(), (c.index + of - start % of) % of))
+        .min_by_key(|c| (c.load(), (c.index + of - start) % of))
         .map(|c| c.index)
 }
 

@@ -127,6 +127,18 @@ struct NotOpened {
     error: ApiError,
 }
 
+impl NotOpened {
+    /// Server `index` failed with `failure`, and that is the answer.
+    fn failed(set: &UpstreamSet, index: usize, failure: UpstreamFailure) -> NotOpened {
+        NotOpened {
+            upstream: Some(index),
+            upstream_error: Some(failure.kind()),
+            limited: None,
+            error: failure.into_api_error(&set.members()[index].server().authority),
+        }
+    }
+}
+
 /// Picks a server, waits for one of its slots, sends the request; when the
 /// connect fails, marks that server down and tries the next one, and when
 /// its queue is full, tries the next one too.
@@ -183,12 +195,7 @@ async fn open(
                     set.mark(index, Health::Down, &failure.short_reason());
                 }
                 if !failure.nothing_sent() {
-                    return Err(NotOpened {
-                        upstream: Some(index),
-                        upstream_error: Some(failure.kind()),
-                        limited: None,
-                        error: failure.into_api_error(&server.authority),
-                    });
+                    return Err(NotOpened::failed(set, index, failure));
                 }
                 tried.push(index);
                 failed = Some((index, failure));
@@ -203,12 +210,7 @@ fn no_server_left(relay: &Relay<'_>, failed: Option<(usize, UpstreamFailure)>) -
     let set = relay.upstream;
     let candidates = set.candidates(relay.allowed);
     match failed {
-        Some((index, failure)) if candidates == 1 => NotOpened {
-            upstream: Some(index),
-            upstream_error: Some(failure.kind()),
-            limited: None,
-            error: failure.into_api_error(&set.members()[index].server().authority),
-        },
+        Some((index, failure)) if candidates == 1 => NotOpened::failed(set, index, failure),
         failed => NotOpened {
             upstream: failed.as_ref().map(|(i, _)| *i),
             upstream_error: failed.as_ref().map(|(_, f)| f.kind()),

@@ -159,8 +159,7 @@ impl UpstreamClient {
         body: &Bytes,
     ) -> Result<Exchange, UpstreamFailure> {
         let mut req = req.clone();
-        headers::address_to(&mut req, &self.server)
-            .map_err(|e| UpstreamFailure::Invalid(Box::new(*e)))?;
+        headers::address_to(&mut req, &self.server).map_err(UpstreamFailure::Invalid)?;
         let req = &req;
         if let Some(stream) = self.transport.reused_stream(&self.peer).await {
             let http = HttpSession::new_with_options(stream, &self.peer);
