@@ -73,6 +73,13 @@ fn hash_key() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // An Authorization header cannot carry them: such a key could never be used.
+    if key.trim() != key || key.chars().any(char::is_control) {
+        eprintln!(
+            "llm-edge hash-key: the key has leading or trailing spaces or control characters, which no client can send in an Authorization header; use a key without them (llm-edge gen-key makes one)"
+        );
+        return ExitCode::from(2);
+    }
     println!("{}", llm_edge::auth::digest_hex(key));
     ExitCode::SUCCESS
 }

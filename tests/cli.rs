@@ -108,6 +108,29 @@ fn hash_key_trims_one_trailing_newline() {
     );
 }
 
+#[test]
+fn hash_key_refuses_keys_no_client_can_send() {
+    for key in [&b" sk-padded"[..], b"sk-padded \n", b"sk-tab\there"] {
+        let mut child = llm_edge()
+            .arg("hash-key")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(key).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{:?}",
+            String::from_utf8_lossy(key)
+        );
+        assert!(out.stdout.is_empty());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Authorization header"));
+    }
+}
+
 #[tokio::test]
 async fn the_seed_environment_works_without_a_config_file() {
     let mock = MockLlama::start(MockOptions::default()).await;
