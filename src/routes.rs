@@ -45,6 +45,31 @@ impl Route {
     }
 }
 
+/// The wire format a model route speaks: it decides the shape of the errors
+/// the gateway writes and how the response stream is read for accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI chat completions, completions, embeddings (and llama.cpp's own
+    /// fields on them): `data: {"choices":[...]}` chunks, `data: [DONE]`.
+    OpenAi,
+    /// OpenAI's Responses API: `event: response.output_text.delta`, usage in
+    /// `response.completed`.
+    Responses,
+    /// Anthropic Messages: `event: content_block_delta`, input tokens in
+    /// `message_start`, output tokens in `message_delta`.
+    Anthropic,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::OpenAi => "openai",
+            Dialect::Responses => "responses",
+            Dialect::Anthropic => "anthropic",
+        }
+    }
+}
+
 /// Label for requests that matched no route.
 pub const UNKNOWN_ROUTE: &str = "unknown";
 
