@@ -133,14 +133,19 @@ impl KeyTable {
 
     /// Authenticates the value of an `Authorization` header.
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<&ApiKey, ApiError> {
-        let token = match authorization.map(bearer_token) {
-            Some(Some(token)) => token,
-            Some(None) | None => {
+        self.authenticate_token(authorization.and_then(bearer_token))
+    }
+
+    /// Authenticates a presented key (see [`presented_token`]).
+    pub fn authenticate_token(&self, token: Option<&[u8]>) -> Result<&ApiKey, ApiError> {
+        let token = match token {
+            Some(token) => token,
+            None => {
                 if let Some(anon) = &self.anonymous {
                     return Ok(anon);
                 }
                 return Err(ApiError::MissingKey(
-                    "missing API key: send it as 'Authorization: Bearer <key>' (OpenAI clients do this with api_key=...)"
+                    "missing API key: send it as 'Authorization: Bearer <key>' (OpenAI clients do this with api_key=...) or as 'x-api-key: <key>' (Anthropic clients)"
                         .into(),
                 ));
             }
@@ -166,6 +171,33 @@ impl KeyTable {
     }
 }
 
+/// The key a request presents: `Authorization: Bearer <key>` (OpenAI
+/// clients) or `x-api-key: <key>` (Anthropic clients), given all values of
+/// each header. More than one of a header, or both headers carrying
+/// different keys, is ambiguous (a proxy on the way may read another one
+/// than we do) and refused with 400.
+pub fn presented_token<'a>(
+    authorization: &[&'a [u8]],
+    x_api_key: &[&'a [u8]],
+) -> Result<Option<&'a [u8]>, ApiError> {
+    if authorization.len() > 1 || x_api_key.len() > 1 {
+        return Err(ApiError::InvalidRequest(
+            "the request carries more than one Authorization or x-api-key header; send the key exactly once".into(),
+        ));
+    }
+    let bearer = authorization.first().and_then(|v| bearer_token(v));
+    let x_key = x_api_key
+        .first()
+        .map(|v| v.trim_ascii())
+        .filter(|v| !v.is_empty());
+    match (bearer, x_key) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::InvalidRequest(
+            "the Authorization and x-api-key headers carry different keys; send one".into(),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// The token of `Bearer <token>` (scheme case-insensitive), if well-formed.
 fn bearer_token(header: &[u8]) -> Option<&[u8]> {
     let header = header.trim_ascii();
@@ -179,6 +211,23 @@ fn bearer_token(header: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_credential_only() {
+        let (a, b): (&[u8], &[u8]) = (b"Bearer sk-a", b"Bearer sk-b");
+        assert_eq!(presented_token(&[a], &[]).unwrap(), Some(&b"sk-a"[..]));
+        assert_eq!(presented_token(&[], &[b"sk-x"]).unwrap(), Some(&b"sk-x"[..]));
+        assert_eq!(presented_token(&[a], &[b"sk-a"]).unwrap(), Some(&b"sk-a"[..]));
+        assert_eq!(presented_token(&[], &[]).unwrap(), None);
+        for (auth, x) in [
+            (&[a, b][..], &[][..]),
+            (&[a, a], &[]),
+            (&[], &[&b"k"[..], b"k"]),
+            (&[a], &[&b"sk-b"[..]]),
+        ] {
+            assert_eq!(presented_token(auth, x).unwrap_err().status(), 400);
+        }
+    }
 
     fn table() -> KeyTable {
         KeyTable::new(

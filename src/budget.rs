@@ -4,6 +4,19 @@
 //! decides routing and authorization). One 32 MiB body is fine; a thousand at
 //! once is not. Every buffered byte is reserved here first, and a request that
 //! does not fit is answered 503 instead of growing the process without bound.
+//!
+//! Bytes are reserved as they arrive, never from a declared `Content-Length`:
+//! otherwise a few connections that announce 32 MiB and then send a byte a
+//! second would hold the whole budget without costing the sender anything.
+//! [`Uploads`] also caps how many bodies one key and one client IP may be
+//! sending at once, so a slow sender cannot crowd out everyone else.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use pingora_limits::inflight::{Guard, Inflight};
+
+use crate::limits::Refusal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -71,6 +84,67 @@ impl Drop for Reservation {
     }
 }
 
+/// Request bodies being received at once, per key and per client IP
+/// (count-min estimates: bounded memory however many addresses show up).
+pub struct Uploads {
+    per_key: Option<u32>,
+    per_ip: Option<u32>,
+    keys: Inflight,
+    ips: Inflight,
+}
+
+/// One body being received; released when dropped.
+pub struct UploadSlot(#[allow(dead_code)] Vec<Guard>);
+
+impl std::fmt::Debug for UploadSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UploadSlot")
+    }
+}
+
+impl Uploads {
+    pub fn new(per_key: Option<u32>, per_ip: Option<u32>) -> Uploads {
+        Uploads {
+            per_key,
+            per_ip,
+            keys: Inflight::new(),
+            ips: Inflight::new(),
+        }
+    }
+
+    /// Counts one more body of `key` from `ip`, or refuses it.
+    pub fn enter(&self, key: &str, ip: Option<IpAddr>) -> Result<UploadSlot, Refusal> {
+        let mut guards = Vec::with_capacity(2);
+        if let Some(max) = self.per_key {
+            let (guard, n) = self.keys.incr(key, 1);
+            guards.push(guard);
+            if n > max as isize {
+                return Err(Refusal {
+                    reason: "key_uploads",
+                    message: format!(
+                        "the API key '{key}' is already sending {max} request bodies at once (limits.max_uploads_per_key); retry when one has arrived"
+                    ),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
+        if let (Some(max), Some(ip)) = (self.per_ip, ip) {
+            let (guard, n) = self.ips.incr(ip, 1);
+            guards.push(guard);
+            if n > max as isize {
+                return Err(Refusal {
+                    reason: "ip_uploads",
+                    message: format!(
+                        "this address is already sending {max} request bodies at once (limits.max_uploads_per_ip); retry when one has arrived"
+                    ),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
+        Ok(UploadSlot(guards))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +164,21 @@ mod tests {
         assert!(b.grow_to(100));
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn uploads_are_capped_per_key_and_per_ip() {
+        let u = Uploads::new(Some(2), Some(2));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let a1 = u.enter("a", ip("192.0.2.1")).unwrap();
+        let _a2 = u.enter("a", ip("192.0.2.2")).unwrap();
+        assert_eq!(u.enter("a", ip("192.0.2.3")).unwrap_err().reason, "key_uploads");
+        let _b1 = u.enter("b", ip("192.0.2.1")).unwrap();
+        assert_eq!(u.enter("c", ip("192.0.2.1")).unwrap_err().reason, "ip_uploads");
+        drop(a1);
+        assert!(u.enter("a", ip("192.0.2.9")).is_ok());
+        let free = Uploads::new(None, None);
+        let _held: Vec<_> = (0..100).map(|_| free.enter("a", None).unwrap()).collect();
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::clients::{ClientPolicy, IpNet};
 use crate::cors::CorsPolicy;
 use crate::limits::{KeyLimits, OverMaxTokens};
 use crate::models::{Catalogue, ModelRoute};
+use crate::routes::RouteTable;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8080";
@@ -57,6 +58,16 @@ pub struct FileConfig {
     pub metrics: MetricsSection,
     pub cors: CorsSection,
     pub tls: Option<TlsSection>,
+    pub routes: RoutesSection,
+}
+
+/// Paths beyond the built-in route table that the operator opens on purpose.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesSection {
+    /// Exact paths (e.g. `/props`) forwarded to llama-server as they are,
+    /// after the key and the key's request limits; the body is not inspected.
+    pub passthrough: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +116,7 @@ impl Default for FileConfig {
             metrics: MetricsSection::default(),
             cors: CorsSection::default(),
             tls: None,
+            routes: RoutesSection::default(),
         }
     }
 }
@@ -207,6 +219,10 @@ pub struct LimitsSection {
     pub max_body_bytes: usize,
     pub max_buffered_body_bytes: usize,
     pub max_concurrent_requests: Option<usize>,
+    /// Request bodies one key may be sending at once.
+    pub max_uploads_per_key: Option<u32>,
+    /// Request bodies one client IP may be sending at once.
+    pub max_uploads_per_ip: Option<u32>,
 }
 
 impl Default for LimitsSection {
@@ -216,6 +232,8 @@ impl Default for LimitsSection {
             max_body_bytes: 32 << 20,
             max_buffered_body_bytes: 512 << 20,
             max_concurrent_requests: None,
+            max_uploads_per_key: Some(32),
+            max_uploads_per_ip: Some(16),
         }
     }
 }
@@ -227,6 +245,9 @@ pub struct DownstreamSection {
     pub read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// The longest a whole request body may take to arrive.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     pub trusted_proxies: Vec<String>,
     pub max_auth_failures_per_minute: Option<u32>,
     pub max_concurrent_per_ip: Option<u32>,
@@ -237,6 +258,7 @@ impl Default for DownstreamSection {
         DownstreamSection {
             read_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
             trusted_proxies: Vec::new(),
             max_auth_failures_per_minute: Some(60),
             max_concurrent_per_ip: None,
@@ -327,12 +349,15 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_buffered_body_bytes: usize,
     pub max_concurrent_requests: Option<usize>,
+    pub max_uploads_per_key: Option<u32>,
+    pub max_uploads_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Downstream {
     pub read_timeout: Duration,
     pub keepalive_timeout: Duration,
+    pub body_timeout: Duration,
     pub clients: ClientPolicy,
 }
 
@@ -361,6 +386,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub cors: CorsPolicy,
     pub tls: Option<TlsConfig>,
+    pub routes: RouteTable,
 }
 
 /// The optional TLS listener (rustls; HTTP/2 over ALPN when `http2`).
@@ -468,7 +494,20 @@ impl FileConfig {
             max_body_bytes: self.limits.max_body_bytes,
             max_buffered_body_bytes: self.limits.max_buffered_body_bytes,
             max_concurrent_requests: self.limits.max_concurrent_requests,
+            max_uploads_per_key: self.limits.max_uploads_per_key,
+            max_uploads_per_ip: self.limits.max_uploads_per_ip,
         };
+        for (field, value) in [
+            ("max_uploads_per_key", limits.max_uploads_per_key),
+            ("max_uploads_per_ip", limits.max_uploads_per_ip),
+        ] {
+            if value == Some(0) {
+                return Err(err(
+                    format!("limits.{field}"),
+                    "must be at least 1 (null turns it off)",
+                ));
+            }
+        }
         if limits.max_concurrent_requests == Some(0) {
             return Err(err(
                 "limits.max_concurrent_requests",
@@ -509,6 +548,7 @@ impl FileConfig {
         let downstream = Downstream {
             read_timeout: nonzero("downstream.read_timeout", d.read_timeout)?,
             keepalive_timeout: d.keepalive_timeout,
+            body_timeout: nonzero("downstream.body_timeout", d.body_timeout)?,
             clients: ClientPolicy {
                 trusted_proxies,
                 max_auth_failures_per_minute: d.max_auth_failures_per_minute,
@@ -539,6 +579,7 @@ impl FileConfig {
             }
         }
         let metrics = validate_metrics(self.metrics, &listen)?;
+        let routes = validate_routes(self.routes, &metrics)?;
         let cors = validate_cors(self.cors)?;
         let tls = match self.tls {
             None => None,
@@ -556,8 +597,38 @@ impl FileConfig {
             metrics,
             cors,
             tls,
+            routes,
         })
     }
+}
+
+fn validate_routes(r: RoutesSection, metrics: &MetricsConfig) -> Result<RouteTable, ConfigError> {
+    let mut paths: Vec<String> = Vec::with_capacity(r.passthrough.len());
+    for (i, path) in r.passthrough.into_iter().enumerate() {
+        let at = format!("routes.passthrough[{i}]");
+        if path.contains('?') {
+            return Err(err(at, format!("'{path}' has a query; list the path only")));
+        }
+        crate::routes::check_canonical(&path).map_err(|e| err(&at, format!("'{path}': {e}")))?;
+        let path = match path.strip_suffix('/') {
+            Some(p) if !p.is_empty() => p.to_string(),
+            _ => path,
+        };
+        let builtin = crate::routes::classify("POST", &path).is_ok()
+            || crate::routes::classify("GET", &path).is_ok()
+            || path.starts_with("/v1/models");
+        if builtin || (metrics.on_public_listener && path == metrics.path) {
+            return Err(err(
+                at,
+                format!("'{path}' is one of the gateway's own routes; passthrough is for other llama-server paths"),
+            ));
+        }
+        if paths.contains(&path) {
+            return Err(err(at, format!("'{path}' is listed twice")));
+        }
+        paths.push(path);
+    }
+    Ok(RouteTable::new(paths))
 }
 
 fn validate_metrics(m: MetricsSection, public_listen: &str) -> Result<MetricsConfig, ConfigError> {

@@ -66,6 +66,8 @@ pub struct RequestCtx {
     pub client_ip: Option<std::net::IpAddr>,
     /// This request's share of its IP's concurrency limit.
     pub ip_slot: Option<crate::clients::IpSlot>,
+    /// An HTTP/1.0 client: no chunked coding in its responses.
+    pub http10: bool,
 }
 
 impl RequestCtx {
@@ -94,6 +96,7 @@ impl RequestCtx {
             limited: None,
             client_ip: None,
             ip_slot: None,
+            http10: false,
         }
     }
 

@@ -3,11 +3,15 @@
 //! Every rejection llm-edge writes itself becomes an [`ApiError`]: it knows its
 //! HTTP status, renders the OpenAI error body (`{"error":{"message","type","param","code"}}`)
 //! that every OpenAI SDK can parse, and names itself with a short, bounded label
-//! for logs and metrics. Upstream errors (llama-server's own 4xx/5xx) are passed
-//! through untouched and never go through this type.
+//! for logs and metrics. The Anthropic Messages routes get the same errors in
+//! Anthropic's shape (`{"type":"error","error":{"type","message"}}`), which the
+//! `anthropic` SDKs and Claude Code parse. llama-server's own JSON errors are
+//! passed through; what it answers that is not JSON becomes one of these.
 
 use bytes::Bytes;
 use serde_json::json;
+
+use crate::routes::Dialect;
 
 /// A failure the gateway reports to the client itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +38,8 @@ pub enum ApiError {
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    BodyTimeout(String),
     #[error(
         "request headers are larger than the limit of {limit} bytes (limits.max_header_bytes)"
     )]
@@ -52,6 +58,10 @@ pub enum ApiError {
     UpstreamUnavailable(String),
     #[error("{0}")]
     UpstreamBroken(String),
+    /// llama-server answered, but not with what the route speaks (an HTML
+    /// page, plain text or broken JSON where JSON was expected).
+    #[error("{message}")]
+    UpstreamInvalid { status: u16, message: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -65,6 +75,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge { .. } => 413,
+            ApiError::BodyTimeout(_) => 408,
             ApiError::HeadersTooLarge { .. } => 431,
             ApiError::RateLimited { .. } => 429,
             ApiError::Overloaded(_)
@@ -72,6 +83,7 @@ impl ApiError {
             | ApiError::UpstreamBusy { .. } => 503,
             ApiError::UpstreamUnreachable(_) | ApiError::UpstreamBroken(_) => 502,
             ApiError::UpstreamTimeout(_) => 504,
+            ApiError::UpstreamInvalid { status, .. } => *status,
             ApiError::Internal(_) => 500,
         }
     }
@@ -87,6 +99,7 @@ impl ApiError {
             | ApiError::NotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::BodyTooLarge { .. }
+            | ApiError::BodyTimeout(_)
             | ApiError::HeadersTooLarge { .. } => "invalid_request_error",
             ApiError::Overloaded(_) | ApiError::UpstreamBusy { .. } => "overloaded_error",
             ApiError::RateLimited { .. } => "requests",
@@ -94,6 +107,7 @@ impl ApiError {
             | ApiError::UpstreamTimeout(_)
             | ApiError::UpstreamUnavailable(_)
             | ApiError::UpstreamBroken(_)
+            | ApiError::UpstreamInvalid { .. }
             | ApiError::Internal(_) => "server_error",
         }
     }
@@ -110,6 +124,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::Overloaded(_) => "gateway_overloaded",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
@@ -118,6 +133,7 @@ impl ApiError {
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
             ApiError::UpstreamUnavailable(_) => "upstream_unavailable",
             ApiError::UpstreamBroken(_) => "upstream_error",
+            ApiError::UpstreamInvalid { .. } => "invalid_response",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -154,12 +170,73 @@ impl ApiError {
         Bytes::from(json!({ "error": error }).to_string())
     }
 
+    /// Anthropic's `error.type` for this error's status.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The JSON body in `dialect`'s shape.
+    pub fn body_in(&self, dialect: Dialect, request_id: Option<&str>) -> Bytes {
+        match dialect {
+            Dialect::Anthropic => {
+                Bytes::from(self.anthropic_json(request_id).to_string())
+            }
+            Dialect::OpenAi | Dialect::Responses => self.body(request_id),
+        }
+    }
+
+    fn anthropic_json(&self, request_id: Option<&str>) -> serde_json::Value {
+        let mut v = json!({
+            "type": "error",
+            "error": {"type": self.anthropic_type(), "message": self.to_string()},
+        });
+        if let Some(id) = request_id {
+            v["request_id"] = json!(id);
+        }
+        v
+    }
+
     /// The same error as one SSE event, for a stream that already started:
     /// the client sees why it ended and, without `[DONE]`, knows the reply is cut.
     pub fn sse_event(&self, request_id: Option<&str>) -> Bytes {
-        let body = self.body(request_id);
-        let mut event = Vec::with_capacity(body.len() + 8);
-        event.extend_from_slice(b"data: ");
+        self.sse_event_in(Dialect::OpenAi, request_id)
+    }
+
+    /// [`ApiError::sse_event`] in `dialect`'s framing: a `data:` line with
+    /// the OpenAI error for chat; `event: error` for Anthropic (its SDKs raise
+    /// on it) and for the Responses API (with an `error` member, which the
+    /// `openai` SDK raises on).
+    pub fn sse_event_in(&self, dialect: Dialect, request_id: Option<&str>) -> Bytes {
+        let (prefix, body): (&[u8], Bytes) = match dialect {
+            Dialect::OpenAi => (b"data: ", self.body(request_id)),
+            Dialect::Anthropic => (
+                b"event: error\ndata: ",
+                Bytes::from(self.anthropic_json(request_id).to_string()),
+            ),
+            Dialect::Responses => {
+                let openai: serde_json::Value =
+                    serde_json::from_slice(&self.body(request_id)).unwrap_or_default();
+                let v = json!({
+                    "type": "error",
+                    "code": self.code(),
+                    "message": self.to_string(),
+                    "param": self.param(),
+                    "error": openai["error"],
+                });
+                (b"event: error\ndata: ", Bytes::from(v.to_string()))
+            }
+        };
+        let mut event = Vec::with_capacity(prefix.len() + body.len() + 2);
+        event.extend_from_slice(prefix);
         event.extend_from_slice(&body);
         event.extend_from_slice(b"\n\n");
         Bytes::from(event)
@@ -214,6 +291,11 @@ mod tests {
             ApiError::UpstreamTimeout("m".into()),
             ApiError::UpstreamUnavailable("m".into()),
             ApiError::UpstreamBroken("m".into()),
+            ApiError::UpstreamInvalid {
+                status: 502,
+                message: "m".into(),
+            },
+            ApiError::BodyTimeout("m".into()),
             ApiError::Internal("m".into()),
         ];
         for e in all {
@@ -265,6 +347,31 @@ mod tests {
         let e = ApiError::InvalidRequest("bad".into());
         let v: Value = serde_json::from_slice(&e.body(Some("req-1"))).unwrap();
         assert_eq!(v["error"]["request_id"], "req-1");
+    }
+
+    #[test]
+    fn anthropic_shape() {
+        let e = ApiError::ModelNotAllowed {
+            key_id: "k".into(),
+            model: "m".into(),
+        };
+        let v: Value = serde_json::from_slice(&e.body_in(Dialect::Anthropic, Some("r"))).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("'m'"));
+        assert_eq!(v["request_id"], "r");
+        let limited = ApiError::RateLimited {
+            message: "slow".into(),
+            retry_after: 1,
+        };
+        assert_eq!(limited.anthropic_type(), "rate_limit_error");
+        let ev = ApiError::UpstreamBroken("cut".into()).sse_event_in(Dialect::Anthropic, None);
+        assert!(ev.starts_with(b"event: error\ndata: {"));
+        let json: Value = serde_json::from_slice(&ev[19..ev.len() - 2]).unwrap();
+        assert_eq!(json["error"]["type"], "api_error");
+        let ev = ApiError::UpstreamBroken("cut".into()).sse_event_in(Dialect::Responses, None);
+        let json: Value = serde_json::from_slice(&ev[19..ev.len() - 2]).unwrap();
+        assert_eq!((json["type"].as_str(), json["error"]["code"].as_str()), (Some("error"), Some("upstream_error")));
     }
 
     #[test]

@@ -1,10 +1,17 @@
 //! Header rules between the client and llama-server.
 //!
-//! Hop-by-hop headers never cross; the client's `Authorization` (its gateway
-//! key) is never forwarded, the configured upstream key is sent instead;
-//! `Accept-Encoding` is dropped so responses come back uncompressed and the
-//! stream can be relayed (and read on the side) as it is.
+//! Hop-by-hop headers never cross, in either direction, including those a
+//! `Connection` header names; the client's `Authorization`/`x-api-key` (its
+//! gateway key) is never forwarded, the configured upstream key is sent
+//! instead, and key-like query parameters are dropped; `Accept-Encoding` is
+//! dropped so responses come back uncompressed and the stream can be relayed
+//! (and read on the side) as it is. Client-supplied `X-Forwarded-For`,
+//! `Forwarded` and `X-Real-IP` are never passed on: llama-server gets the
+//! client address the gateway resolved (trusting only configured proxies).
 
+use std::net::IpAddr;
+
+use http::HeaderMap;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
@@ -31,58 +38,107 @@ const NOT_FORWARDED: &[&str] = &[
     "expect",
     "host",
     "content-length",
+    // the client's own claims about where it is: replaced by what we resolved
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
 ];
 
-fn forwarded(name: &str) -> bool {
-    !HOP_BY_HOP.contains(&name) && !NOT_FORWARDED.contains(&name)
+/// Query parameters that carry keys in some clients: never forwarded (nor logged).
+const KEY_PARAMS: &[&str] = &["api_key", "api-key", "apikey", "key", "token", "access_token"];
+
+/// Whether `name` is hop-by-hop: always, or because `Connection` names it.
+fn hop_by_hop(name: &str, headers: &HeaderMap) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || headers.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+        })
 }
 
-/// The header llm-edge sends upstream for a body it has read and rewritten,
-/// still without `Host` and `Authorization`: those depend on which server it
-/// goes to ([`address_to`]), which failover may change.
-pub fn upstream_request(
-    client: &RequestHeader,
-    body_len: usize,
-    request_id: Option<&str>,
-) -> Result<RequestHeader> {
-    let path = client
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .as_bytes()
-        .to_vec();
-    let mut req =
-        RequestHeader::build(client.method.clone(), &path, Some(client.headers.len() + 4))?;
+/// What goes upstream besides the client's end-to-end headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The canonical path the gateway checked (never the client's spelling).
+    pub path: &'a str,
+    /// The client's query, if any (key-like parameters are dropped).
+    pub query: Option<&'a str>,
+    /// `None`: a request without a body (no `Content-Length` is sent).
+    pub body_len: Option<usize>,
+    pub request_id: Option<&'a str>,
+    pub client_ip: Option<IpAddr>,
+}
+
+/// The header llm-edge sends upstream for a body it has read (and
+/// rewritten), still without `Host` and `Authorization`: those depend on
+/// which server it goes to ([`address_to`]), which failover may change.
+pub fn upstream_request(client: &RequestHeader, fwd: &Forwarding) -> Result<RequestHeader> {
+    let mut target = String::with_capacity(fwd.path.len() + fwd.query.map_or(0, str::len) + 1);
+    target.push_str(fwd.path);
+    if let Some(query) = fwd.query.and_then(filter_query) {
+        target.push('?');
+        target.push_str(&query);
+    }
+    let mut req = RequestHeader::build(
+        client.method.clone(),
+        target.as_bytes(),
+        Some(client.headers.len() + 4),
+    )?;
     for (name, value) in client.headers.iter() {
-        if forwarded(name.as_str()) {
+        let name_str = name.as_str();
+        if !NOT_FORWARDED.contains(&name_str) && !hop_by_hop(name_str, &client.headers) {
             req.append_header(name.clone(), value.clone())?;
         }
     }
-    req.insert_header("Content-Length", body_len.to_string())?;
-    if let Some(id) = request_id {
+    if let Some(len) = fwd.body_len {
+        req.insert_header("Content-Length", len.to_string())?;
+    }
+    if let Some(id) = fwd.request_id {
         req.insert_header("X-Request-Id", id)?;
+    }
+    if let Some(ip) = fwd.client_ip {
+        req.insert_header("X-Forwarded-For", ip.to_string())?;
     }
     Ok(req)
 }
 
-/// Edits, in place, a request that Pingora's own proxy loop forwards.
-pub fn rewrite_passthrough_request(
-    req: &mut RequestHeader,
-    server: &UpstreamServer,
-    request_id: Option<&str>,
-) -> Result<()> {
-    for name in [
-        "authorization",
-        "x-api-key",
-        "accept-encoding",
-        "proxy-authorization",
-    ] {
-        req.remove_header(name);
+/// `query` without key-like parameters; `None` when nothing is left.
+pub fn filter_query(query: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            !pair.is_empty() && !KEY_PARAMS.contains(&percent_decode_lower(name).as_str())
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// A query parameter's name, percent-decoded and lower-cased, so `api%5Fkey`
+/// and `API_KEY` are recognised too.
+fn percent_decode_lower(name: &str) -> String {
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
     }
-    if let Some(id) = request_id {
-        req.insert_header("X-Request-Id", id)?;
-    }
-    address_to(req, server)
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
 }
 
 /// `Host` and the server's own key (llama-server's `--api-key`), if any.
@@ -109,11 +165,17 @@ pub fn is_event_stream(resp: &ResponseHeader) -> bool {
 ///
 /// Streams are sent chunked (flushed per chunk), never with a
 /// `Content-Length`, and marked `X-Accel-Buffering: no` so no proxy in front
-/// of us buffers them either.
-pub fn downstream_response(upstream: &ResponseHeader, is_sse: bool) -> Result<ResponseHeader> {
+/// of us buffers them either. An HTTP/1.0 client (`http10`) knows no chunked
+/// coding: such a body is delimited by closing the connection instead (the
+/// caller turns keep-alive off when the header has no `Content-Length`).
+pub fn downstream_response(
+    upstream: &ResponseHeader,
+    is_sse: bool,
+    http10: bool,
+) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 4))?;
     for (name, value) in upstream.headers.iter() {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+        if !hop_by_hop(name.as_str(), &upstream.headers) {
             resp.append_header(name.clone(), value.clone())?;
         }
     }
@@ -121,7 +183,9 @@ pub fn downstream_response(upstream: &ResponseHeader, is_sse: bool) -> Result<Re
     let has_length = resp.headers.contains_key("content-length");
     if is_sse || !has_length {
         resp.remove_header("content-length");
-        resp.insert_header("Transfer-Encoding", "chunked")?;
+        if !http10 {
+            resp.insert_header("Transfer-Encoding", "chunked")?;
+        }
     }
     if is_sse {
         resp.insert_header("X-Accel-Buffering", "no")?;
@@ -173,9 +237,19 @@ mod tests {
         req
     }
 
+    fn fwd<'a>(body_len: usize, request_id: Option<&'a str>) -> Forwarding<'a> {
+        Forwarding {
+            path: "/v1/chat/completions",
+            query: Some("x=1"),
+            body_len: Some(body_len),
+            request_id,
+            client_ip: None,
+        }
+    }
+
     #[test]
     fn client_key_is_replaced_by_the_upstream_key() {
-        let mut req = upstream_request(&client_request(), 42, Some("r1")).unwrap();
+        let mut req = upstream_request(&client_request(), &fwd(42, Some("r1"))).unwrap();
         address_to(&mut req, &upstream(Some("up-secret"))).unwrap();
         assert_eq!(req.headers["authorization"], "Bearer up-secret");
         assert_eq!(req.headers["content-length"], "42");
@@ -190,13 +264,66 @@ mod tests {
 
     #[test]
     fn without_upstream_key_no_authorization_is_sent() {
-        let mut req = upstream_request(&client_request(), 1, None).unwrap();
+        let mut req = upstream_request(&client_request(), &fwd(1, None)).unwrap();
         address_to(&mut req, &upstream(None)).unwrap();
         assert!(!req.headers.contains_key("authorization"));
-        let mut pass = client_request();
-        rewrite_passthrough_request(&mut pass, &upstream(None), None).unwrap();
-        assert!(!pass.headers.contains_key("authorization"));
-        assert!(!pass.headers.contains_key("accept-encoding"));
+    }
+
+    #[test]
+    fn connection_named_and_forwarding_headers_stay_behind() {
+        let mut client = client_request();
+        client
+            .insert_header("Connection", "keep-alive, X-Secret-Hop")
+            .unwrap();
+        client.insert_header("X-Secret-Hop", "1").unwrap();
+        client.insert_header("Upgrade", "websocket").unwrap();
+        client.insert_header("X-Forwarded-For", "6.6.6.6").unwrap();
+        client.insert_header("Forwarded", "for=6.6.6.6").unwrap();
+        client.insert_header("X-Api-Key", "sk-client").unwrap();
+        let f = Forwarding {
+            client_ip: Some("203.0.113.7".parse().unwrap()),
+            ..fwd(1, None)
+        };
+        let req = upstream_request(&client, &f).unwrap();
+        for gone in ["x-secret-hop", "upgrade", "forwarded", "x-api-key", "connection"] {
+            assert!(!req.headers.contains_key(gone), "{gone}");
+        }
+        assert_eq!(req.headers["x-forwarded-for"], "203.0.113.7");
+        assert_eq!(req.headers.get_all("x-forwarded-for").iter().count(), 1);
+
+        let mut up = ResponseHeader::build(200, None).unwrap();
+        up.insert_header("Connection", "keep-alive, X-Hop").unwrap();
+        up.insert_header("X-Hop", "1").unwrap();
+        up.insert_header("Keep-Alive", "timeout=5").unwrap();
+        up.insert_header("Content-Length", "2").unwrap();
+        let down = downstream_response(&up, false, false).unwrap();
+        for gone in ["x-hop", "keep-alive", "connection"] {
+            assert!(!down.headers.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn key_like_query_parameters_are_dropped() {
+        assert_eq!(filter_query("a=1&api_key=s&b=2"), Some("a=1&b=2".into()));
+        assert_eq!(filter_query("KEY=s&Token=t&access_token=u"), None);
+        assert_eq!(filter_query("api%5Fkey=s&x"), Some("x".into()));
+        assert_eq!(filter_query("monkey=1"), Some("monkey=1".into()));
+        let f = Forwarding {
+            query: Some("api_key=sk-secret&stream=1"),
+            ..fwd(1, None)
+        };
+        let req = upstream_request(&client_request(), &f).unwrap();
+        assert_eq!(req.uri.to_string(), "/v1/chat/completions?stream=1");
+    }
+
+    #[test]
+    fn http10_clients_get_no_chunked_coding() {
+        let mut up = ResponseHeader::build(200, None).unwrap();
+        up.insert_header("Content-Type", "text/event-stream")
+            .unwrap();
+        let down = downstream_response(&up, true, true).unwrap();
+        assert!(!down.headers.contains_key("transfer-encoding"));
+        assert!(!down.headers.contains_key("content-length"));
     }
 
     #[test]
@@ -208,7 +335,7 @@ mod tests {
         up.insert_header("Keep-Alive", "timeout=5, max=100")
             .unwrap();
         assert!(is_event_stream(&up));
-        let down = downstream_response(&up, true).unwrap();
+        let down = downstream_response(&up, true, false).unwrap();
         assert!(!down.headers.contains_key("content-length"));
         assert!(!down.headers.contains_key("keep-alive"));
         assert_eq!(down.headers["transfer-encoding"], "chunked");
@@ -221,7 +348,7 @@ mod tests {
         up.insert_header("Content-Type", "application/json")
             .unwrap();
         up.insert_header("Content-Length", "12").unwrap();
-        let mut down = downstream_response(&up, false).unwrap();
+        let mut down = downstream_response(&up, false, false).unwrap();
         assert_eq!(down.status.as_u16(), 400);
         assert_eq!(down.headers["content-length"], "12");
         assert!(!down.headers.contains_key("transfer-encoding"));

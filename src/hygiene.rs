@@ -52,6 +52,15 @@ pub fn check(
             "the request path must not contain encoded dots, slashes, backslashes or NUL bytes",
         ));
     }
+    // The gateway never tunnels. `h2c` (curl --http2 on plain HTTP) is only
+    // an offer, safely declined by answering in HTTP/1.1.
+    if let Some(upgrade) = headers.get(http::header::UPGRADE) {
+        if !upgrade.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c") {
+            return Err(bad(
+                "protocol upgrades (Upgrade header) are not accepted: this gateway serves plain HTTP requests only",
+            ));
+        }
+    }
     let lengths: Vec<_> = headers
         .get_all(http::header::CONTENT_LENGTH)
         .iter()
@@ -126,6 +135,7 @@ mod tests {
                 ("transfer-encoding", "chunked"),
             ],
             &[("transfer-encoding", "identity")],
+            &[("upgrade", "websocket"), ("connection", "upgrade")],
         ] {
             let e = req("/v1/chat/completions", headers).unwrap_err();
             assert_eq!(e.status(), 400, "{headers:?}");

@@ -18,6 +18,7 @@ pub mod gateway_error;
 pub mod headers;
 pub mod hygiene;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod metrics_app;
 pub mod models;

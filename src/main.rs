@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => return llm_edge::check::run(&args),
         None => {}
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    llm_edge::logging::init();
     let mut cfg = match Config::load(cli.config.as_deref(), &process_env) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -1,11 +1,13 @@
 //! [`GatewayProxy`]: the Pingora `ProxyHttp` implementation.
 //!
-//! Each phase is a short adapter over the pure modules:
-//! `request_filter` classifies the route, authenticates, answers health and
-//! model listings itself, and for the model routes reads, checks and rewrites
-//! the body and relays the request (see `upstream.rs` for why this path does
-//! not use Pingora's proxy loop). Other `/v1/*` paths continue through
-//! Pingora's ordinary proxy phases below.
+//! Each phase is a short adapter over the pure modules. `request_filter`
+//! does everything: it classifies the route (default-deny: a path outside
+//! the route table is a 404 that never reaches llama-server), authenticates,
+//! answers health and model listings itself, and for the model routes and
+//! the operator's passthrough paths reads the body (bounded), checks and
+//! rewrites it and relays the request (see `upstream.rs` for why this does
+//! not use Pingora's proxy loop). Every request is answered there, so
+//! Pingora's upstream phases never run.
 
 use std::sync::Arc;
 
@@ -13,7 +15,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
 
@@ -30,12 +32,10 @@ use crate::limits;
 use crate::metrics::{RequestRecord, KEY_INVALID};
 use crate::metrics_app;
 use crate::relay::Relay;
-use crate::routes::{self, Route};
+use crate::routes::{Dialect, Route};
 use crate::state::GatewayState;
 use crate::upstream::HealthReport;
 
-/// The error `upstream_peer` gives when no server is up (several servers).
-const NO_UPSTREAM: &str = "NoUpstream";
 
 /// A server's state in `/health/upstream`, and what it said.
 fn health_words(report: &HealthReport) -> (&'static str, Option<&str>) {
@@ -54,8 +54,6 @@ const LINGER_MAX_BYTES: usize = 64 << 20;
 
 pub struct GatewayProxy {
     state: Arc<GatewayState>,
-    /// Peers for Pingora's own proxy loop (other `/v1/*` paths), one per server.
-    passthrough_peers: Vec<HttpPeer>,
 }
 
 enum Next {
@@ -65,22 +63,7 @@ enum Next {
 
 impl GatewayProxy {
     pub fn new(state: Arc<GatewayState>) -> GatewayProxy {
-        let cfg = &state.cfg.upstream;
-        let passthrough_peers = state
-            .upstream
-            .members()
-            .iter()
-            .map(|m| {
-                let mut peer = m.client.peer().clone();
-                peer.options.idle_timeout = Some(cfg.pool_idle_timeout);
-                peer.options.read_timeout = Some(cfg.first_byte_timeout.max(cfg.idle_timeout));
-                peer
-            })
-            .collect();
-        GatewayProxy {
-            state,
-            passthrough_peers,
-        }
+        GatewayProxy { state }
     }
 
     async fn serve(
@@ -118,7 +101,14 @@ impl GatewayProxy {
             write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await?;
             return Ok(Next::Responded);
         }
-        let route = routes::classify(req.method.as_str(), req.uri.path())?;
+        // On HTTP/1 the target exactly as sent: what llama-server would decode.
+        let path = match raw_target {
+            Some(raw) => std::str::from_utf8(raw).map_err(|_| {
+                ApiError::InvalidRequest("the request path must be ASCII text".into())
+            })?,
+            None => req.uri.path(),
+        };
+        let route = self.state.cfg.routes.classify(req.method.as_str(), path)?;
         ctx.route = Some(route.clone());
         match route {
             Route::Health => {
@@ -133,26 +123,10 @@ impl GatewayProxy {
             _ => {}
         }
         if let Some(ip) = ctx.client_ip {
-            let clients = &self.state.clients;
-            let entered = clients
-                .enter(ip)
-                .and_then(|slot| clients.check_auth_throttle(ip).map(|()| slot));
+            let entered = self.state.clients.enter(ip);
             ctx.ip_slot = entered.map_err(|refusal| refusal_error(ctx, refusal))?;
         }
-        let authorization = session.get_header("authorization").map(|v| v.as_bytes());
-        let key = self
-            .state
-            .cfg
-            .keys
-            .authenticate(authorization)
-            .inspect_err(|e| {
-                if e.code() == "invalid_api_key" {
-                    ctx.key_id = Some(KEY_INVALID.to_string());
-                }
-                if let Some(ip) = ctx.client_ip {
-                    self.state.clients.note_auth_failure(ip);
-                }
-            })?;
+        let key = self.authenticate(session, ctx)?;
         ctx.key_id = Some(key.id.clone());
         match route {
             Route::ListModels => {
@@ -172,12 +146,100 @@ impl GatewayProxy {
                 self.respond_json(session, ctx, 200, model).await?;
                 Ok(Next::Responded)
             }
-            r if r.has_model_body() => {
-                self.forward_model_request(session, ctx, key).await?;
+            Route::Passthrough => {
+                self.forward_passthrough(session, ctx, key).await?;
                 Ok(Next::Responded)
             }
-            _ => Ok(Next::Proxy),
+            r => {
+                self.forward_model_request(session, ctx, key, &r).await?;
+                Ok(Next::Responded)
+            }
         }
+    }
+
+    /// The key the request presents. A valid key is never throttled by
+    /// others' failures from the same address (a NAT, an office): only
+    /// requests whose key fails count towards, and are refused by, the
+    /// per-IP limit on failed authentications.
+    fn authenticate<'k>(
+        &'k self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<&'k ApiKey, GatewayError> {
+        let headers = &session.req_header().headers;
+        let authorization: Vec<&[u8]> = headers
+            .get_all("authorization")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let x_api_key: Vec<&[u8]> = headers
+            .get_all("x-api-key")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let token = crate::auth::presented_token(&authorization, &x_api_key)?;
+        match self.state.cfg.keys.authenticate_token(token) {
+            Ok(key) => Ok(key),
+            Err(e) => {
+                if e.code() == "invalid_api_key" {
+                    ctx.key_id = Some(KEY_INVALID.to_string());
+                }
+                if let Some(ip) = ctx.client_ip {
+                    let clients = &self.state.clients;
+                    clients
+                        .check_auth_throttle(ip)
+                        .map_err(|refusal| refusal_error(ctx, refusal))?;
+                    clients.note_auth_failure(ip);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Limits first: a refused request costs no body read and never
+    /// reaches the upstream.
+    fn admit(&self, ctx: &mut RequestCtx, key: &ApiKey) -> Result<(), GatewayError> {
+        let admitted = self.state.limiter.admit(&key.id, std::time::Instant::now());
+        ctx.limit_guard = Some(admitted.map_err(|refusal| refusal_error(ctx, refusal))?);
+        Ok(())
+    }
+
+    /// A path the operator opened: the key and its request limits hold; the
+    /// body (bounded like any other) goes upstream as it came.
+    async fn forward_passthrough(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+    ) -> Result<(), GatewayError> {
+        self.admit(ctx, key)?;
+        let (body, reservation) = self.read_body(session, ctx, key).await?;
+        let req = session.req_header();
+        let path = req.uri.path();
+        let path = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+        let has_body = !body.is_empty() || !matches!(req.method.as_str(), "GET" | "HEAD");
+        let req = headers::upstream_request(
+            req,
+            &headers::Forwarding {
+                path,
+                query: req.uri.query(),
+                body_len: has_body.then_some(body.len()),
+                request_id: ctx.request_id.as_deref(),
+                client_ip: ctx.client_ip,
+            },
+        )?;
+        let relay = Relay {
+            upstream: &self.state.upstream,
+            metrics: &self.state.metrics,
+            cors: &self.state.cfg.cors,
+            allowed: &[],
+            model: "(passthrough)",
+            key: &key.id,
+            dialect: Dialect::OpenAi,
+            expects_json: false,
+            accounting: false,
+        };
+        relay.forward(session, ctx, req, body, reservation).await
     }
 
     async fn forward_model_request(
@@ -185,11 +247,10 @@ impl GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         key: &ApiKey,
+        api_route: &Route,
     ) -> Result<(), GatewayError> {
-        // Limits first: a refused request costs no body read and never reaches the upstream.
-        let admitted = self.state.limiter.admit(&key.id, std::time::Instant::now());
-        ctx.limit_guard = Some(admitted.map_err(|refusal| refusal_error(ctx, refusal))?);
-        let (body, reservation) = self.read_body(session, ctx).await?;
+        self.admit(ctx, key)?;
+        let (body, reservation) = self.read_body(session, ctx, key).await?;
         let info = body::inspect(&body)?;
         let requested = info.model.as_ref().map(|m| m.name.as_str());
         let route =
@@ -204,17 +265,29 @@ impl GatewayProxy {
             }
             .into());
         }
-        let max_tokens = limits::max_tokens_to_send(
-            &self.state.limiter.key_limits(&key.id),
-            info.requested_max_tokens(),
-        )?;
+        let max_tokens = match api_route.max_tokens_field() {
+            Some(_) => limits::max_tokens_to_send(
+                &self.state.limiter.key_limits(&key.id),
+                info.requested_max_tokens(),
+            )?,
+            None => None,
+        };
         let rewrite = body::Rewrite {
             upstream_model: &route.upstream_name,
             max_tokens,
         };
         let body = body::rewrite(body, &info, &rewrite);
-        let req =
-            headers::upstream_request(session.req_header(), body.len(), ctx.request_id.as_deref())?;
+        let req = session.req_header();
+        let req = headers::upstream_request(
+            req,
+            &headers::Forwarding {
+                path: api_route.upstream_path().unwrap_or("/"),
+                query: req.uri.query(),
+                body_len: Some(body.len()),
+                request_id: ctx.request_id.as_deref(),
+                client_ip: ctx.client_ip,
+            },
+        )?;
         let relay = Relay {
             upstream: &self.state.upstream,
             metrics: &self.state.metrics,
@@ -222,17 +295,24 @@ impl GatewayProxy {
             allowed: &route.upstreams,
             model: &route.name,
             key: &key.id,
+            dialect: api_route.dialect(),
+            expects_json: true,
+            accounting: !api_route.counts_tokens_only(),
         };
         relay.forward(session, ctx, req, body, reservation).await
     }
 
-    /// Reads the whole request body, within the per-request limit and the
-    /// global budget. Oversized bodies are refused as soon as that is known
-    /// (from `Content-Length`, or while reading) without reading the rest.
+    /// Reads the whole request body, within the per-request limit, the
+    /// global budget (reserved as bytes arrive, never from the declared
+    /// length), the caps on bodies being received at once per key and per
+    /// IP, and `downstream.body_timeout` for the whole body. Oversized bodies
+    /// are refused as soon as that is known (from `Content-Length`, or while
+    /// reading) without reading the rest.
     async fn read_body(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        key: &ApiKey,
     ) -> Result<(Bytes, Reservation), GatewayError> {
         let limit = self.state.cfg.limits.max_body_bytes;
         let declared = match session.get_header("content-length") {
@@ -250,9 +330,14 @@ impl GatewayProxy {
             return Err(ApiError::BodyTooLarge { limit }.into());
         }
         let mut reservation = Reservation::empty(&self.state.budget);
-        if !reservation.grow_to(declared.unwrap_or(0)) {
-            return Err(overloaded().into());
+        if session.is_body_done() {
+            return Ok((Bytes::new(), reservation));
         }
+        let _uploading = self
+            .state
+            .uploads
+            .enter(&key.id, ctx.client_ip)
+            .map_err(|refusal| refusal_error(ctx, refusal))?;
         let expects_continue = session
             .get_header("expect")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -263,18 +348,44 @@ impl GatewayProxy {
                 .await
                 .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
         }
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 * 1024));
+        // Allocated as bytes arrive too: a declared length is only a claim.
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+        let body_timeout = self.state.cfg.downstream.body_timeout;
+        let deadline = tokio::time::Instant::now() + body_timeout;
         loop {
-            let chunk = match session.read_request_body().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
-                Err(e) if e.etype() == &ErrorType::ReadTimedout => {
-                    return Err(ApiError::InvalidRequest(
+            let read = tokio::time::timeout_at(deadline, session.read_request_body()).await;
+            let chunk = match read {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => break,
+                Err(_) => {
+                    return Err(ApiError::BodyTimeout(format!(
+                        "the request body did not arrive within {} (downstream.body_timeout); received {} bytes",
+                        humantime::format_duration(body_timeout),
+                        buf.len()
+                    ))
+                    .into())
+                }
+                Ok(Err(e)) if e.etype() == &ErrorType::ReadTimedout => {
+                    return Err(ApiError::BodyTimeout(
                         "timed out reading the request body (downstream.read_timeout)".into(),
                     )
                     .into())
                 }
-                Err(_) => return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken)),
+                Ok(Err(e))
+                    if matches!(
+                        e.etype(),
+                        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                    ) =>
+                {
+                    return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken))
+                }
+                Ok(Err(e)) => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "the request body's framing is broken ({}): send a Content-Length body or valid chunked encoding",
+                        e.etype().as_str()
+                    ))
+                    .into())
+                }
             };
             let total = buf.len() + chunk.len();
             if total > limit {
@@ -397,7 +508,8 @@ impl GatewayProxy {
             // Otherwise Pingora would drain the whole unread body before answering.
             session.set_keepalive(None);
         }
-        let body = err.body(ctx.request_id.as_deref());
+        let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, Route::dialect);
+        let body = err.body_in(dialect, ctx.request_id.as_deref());
         let mut resp = json_response_header(err.status(), body.len())?;
         match err {
             ApiError::MissingKey(_) | ApiError::InvalidKey(_) => {
@@ -479,6 +591,23 @@ fn refusal_error(ctx: &mut RequestCtx, refusal: limits::Refusal) -> ApiError {
     }
 }
 
+/// HTTP/1.1 keeps a connection unless the client says `close`; HTTP/1.0
+/// only when it asks for `keep-alive`.
+fn client_keeps_alive(http10: bool, headers: &http::HeaderMap) -> bool {
+    let says = |word: &str| {
+        headers.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(word.as_bytes()))
+        })
+    };
+    if http10 {
+        says("keep-alive")
+    } else {
+        !says("close")
+    }
+}
+
 fn overloaded() -> ApiError {
     ApiError::Overloaded(
         "the gateway is holding too many request bodies at once (limits.max_buffered_body_bytes); retry shortly".into(),
@@ -548,9 +677,15 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         ctx.in_flight = Some(self.state.metrics.request_started());
         session.set_read_timeout(Some(self.state.cfg.downstream.read_timeout));
-        session.set_keepalive(Some(
-            self.state.cfg.downstream.keepalive_timeout.as_secs().max(1),
-        ));
+        let req = session.req_header();
+        ctx.http10 = !session.is_http2() && req.version == http::Version::HTTP_10;
+        if client_keeps_alive(ctx.http10, &req.headers) {
+            session.set_keepalive(Some(
+                self.state.cfg.downstream.keepalive_timeout.as_secs().max(1),
+            ));
+        } else {
+            session.set_keepalive(None);
+        }
         let incoming = session
             .get_header("x-request-id")
             .and_then(|v| v.to_str().ok())
@@ -590,114 +725,14 @@ impl ProxyHttp for GatewayProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let set = &self.state.upstream;
-        let Some(index) = set.choose(&[], &ctx.tried) else {
-            // Every server is down (fail_to_connect only retries when
-            // another one is left, so nothing was tried for this request).
-            return Error::e_explain(
-                ErrorType::Custom(NO_UPSTREAM),
-                format!("no upstream server is up: {}", set.describe(&[])),
-            );
-        };
-        ctx.upstream = Some(index);
-        ctx.lease = Some(set.assign(index));
-        Ok(Box::new(self.passthrough_peers[index].clone()))
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        // Nothing was sent: another server may take it (upstream_peer skips
-        // the ones tried). A lone server's error goes to the client as it is.
-        if let Some(index) = ctx.upstream {
-            let set = &self.state.upstream;
-            let name = &set.members()[index].server().name;
-            set.mark(
-                index,
-                crate::balance::Health::Down,
-                &crate::upstream::describe(&e),
-            );
-            ctx.tried.push(index);
-            if set.has_candidate(&[], &ctx.tried) {
-                self.state
-                    .metrics
-                    .upstream_error(name, crate::upstream::connect_kind(&e));
-                e.set_retry(true);
-            }
-        }
-        e
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        headers::rewrite_passthrough_request(
-            upstream_request,
-            self.upstream_server(ctx),
-            ctx.request_id.as_deref(),
+        // request_filter answers every request (default-deny): nothing
+        // reaches Pingora's own proxy loop.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "every request is answered in request_filter",
         )
-    }
-
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if let Some(chunk) = body {
-            ctx.bytes_in += chunk.len();
-            if ctx.bytes_in > self.state.cfg.limits.max_body_bytes {
-                return Error::e_explain(
-                    ErrorType::HTTPStatus(413),
-                    "request body over limits.max_body_bytes",
-                );
-            }
-        }
-        Ok(())
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        ctx.upstream_status = Some(upstream_response.status.as_u16());
-        ctx.first_byte = Some(ctx.start.elapsed());
-        crate::cors::strip_upstream_cors(upstream_response);
-        headers::finish_client_response(
-            upstream_response,
-            ctx.request_id.as_deref(),
-            &self.state.cfg.cors,
-            ctx.cors_origin.as_deref(),
-        )?;
-        if headers::is_event_stream(upstream_response) {
-            upstream_response.insert_header("X-Accel-Buffering", "no")?;
-        }
-        Ok(())
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<std::time::Duration>> {
-        if let Some(chunk) = body {
-            ctx.bytes_out += chunk.len();
-        }
-        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -714,13 +749,6 @@ impl ProxyHttp for GatewayProxy {
             };
         }
         let err = match (e.esource(), e.etype()) {
-            (_, ErrorType::Custom(NO_UPSTREAM)) => ApiError::UpstreamUnavailable(format!(
-                "no upstream server is up: {}; check their SSH tunnels and llama-server processes",
-                self.state.upstream.describe(&[])
-            )),
-            (_, ErrorType::HTTPStatus(413)) => ApiError::BodyTooLarge {
-                limit: self.state.cfg.limits.max_body_bytes,
-            },
             (ErrorSource::Downstream, _) => {
                 ctx.status = Some(CLIENT_CLOSED_REQUEST);
                 return FailToProxy {
@@ -773,6 +801,13 @@ impl ProxyHttp for GatewayProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// What Pingora's own error lines say about a request: method and path,
+    /// never the query (clients put keys in it) or any header.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {

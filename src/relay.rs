@@ -12,6 +12,12 @@
 //! gateway holds at most one chunk (plus socket buffers) per stream. A client
 //! that accepts nothing for `upstream.idle_timeout` is treated as gone, so it
 //! cannot hold a llama-server slot forever.
+//!
+//! Every error a model route's client gets is JSON in its dialect: a
+//! non-streamed response is read whole (bounded by [`WHOLE_MAX`]; llama-server
+//! sends it at the end of the generation anyway) and checked before anything
+//! is written, so an HTML page, an empty 502 or broken JSON from upstream
+//! becomes a gateway error with the same status and an excerpt.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +37,7 @@ use crate::errors::ApiError;
 use crate::gateway_error::GatewayError;
 use crate::headers;
 use crate::metrics::Metrics;
+use crate::routes::Dialect;
 use crate::sse::Accounting;
 use crate::upstream::{Exchange, UpstreamFailure};
 
@@ -117,6 +124,73 @@ pub struct Relay<'a> {
     pub model: &'a str,
     /// The key id, for fair queueing.
     pub key: &'a str,
+    /// The route's wire format (error shapes, stream reading).
+    pub dialect: Dialect,
+    /// A model route: non-streamed responses must be JSON.
+    pub expects_json: bool,
+    /// Read the response for token accounting (generations, embeddings).
+    pub accounting: bool,
+}
+
+/// The largest non-streamed response read whole and checked; a larger one
+/// is relayed as it comes (only embeddings of big batches get there).
+pub const WHOLE_MAX: usize = 8 << 20;
+
+/// How much of a non-JSON upstream answer an error quotes.
+const EXCERPT: usize = 200;
+
+/// A non-streamed response read before answering.
+enum Whole {
+    Complete(Bytes),
+    /// Over [`WHOLE_MAX`]: what was read so far; the rest follows as it comes.
+    Partial(Bytes),
+}
+
+/// What the client gets for a complete non-streamed model-route response:
+/// `Ok(None)` as it is, `Ok(Some(body))` re-shaped for the dialect, or an
+/// error when it is not JSON.
+fn check_whole(
+    dialect: Dialect,
+    status: u16,
+    body: &[u8],
+    authority: &str,
+) -> Result<Option<Bytes>, ApiError> {
+    let parsed = serde_json::from_slice::<serde_json::Value>(body);
+    let Ok(value) = parsed else {
+        let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]);
+        let excerpt = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let said = if excerpt.is_empty() {
+            "an empty body".to_string()
+        } else {
+            format!("'{excerpt}'")
+        };
+        return Err(if (200..300).contains(&status) {
+            ApiError::UpstreamInvalid {
+                status: 502,
+                message: format!(
+                    "the upstream at {authority} answered {status} with a body that is not JSON ({said}); is llama-server what listens there?"
+                ),
+            }
+        } else {
+            ApiError::UpstreamInvalid {
+                status: if status >= 400 { status } else { 502 },
+                message: format!(
+                    "the upstream at {authority} answered {status} with {said}"
+                ),
+            }
+        });
+    };
+    if dialect == Dialect::Anthropic && status >= 400 && value.get("type").is_none() {
+        // llama-server writes its own (OpenAI-like) error shape on every
+        // route; Anthropic clients read `{"type":"error","error":{...}}`.
+        let message = value["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        let err = ApiError::UpstreamInvalid { status, message };
+        return Ok(Some(err.body_in(Dialect::Anthropic, None)));
+    }
+    Ok(None)
 }
 
 /// Why no server took the request.
@@ -319,8 +393,66 @@ async fn forward(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    ctx.accounting = Accounting::for_response(is_sse, content_type);
-    let mut resp = headers::downstream_response(upstream_resp, is_sse)?;
+    ctx.accounting = if relay.accounting {
+        Accounting::for_response(is_sse, content_type)
+    } else {
+        Accounting::Off
+    };
+    let mut resp = headers::downstream_response(upstream_resp, is_sse, ctx.http10)?;
+    let mut prefix = None;
+    if relay.expects_json && !is_sse {
+        let status = resp.status.as_u16();
+        match read_whole(session, ctx, &mut exchange, relay, deadline).await? {
+            Whole::Complete(body) => {
+                let body = match check_whole(relay.dialect, status, &body, authority) {
+                    Ok(None) => body,
+                    Ok(Some(reshaped)) => {
+                        resp.insert_header("Content-Type", "application/json")?;
+                        reshaped
+                    }
+                    Err(e) => {
+                        ctx.upstream_error = Some("invalid_response");
+                        return Err(e.into());
+                    }
+                };
+                ctx.accounting.feed(&body);
+                resp.remove_header("transfer-encoding");
+                resp.insert_header("Content-Length", body.len().to_string())?;
+                headers::finish_client_response(
+                    &mut resp,
+                    ctx.request_id.as_deref(),
+                    relay.cors,
+                    ctx.cors_origin.as_deref(),
+                )?;
+                ctx.status = Some(resp.status.as_u16());
+                ctx.bytes_out += body.len();
+                session
+                    .write_response_header(Box::new(resp), false)
+                    .await
+                    .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
+                return match write_body(session, Some(body), true, cfg.idle_timeout, deadline)
+                    .await
+                {
+                    Ok(()) => {
+                        member.client.release(exchange).await;
+                        Ok(())
+                    }
+                    Err(WriteFailed::ClientGone) => {
+                        Err(ctx.client_left(DisconnectPhase::Streaming))
+                    }
+                    Err(WriteFailed::TotalTimeout) => abort_response(
+                        ctx,
+                        total_timeout_error(cfg.total_timeout.unwrap_or_default()),
+                    ),
+                };
+            }
+            Whole::Partial(start) => prefix = Some(start),
+        }
+    }
+    if ctx.http10 && !resp.headers.contains_key("content-length") {
+        // No chunked coding for HTTP/1.0: the close ends the body.
+        session.set_keepalive(None);
+    }
     headers::finish_client_response(
         &mut resp,
         ctx.request_id.as_deref(),
@@ -332,6 +464,16 @@ async fn forward(
         .write_response_header(Box::new(resp), false)
         .await
         .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
+    if let Some(start) = prefix {
+        ctx.bytes_out += start.len();
+        ctx.accounting.feed(&start);
+        if write_body(session, Some(start), false, cfg.idle_timeout, deadline)
+            .await
+            .is_err()
+        {
+            return Err(ctx.client_left(DisconnectPhase::Streaming));
+        }
+    }
 
     let model = ctx.model.clone();
     let _stream = is_sse.then(|| metrics.stream_started(model.as_deref()));
@@ -470,7 +612,8 @@ async fn end_broken_response(
 ) -> Result<(), GatewayError> {
     if is_sse {
         ctx.error_code = Some(err.code());
-        let event = err.sse_event(ctx.request_id.as_deref());
+        let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, |r| r.dialect());
+        let event = err.sse_event_in(dialect, ctx.request_id.as_deref());
         ctx.bytes_out += event.len();
         return match write_body(session, Some(event), true, stall, None).await {
             Ok(()) => Ok(()),
@@ -489,4 +632,93 @@ fn abort_response(ctx: &mut RequestCtx, err: ApiError) -> Result<(), GatewayErro
         ErrorType::ReadError,
         err.to_string(),
     )))
+}
+
+/// Reads a non-streamed response before anything is written to the client,
+/// under the same timeouts as a relayed one and while watching the client.
+async fn read_whole(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    exchange: &mut Exchange,
+    relay: &Relay<'_>,
+    deadline: Option<Instant>,
+) -> Result<Whole, GatewayError> {
+    let cfg = relay.upstream.config();
+    let mut buf = bytes::BytesMut::new();
+    let total = until(deadline);
+    tokio::pin!(total);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = &mut total => {
+                return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
+            }
+            read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_bytes()) => read,
+            _ = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
+            }
+        };
+        match next {
+            Ok(Ok(Some(chunk))) => {
+                buf.extend_from_slice(&chunk);
+                if buf.len() > WHOLE_MAX {
+                    return Ok(Whole::Partial(buf.freeze()));
+                }
+            }
+            Ok(Ok(None)) => return Ok(Whole::Complete(buf.freeze())),
+            Ok(Err(e)) => {
+                let protocol = is_protocol_error(&e);
+                ctx.upstream_error = Some(if protocol { "invalid_response" } else { "reset" });
+                return Err(ApiError::UpstreamBroken(format!(
+                    "the upstream failed while sending its response ({}): check the SSH tunnel and llama-server",
+                    e.etype().as_str().to_lowercase()
+                ))
+                .into());
+            }
+            Err(_) => {
+                ctx.upstream_error = Some("timeout");
+                return Err(ApiError::UpstreamTimeout(format!(
+                    "the upstream sent nothing for {} during its response (upstream.idle_timeout)",
+                    humantime::format_duration(cfg.idle_timeout)
+                ))
+                .into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_json_answers_become_errors_with_their_status() {
+        let e = check_whole(Dialect::OpenAi, 500, b"<html><h1>500</h1></html>", "up").unwrap_err();
+        assert_eq!((e.status(), e.code()), (500, "invalid_response"));
+        assert!(e.to_string().contains("<html><h1>500</h1></html>"), "{e}");
+        let e = check_whole(Dialect::OpenAi, 502, b"", "up").unwrap_err();
+        assert_eq!(e.status(), 502);
+        assert!(e.to_string().contains("an empty body"), "{e}");
+        let e = check_whole(Dialect::OpenAi, 200, b"not json", "up").unwrap_err();
+        assert_eq!((e.status(), e.code()), (502, "invalid_response"));
+        let e = check_whole(Dialect::OpenAi, 200, br#"{"choices": ["#, "up").unwrap_err();
+        assert_eq!(e.status(), 502);
+        let long = "x".repeat(10_000);
+        let e = check_whole(Dialect::OpenAi, 503, long.as_bytes(), "up").unwrap_err();
+        assert!(e.to_string().len() < 400);
+    }
+
+    #[test]
+    fn json_passes_and_anthropic_errors_are_reshaped() {
+        assert_eq!(check_whole(Dialect::OpenAi, 200, br#"{"a":1}"#, "up"), Ok(None));
+        assert_eq!(check_whole(Dialect::OpenAi, 400, br#"{"error":{}}"#, "up"), Ok(None));
+        let llama = br#"{"error":{"code":400,"message":"the prompt is too long","type":"invalid_request_error"}}"#;
+        let out = check_whole(Dialect::Anthropic, 400, llama, "up").unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], "the prompt is too long");
+        let anthropic = br#"{"type":"error","error":{"type":"x","message":"y"}}"#;
+        assert_eq!(check_whole(Dialect::Anthropic, 400, anthropic, "up"), Ok(None));
+    }
 }

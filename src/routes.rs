@@ -1,7 +1,22 @@
-//! Which part of the API a request is for.
+//! The route table: every path a client can reach, and nothing else.
+//!
+//! llama-server serves far more than the API a tenant should see (stored
+//! streams of other conversations, slot control, tokenizer, props, ...), so
+//! the gateway is default-deny: a path is one of the routes below, or one the
+//! operator opened on purpose (`routes.passthrough`), or a 404 that never
+//! reaches llama-server.
+//!
+//! One canonical spelling: llama-server's HTTP library percent-decodes the
+//! path before it routes, so `/v1/chat/c%6fmpletions` would be served as a
+//! chat completion while the gateway saw an unknown path. A path may
+//! therefore hold only bytes that no server decodes (letters, digits,
+//! `-._~:@` and `/`); anything else is refused with 400 before routing, and
+//! a model route is forwarded under its canonical path, never the client's
+//! spelling.
 //!
 //! The set of routes is fixed, so a route is also a safe, bounded label for
-//! logs and metrics (never the raw path).
+//! logs and metrics (never the raw path). This module must not import
+//! Pingora types.
 
 use crate::errors::ApiError;
 
@@ -14,35 +29,18 @@ pub enum Route {
     ChatCompletions,
     Completions,
     Embeddings,
-    /// Any other `/v1/...` path: passed through to llama-server as it is.
-    OtherV1,
-}
-
-impl Route {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Route::Health => "health",
-            Route::HealthUpstream => "health_upstream",
-            Route::ListModels => "models",
-            Route::GetModel(_) => "model",
-            Route::ChatCompletions => "chat_completions",
-            Route::Completions => "completions",
-            Route::Embeddings => "embeddings",
-            Route::OtherV1 => "other_v1",
-        }
-    }
-
-    /// Routes whose JSON body names a model that is checked and rewritten.
-    pub fn has_model_body(&self) -> bool {
-        matches!(
-            self,
-            Route::ChatCompletions | Route::Completions | Route::Embeddings
-        )
-    }
-
-    pub fn needs_key(&self) -> bool {
-        !matches!(self, Route::Health | Route::HealthUpstream)
-    }
+    /// OpenAI's Responses API.
+    Responses,
+    /// Anthropic's Messages API.
+    Messages,
+    Rerank,
+    /// Token counting (checked and routed like generations, counted as requests).
+    MessagesCountTokens,
+    ResponsesInputTokens,
+    ChatInputTokens,
+    /// A path the operator opened in `routes.passthrough`: key and request
+    /// limits apply, the body is not inspected.
+    Passthrough,
 }
 
 /// The wire format a model route speaks: it decides the shape of the errors
@@ -70,48 +68,216 @@ impl Dialect {
     }
 }
 
+/// Every route label, for metrics initialisation and tests.
+pub const LABELS: &[&str] = &[
+    "health",
+    "health_upstream",
+    "models",
+    "model",
+    "chat_completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "rerank",
+    "messages_count_tokens",
+    "responses_input_tokens",
+    "chat_completions_input_tokens",
+    "passthrough",
+    UNKNOWN_ROUTE,
+];
+
+/// The model routes: path, route, and the one method they take.
+const MODEL_ROUTES: &[(&str, Route)] = &[
+    ("/v1/chat/completions", Route::ChatCompletions),
+    ("/v1/completions", Route::Completions),
+    ("/v1/embeddings", Route::Embeddings),
+    ("/v1/responses", Route::Responses),
+    ("/v1/messages", Route::Messages),
+    ("/v1/rerank", Route::Rerank),
+    ("/v1/messages/count_tokens", Route::MessagesCountTokens),
+    ("/v1/responses/input_tokens", Route::ResponsesInputTokens),
+    ("/v1/chat/completions/input_tokens", Route::ChatInputTokens),
+];
+
+impl Route {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::HealthUpstream => "health_upstream",
+            Route::ListModels => "models",
+            Route::GetModel(_) => "model",
+            Route::ChatCompletions => "chat_completions",
+            Route::Completions => "completions",
+            Route::Embeddings => "embeddings",
+            Route::Responses => "responses",
+            Route::Messages => "messages",
+            Route::Rerank => "rerank",
+            Route::MessagesCountTokens => "messages_count_tokens",
+            Route::ResponsesInputTokens => "responses_input_tokens",
+            Route::ChatInputTokens => "chat_completions_input_tokens",
+            Route::Passthrough => "passthrough",
+        }
+    }
+
+    /// Routes whose JSON body names a model that is checked and rewritten.
+    pub fn has_model_body(&self) -> bool {
+        self.upstream_path().is_some()
+    }
+
+    /// The path a model route is forwarded under (whatever the client's
+    /// spelling, e.g. a trailing slash); `None` for other routes.
+    pub fn upstream_path(&self) -> Option<&'static str> {
+        MODEL_ROUTES
+            .iter()
+            .find(|(_, r)| r == self)
+            .map(|(path, _)| *path)
+    }
+
+    /// Routes that make llama-server generate tokens: the key's token
+    /// ceiling applies, and their responses are read for token accounting.
+    pub fn generates(&self) -> bool {
+        matches!(
+            self,
+            Route::ChatCompletions | Route::Completions | Route::Responses | Route::Messages
+        )
+    }
+
+    /// Token-counting routes: requests, never generations.
+    pub fn counts_tokens_only(&self) -> bool {
+        matches!(
+            self,
+            Route::MessagesCountTokens | Route::ResponsesInputTokens | Route::ChatInputTokens
+        )
+    }
+
+    /// The field a token ceiling is inserted as when the body has none.
+    pub fn max_tokens_field(&self) -> Option<&'static str> {
+        match self {
+            Route::ChatCompletions | Route::Completions | Route::Messages => Some("max_tokens"),
+            Route::Responses => Some("max_output_tokens"),
+            _ => None,
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Route::Responses | Route::ResponsesInputTokens => Dialect::Responses,
+            Route::Messages | Route::MessagesCountTokens => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        }
+    }
+
+    pub fn needs_key(&self) -> bool {
+        !matches!(self, Route::Health | Route::HealthUpstream)
+    }
+}
+
 /// Label for requests that matched no route.
 pub const UNKNOWN_ROUTE: &str = "unknown";
 
-/// Classifies a request; unknown paths are 404 and wrong methods 405.
+/// The routes plus the paths the operator opened (`routes.passthrough`).
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    passthrough: Vec<String>,
+}
+
+impl RouteTable {
+    pub fn new(passthrough: Vec<String>) -> RouteTable {
+        RouteTable { passthrough }
+    }
+
+    pub fn passthrough(&self) -> &[String] {
+        &self.passthrough
+    }
+
+    /// Classifies a request by method and path (the query, if any, is
+    /// ignored); unknown paths are 404, wrong methods 405, and paths outside
+    /// the canonical alphabet 400.
+    pub fn classify(&self, method: &str, path: &str) -> Result<Route, ApiError> {
+        let path = path.split('?').next().unwrap_or("");
+        check_canonical(path)?;
+        let normalized = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
+        let (route, allowed): (Route, &'static str) = match normalized {
+            "/health" => (Route::Health, "GET"),
+            "/health/upstream" => (Route::HealthUpstream, "GET"),
+            "/v1/models" => (Route::ListModels, "GET"),
+            p if p.starts_with("/v1/models/") => {
+                (Route::GetModel(p["/v1/models/".len()..].to_string()), "GET")
+            }
+            p => match MODEL_ROUTES.iter().find(|(path, _)| *path == p) {
+                Some((_, route)) => (route.clone(), "POST"),
+                None if self.passthrough.iter().any(|open| open == p) => {
+                    return match method {
+                        "GET" | "HEAD" | "POST" => Ok(Route::Passthrough),
+                        _ => Err(ApiError::MethodNotAllowed {
+                            method: method.to_string(),
+                            path: normalized.to_string(),
+                            allowed: "GET, HEAD, POST",
+                        }),
+                    };
+                }
+                None => {
+                    return Err(ApiError::NotFound {
+                        method: shorten(method),
+                        path: shorten(path),
+                    })
+                }
+            },
+        };
+        let method_ok = method == allowed || (allowed == "GET" && method == "HEAD");
+        if !method_ok {
+            return Err(ApiError::MethodNotAllowed {
+                method: shorten(method),
+                path: normalized.to_string(),
+                allowed,
+            });
+        }
+        Ok(route)
+    }
+}
+
+/// [`RouteTable::classify`] with no passthrough paths.
 pub fn classify(method: &str, path: &str) -> Result<Route, ApiError> {
-    let path = path.split('?').next().unwrap_or("");
-    let normalized = path
-        .strip_suffix('/')
-        .filter(|p| !p.is_empty())
-        .unwrap_or(path);
+    RouteTable::default().classify(method, path)
+}
+
+/// Bytes a path may hold: RFC 3986's unreserved set, `/`, and `:` and `@`
+/// (which no server decodes or routes on; model ids such as `llama3:8b`
+/// need `:`). No `%`: an escape is a second spelling of the same path.
+pub fn is_canonical_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/' | b':' | b'@')
+}
+
+/// Refuses every path that has a second spelling: escapes and other bytes
+/// outside [`is_canonical_byte`], `.`/`..` segments, empty segments.
+pub fn check_canonical(path: &str) -> Result<(), ApiError> {
+    if !path.starts_with('/') {
+        return Err(ApiError::InvalidRequest(
+            "the request path must start with '/'".into(),
+        ));
+    }
+    if let Some(bad) = path.bytes().find(|b| !is_canonical_byte(*b)) {
+        let what = if bad == b'%' {
+            "percent-escapes ('%')".to_string()
+        } else if bad.is_ascii_graphic() {
+            format!("the character '{}'", bad as char)
+        } else {
+            format!("the byte 0x{bad:02x}")
+        };
+        return Err(ApiError::InvalidRequest(format!(
+            "the request path must be spelled plainly, with letters, digits, '-', '.', '_', '~', ':', '@' and '/' only; it contains {what}"
+        )));
+    }
     if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") {
         return Err(ApiError::InvalidRequest(
             "the request path must not contain '.', '..' or empty segments".into(),
         ));
     }
-    let (route, allowed): (Route, &'static str) = match normalized {
-        "/health" => (Route::Health, "GET"),
-        "/health/upstream" => (Route::HealthUpstream, "GET"),
-        "/v1/models" => (Route::ListModels, "GET"),
-        "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
-        "/v1/completions" => (Route::Completions, "POST"),
-        "/v1/embeddings" => (Route::Embeddings, "POST"),
-        p if p.starts_with("/v1/models/") => {
-            (Route::GetModel(p["/v1/models/".len()..].to_string()), "GET")
-        }
-        p if p.starts_with("/v1/") => return Ok(Route::OtherV1),
-        _ => {
-            return Err(ApiError::NotFound {
-                method: method.to_string(),
-                path: shorten(path),
-            })
-        }
-    };
-    let method_ok = method == allowed || (allowed == "GET" && method == "HEAD");
-    if !method_ok {
-        return Err(ApiError::MethodNotAllowed {
-            method: method.to_string(),
-            path: normalized.to_string(),
-            allowed,
-        });
-    }
-    Ok(route)
+    Ok(())
 }
 
 fn shorten(path: &str) -> String {
@@ -159,7 +325,53 @@ mod tests {
             classify("GET", "/health/upstream").unwrap(),
             Route::HealthUpstream
         );
-        assert_eq!(classify("POST", "/v1/rerank").unwrap(), Route::OtherV1);
+        for (path, route) in MODEL_ROUTES {
+            assert_eq!(classify("POST", path).unwrap(), *route, "{path}");
+            assert_eq!(route.upstream_path(), Some(*path));
+            assert!(LABELS.contains(&route.label()));
+        }
+    }
+
+    #[test]
+    fn everything_else_is_404_and_never_passed_on() {
+        for p in [
+            "/",
+            "/v2/chat",
+            "/metrics",
+            "/v1",
+            "/healthz",
+            "/v1/unknown",
+            "/v1/stream",
+            "/v1/streams/lookup",
+            "/v1/chat/completions/control",
+            "/v1/tokenize",
+            "/tokenize",
+            "/props",
+            "/slots",
+            "/completion",
+            "/chat/completions",
+            "/v1/reranking",
+            "/infill",
+        ] {
+            let e = classify("POST", p).unwrap_err();
+            assert_eq!(e.status(), 404, "{p}");
+            assert!(e.to_string().contains(p), "{e}");
+        }
+        let long = format!("/{}", "e".repeat(200));
+        assert!(classify("GET", &long).unwrap_err().to_string().len() < 300);
+    }
+
+    #[test]
+    fn passthrough_paths_are_opened_by_the_operator_only() {
+        let table = RouteTable::new(vec!["/props".into(), "/v1/tokenize".into()]);
+        assert_eq!(table.classify("GET", "/props").unwrap(), Route::Passthrough);
+        assert_eq!(
+            table.classify("POST", "/v1/tokenize/").unwrap(),
+            Route::Passthrough
+        );
+        assert_eq!(table.classify("DELETE", "/props").unwrap_err().status(), 405);
+        assert_eq!(table.classify("GET", "/slots").unwrap_err().status(), 404);
+        assert_eq!(table.classify("GET", "/pr%6fps").unwrap_err().status(), 400);
     }
 
     #[test]
@@ -168,15 +380,7 @@ mod tests {
         assert_eq!(e.status(), 405);
         assert!(e.to_string().contains("POST"));
         assert_eq!(classify("POST", "/v1/models").unwrap_err().status(), 405);
-    }
-
-    #[test]
-    fn unknown_paths_are_404() {
-        for p in ["/", "/v2/chat", "/metrics", "/v1", "/healthz"] {
-            assert_eq!(classify("GET", p).unwrap_err().status(), 404, "{p}");
-        }
-        let long = format!("/{}", "é".repeat(200));
-        assert!(classify("GET", &long).unwrap_err().to_string().len() < 300);
+        assert_eq!(classify("GET", "/v1/messages").unwrap_err().status(), 405);
     }
 
     #[test]
@@ -187,10 +391,59 @@ mod tests {
     }
 
     #[test]
+    fn escaped_spellings_are_400_before_routing() {
+        for p in [
+            "/v1/chat/c%6fmpletions",
+            "/v1/%63hat/completions",
+            "/v1/embedding%73",
+            "/v1/chat/completions%2F",
+            "/v1/chat/completions;x",
+            "/v1/chat/completions\\",
+            "/v1/models/a b",
+            "/v1/chat/completions%00",
+            "/v1/m\u{e9}ssages",
+        ] {
+            let e = classify("POST", p).unwrap_err();
+            assert_eq!(e.status(), 400, "{p}");
+        }
+        assert!(classify("POST", "/v1/chat/c%6fmpletions")
+            .unwrap_err()
+            .to_string()
+            .contains("percent-escapes"));
+        // a query may hold escapes: it does not route
+        assert_eq!(
+            classify("POST", "/v1/chat/completions?a=%20").unwrap(),
+            Route::ChatCompletions
+        );
+        assert_eq!(
+            classify("GET", "/v1/models/llama3:8b").unwrap(),
+            Route::GetModel("llama3:8b".into())
+        );
+    }
+
+    #[test]
+    fn dialects_and_generation() {
+        assert_eq!(Route::Messages.dialect(), Dialect::Anthropic);
+        assert_eq!(Route::MessagesCountTokens.dialect(), Dialect::Anthropic);
+        assert_eq!(Route::Responses.dialect(), Dialect::Responses);
+        assert_eq!(Route::Rerank.dialect(), Dialect::OpenAi);
+        assert!(Route::Messages.generates());
+        assert!(!Route::MessagesCountTokens.generates());
+        assert!(Route::MessagesCountTokens.counts_tokens_only());
+        assert_eq!(
+            Route::Responses.max_tokens_field(),
+            Some("max_output_tokens")
+        );
+        assert_eq!(Route::Embeddings.max_tokens_field(), None);
+    }
+
+    #[test]
     fn only_model_routes_have_model_bodies() {
         assert!(Route::ChatCompletions.has_model_body());
-        assert!(!Route::OtherV1.has_model_body());
+        assert!(Route::Rerank.has_model_body());
+        assert!(!Route::Passthrough.has_model_body());
         assert!(!Route::Health.needs_key());
         assert!(Route::ListModels.needs_key());
+        assert!(Route::Passthrough.needs_key());
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::UpstreamSet;
-use crate::budget::BodyBudget;
+use crate::budget::{BodyBudget, Uploads};
 use crate::clients::ClientGuard;
 use crate::config::Config;
 use crate::limits::Limiter;
@@ -16,6 +16,8 @@ pub struct GatewayState {
     pub upstream: Arc<UpstreamSet>,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<BodyBudget>,
+    /// Bodies being received at once, per key and per IP.
+    pub uploads: Uploads,
     pub limiter: Arc<Limiter>,
     /// Per-client-IP protections, before authentication.
     pub clients: ClientGuard,
@@ -38,6 +40,7 @@ impl GatewayState {
             upstream: Arc::new(UpstreamSet::new(&cfg.upstream, &metrics)),
             metrics: Arc::new(metrics),
             budget: BodyBudget::new(cfg.limits.max_buffered_body_bytes),
+            uploads: Uploads::new(cfg.limits.max_uploads_per_key, cfg.limits.max_uploads_per_ip),
             limiter: Arc::new(limiter),
             clients: ClientGuard::new(cfg.downstream.clients.clone()),
             cfg,

@@ -481,27 +481,21 @@ pub fn check_config(text: &str) {
 // ---------------------------------------------------------------------------
 // Routes and keys
 
-const LABELS: [&str; 8] = [
-    "health",
-    "health_upstream",
-    "models",
-    "model",
-    "chat_completions",
-    "completions",
-    "embeddings",
-    "other_v1",
-];
+
 
 /// `routes::classify` never panics, labels are bounded, and errors are
 /// 400/404/405.
 pub fn check_route(method: &str, path: &str) {
     match routes::classify(method, path) {
         Ok(route) => {
-            assert!(LABELS.contains(&route.label()));
+            assert!(routes::LABELS.contains(&route.label()));
             if route.has_model_body() {
                 assert_eq!(method, "POST");
             }
             assert!(path.starts_with('/'));
+            // One canonical spelling: whatever routes holds only bytes no server decodes.
+            let p = path.split('?').next().unwrap_or("");
+            assert!(p.bytes().all(routes::is_canonical_byte), "{path}");
         }
         Err(e) => assert!(
             matches!(e.status(), 400 | 404 | 405),

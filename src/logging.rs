@@ -1,0 +1,90 @@
+//! The process logger: `env_logger`, behind a filter that keeps secrets out.
+//!
+//! At debug and trace level, Pingora logs whole request and response
+//! headers ("Sending header to upstream", "Request header: ..."), which
+//! carry the client's key and the upstream's `--api-key`. No log level may
+//! print a secret, so any debug or trace line that mentions a credential
+//! header or parameter is replaced by a note saying it was withheld. Info
+//! and above are written by llm-edge itself and never hold one.
+
+use log::{Level, Log, Metadata, Record};
+
+/// Words that mark a line as carrying credentials (compared lower-cased).
+const SECRET_MARKERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "bearer ",
+    "api_key",
+    "api-key",
+    "access_token",
+    "cookie",
+];
+
+/// Whether a log line may carry a credential.
+pub fn carries_secret(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    SECRET_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+struct Redacting {
+    inner: env_logger::Logger,
+}
+
+impl Log for Redacting {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.inner.matches(record) {
+            return;
+        }
+        if record.level() >= Level::Debug && carries_secret(&record.args().to_string()) {
+            self.inner.log(
+                &Record::builder()
+                    .args(format_args!(
+                        "(a {} line of {} was withheld: it carries headers that may hold keys)",
+                        record.level().as_str().to_ascii_lowercase(),
+                        record.target()
+                    ))
+                    .level(record.level())
+                    .target(record.target())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            );
+            return;
+        }
+        self.inner.log(record);
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// Installs the logger (`RUST_LOG`, default `info`).
+pub fn init() {
+    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .build();
+    let max = inner.filter();
+    if log::set_boxed_logger(Box::new(Redacting { inner })).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_dumps_are_recognised() {
+        assert!(carries_secret(
+            "Sending header to upstream RequestHeader { ... \"authorization\": \"Bearer sk-x\" }"
+        ));
+        assert!(carries_secret("GET /v1/models?API_KEY=sk"));
+        assert!(carries_secret("x-api-key: sk"));
+        assert!(!carries_secret("pooled upstream connection was stale (connection closed)"));
+    }
+}
