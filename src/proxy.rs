@@ -56,11 +56,6 @@ pub struct GatewayProxy {
     state: Arc<GatewayState>,
 }
 
-enum Next {
-    Responded,
-    Proxy,
-}
-
 impl GatewayProxy {
     pub fn new(state: Arc<GatewayState>) -> GatewayProxy {
         GatewayProxy { state }
@@ -70,7 +65,7 @@ impl GatewayProxy {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-    ) -> Result<Next, GatewayError> {
+    ) -> Result<(), GatewayError> {
         let req = session.req_header();
         let raw_target = (!session.is_http2()).then(|| req.raw_path());
         hygiene::check(
@@ -89,7 +84,7 @@ impl GatewayProxy {
                 .cors
                 .preflight(ctx.cors_origin.as_deref(), requested)?;
             write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::new()).await?;
-            return Ok(Next::Responded);
+            return Ok(());
         }
         if self.state.cfg.metrics.on_public_listener
             && req.uri.path() == self.state.cfg.metrics.path
@@ -99,7 +94,7 @@ impl GatewayProxy {
             let (status, body) = Box::pin(metrics_app::scrape(&self.state, authorization)).await;
             let resp = metrics_app::response_header(status, body.len())?;
             write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await?;
-            return Ok(Next::Responded);
+            return Ok(());
         }
         // On HTTP/1 the target exactly as sent: what llama-server would decode.
         let path = match raw_target {
@@ -114,11 +109,11 @@ impl GatewayProxy {
             Route::Health => {
                 self.respond_json(session, ctx, 200, json!({"status": "ok"}).to_string())
                     .await?;
-                return Ok(Next::Responded);
+                return Ok(());
             }
             Route::HealthUpstream => {
                 Box::pin(self.upstream_health(session, ctx)).await?;
-                return Ok(Next::Responded);
+                return Ok(());
             }
             _ => {}
         }
@@ -132,7 +127,7 @@ impl GatewayProxy {
             Route::ListModels => {
                 let list = self.state.cfg.catalogue.list_json(|m| key.allows(&m.name));
                 self.respond_json(session, ctx, 200, list).await?;
-                Ok(Next::Responded)
+                Ok(())
             }
             Route::GetModel(id) => {
                 let visible = self
@@ -144,15 +139,15 @@ impl GatewayProxy {
                     .and_then(|_| self.state.cfg.catalogue.model_json(&id));
                 let model = visible.ok_or(ApiError::ModelNotFound(id))?;
                 self.respond_json(session, ctx, 200, model).await?;
-                Ok(Next::Responded)
+                Ok(())
             }
             Route::Passthrough => {
                 self.forward_passthrough(session, ctx, key).await?;
-                Ok(Next::Responded)
+                Ok(())
             }
             r => {
                 self.forward_model_request(session, ctx, key, &r).await?;
-                Ok(Next::Responded)
+                Ok(())
             }
         }
     }
@@ -709,8 +704,7 @@ impl ProxyHttp for GatewayProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match self.serve(session, ctx).await {
-            Ok(Next::Responded) => Ok(true),
-            Ok(Next::Proxy) => Ok(false),
+            Ok(()) => Ok(true),
             Err(GatewayError::Api(err)) => {
                 self.respond_error(session, ctx, &err).await?;
                 Ok(true)

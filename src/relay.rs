@@ -411,7 +411,11 @@ async fn forward(
                         reshaped
                     }
                     Err(e) => {
-                        ctx.upstream_error = Some("invalid_response");
+                        // A non-JSON error status still counts as that
+                        // status (`5xx`); a 2xx that is not JSON is invalid.
+                        if (200..300).contains(&status) {
+                            ctx.upstream_error = Some("invalid_response");
+                        }
                         return Err(e.into());
                     }
                 };

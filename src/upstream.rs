@@ -9,9 +9,13 @@
 //!
 //! Every new TCP connection is a new SSH channel, so connections are pooled;
 //! llama-server closes idle ones after 5 s and any after 100 requests, so a
-//! pooled connection can be dead when we pick it. A request that fails on a
-//! reused connection before any response byte arrived is sent again once, on
-//! a fresh connection.
+//! pooled connection can be dead when we pick it. Pingora's pool already
+//! drops connections it finds closed when handing one out; a request whose
+//! write fails on a reused connection (so llama-server cannot have read it)
+//! is sent again once, on a fresh connection. Once the whole request was
+//! written it is never sent again, even when the connection then closes
+//! without an answer: llama-server may be generating it, and a second copy
+//! would be a second prompt on the GPU (and a second bill).
 
 use std::time::Duration;
 
@@ -111,6 +115,15 @@ pub fn describe(e: &Error) -> String {
     }
 }
 
+/// How far a request got before its exchange failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Writing it failed: the server did not read it.
+    Writing,
+    /// It was written whole: the server may be working on it.
+    Written,
+}
+
 /// A response header has arrived; the body is still to be read.
 pub struct Exchange {
     pub http: HttpSession,
@@ -163,15 +176,16 @@ impl UpstreamClient {
         let req = &req;
         if let Some(stream) = self.transport.reused_stream(&self.peer).await {
             let http = HttpSession::new_with_options(stream, &self.peer);
-            match self.exchange(http, req, body).await {
+            match self.exchange_staged(http, req, body).await {
                 Ok(done) => return Ok(done),
-                // A stale pooled connection: try once more on a fresh one.
-                Err(UpstreamFailure::NoResponse(e)) => {
+                // A stale pooled connection that refused the request itself:
+                // nothing was read upstream; try once more on a fresh one.
+                Err((UpstreamFailure::NoResponse(e), Stage::Writing)) => {
                     log::debug!(
                         "pooled upstream connection was stale ({e}); retrying on a new one"
                     );
                 }
-                Err(other) => return Err(other),
+                Err((other, _)) => return Err(other),
             }
         }
         // Boxed: the connect future is large and only needed when the pool
@@ -185,10 +199,22 @@ impl UpstreamClient {
 
     async fn exchange(
         &self,
-        mut http: HttpSession,
+        http: HttpSession,
         req: &RequestHeader,
         body: &Bytes,
     ) -> Result<Exchange, UpstreamFailure> {
+        self.exchange_staged(http, req, body)
+            .await
+            .map_err(|(failure, _)| failure)
+    }
+
+    /// [`UpstreamClient::exchange`], saying how far the request got when it failed.
+    async fn exchange_staged(
+        &self,
+        mut http: HttpSession,
+        req: &RequestHeader,
+        body: &Bytes,
+    ) -> Result<Exchange, (UpstreamFailure, Stage)> {
         // One deadline for sending the request and receiving the response
         // header: an upstream that accepts but never reads (a stuck tunnel)
         // must not hold a large body's write forever.
@@ -202,14 +228,21 @@ impl UpstreamClient {
                 http.finish_body().await?;
                 Ok::<(), Box<Error>>(())
             };
-            write.await.map_err(UpstreamFailure::NoResponse)?;
-            http.read_response().await.map_err(|e| match e.etype() {
-                ErrorType::InvalidHTTPHeader | ErrorType::H1Error => UpstreamFailure::Invalid(e),
-                _ => UpstreamFailure::NoResponse(e),
+            write
+                .await
+                .map_err(|e| (UpstreamFailure::NoResponse(e), Stage::Writing))?;
+            http.read_response().await.map_err(|e| {
+                let failure = match e.etype() {
+                    ErrorType::InvalidHTTPHeader | ErrorType::H1Error => {
+                        UpstreamFailure::Invalid(e)
+                    }
+                    _ => UpstreamFailure::NoResponse(e),
+                };
+                (failure, Stage::Written)
             })
         };
         match tokio::time::timeout(limit, exchange).await {
-            Err(_) => Err(UpstreamFailure::FirstByteTimeout(limit)),
+            Err(_) => Err((UpstreamFailure::FirstByteTimeout(limit), Stage::Written)),
             Ok(Err(failure)) => Err(failure),
             Ok(Ok(_)) => Ok(Exchange { http }),
         }

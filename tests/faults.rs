@@ -284,16 +284,13 @@ async fn upstream_reset_mid_response() {
     let event = assert_cut_with_error_event(&text);
     assert_eq!(event["error"]["code"], "upstream_error");
 
-    // A JSON reply: half its Content-Length, then an RST. The client sees a
-    // cut body (an error), never a short body that looks complete.
+    // A JSON reply: half its Content-Length, then an RST. It is read whole
+    // before anything is written, so the client gets an error, never a
+    // short body that looks complete.
     let resp = post(&gw, false, &[("x-mock-fault", "reset-mid-stream")]).await;
-    assert_eq!(resp.status(), 200);
-    let (body, failure) = read_to_end(resp).await;
-    assert!(
-        failure.is_some(),
-        "a cut JSON body must not end cleanly: {body}"
-    );
-    assert!(serde_json::from_str::<Value>(&body).is_err(), "{body}");
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
 
     settled(&gw).await;
     let m = gw.scrape().await;
@@ -413,7 +410,7 @@ async fn broken_chunked_encoding_cuts_the_stream_promptly() {
 }
 
 #[tokio::test]
-async fn html_500_passes_through_unchanged() {
+async fn html_500_becomes_a_json_error_with_its_status_and_an_excerpt() {
     let (_mock, gw) = setup(&[], "").await;
     let html = "<html><body><h1>500 Internal Server Error</h1></body></html>";
     for stream in [false, true] {
@@ -421,13 +418,16 @@ async fn html_500_passes_through_unchanged() {
         assert_eq!(resp.status(), 500);
         let h = resp.headers();
         assert!(
-            h["content-type"].to_str().unwrap().starts_with("text/html"),
+            h["content-type"].to_str().unwrap().starts_with("application/json"),
             "{h:?}"
         );
         assert!(h.get("x-request-id").is_some());
-        let (body, failure) = read_to_end(resp).await;
-        assert!(failure.is_none(), "{failure:?}");
-        assert_eq!(body, html);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_response", "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(html),
+            "{body}"
+        );
     }
     settled(&gw).await;
     let m = gw.scrape().await;
@@ -630,7 +630,7 @@ async fn a_body_that_never_finishes_is_timed_out_and_never_forwarded() {
         assert!(after < Duration::from_secs(10), "{after:?}");
         let text = String::from_utf8_lossy(&reply);
         assert!(
-            text.starts_with("HTTP/1.1 400") && text.contains("read_timeout"),
+            text.starts_with("HTTP/1.1 408") && text.contains("read_timeout"),
             "{text}"
         );
     }
@@ -641,7 +641,7 @@ async fn a_body_that_never_finishes_is_timed_out_and_never_forwarded() {
     settled(&gw).await;
     let m = gw.scrape().await;
     assert_eq!(
-        metric(&m, "llm_edge_requests_total", &[r#"code="400""#]),
+        metric(&m, "llm_edge_requests_total", &[r#"code="408""#]),
         2.0,
         "{m}"
     );

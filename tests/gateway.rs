@@ -294,7 +294,7 @@ async fn bad_bodies_get_clear_400s_and_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn routes_methods_and_health() {
-    let (_mock, gw) = setup("").await;
+    let (mock, gw) = setup("").await;
     let c = client();
     let health = c.get(format!("{}/health", gw.url())).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -319,7 +319,7 @@ async fn routes_methods_and_health() {
     assert!(body["error"]["message"].as_str().unwrap().contains("POST"));
     let (status, _) = error_of(c.get(format!("{}/admin", gw.url())).send().await.unwrap()).await;
     assert_eq!(status, 404);
-    // other /v1 paths pass through to llama-server unchanged (its own 404 here)
+    // other /v1 paths are the gateway's 404 (default-deny), never llama-server's
     let other = c
         .get(format!("{}/v1/unknown-endpoint", gw.url()))
         .bearer_auth(KEY)
@@ -328,7 +328,15 @@ async fn routes_methods_and_health() {
         .unwrap();
     assert_eq!(other.status(), 404);
     let body: Value = other.json().await.unwrap();
-    assert_eq!(body["error"]["message"], "File Not Found");
+    assert_eq!(body["error"]["code"], "not_found");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/unknown-endpoint"));
+    assert!(
+        mock.requests().iter().all(|r| r.path == "/health"),
+        "nothing but health probes reached llama-server"
+    );
 }
 
 fn sized_body(size: usize) -> String {
@@ -850,7 +858,8 @@ async fn health_upstream_follows_llama_server_loading() {
 async fn the_global_body_budget_turns_excess_into_503() {
     let (mock, gw) =
         setup("limits:\n  max_body_bytes: 1000000\n  max_buffered_body_bytes: 1500000\n").await;
-    // One client declares 900 kB and sends it slowly: its reservation is held.
+    // One client declares 900 kB and has sent 800 kB of it: those bytes are
+    // reserved (what arrived, not what was declared).
     let body = sized_body(900_000);
     let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(
@@ -858,7 +867,7 @@ async fn the_global_body_budget_turns_excess_into_503() {
         body.len()
     );
     slow.write_all(head.as_bytes()).await.unwrap();
-    slow.write_all(&body.as_bytes()[..1000]).await.unwrap();
+    slow.write_all(&body.as_bytes()[..800_000]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A second large body does not fit in what is left.
     let resp = post(&gw, "/v1/chat/completions", Some(KEY), sized_body(900_000)).await;
@@ -876,7 +885,7 @@ async fn the_global_body_budget_turns_excess_into_503() {
         200
     );
     // The slow client finishes and is served.
-    slow.write_all(&body.as_bytes()[1000..]).await.unwrap();
+    slow.write_all(&body.as_bytes()[800_000..]).await.unwrap();
     let mut buf = vec![0u8; 512];
     let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
         .await
@@ -928,7 +937,7 @@ async fn a_client_that_stalls_mid_body_is_timed_out() {
         .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(
-        text.starts_with("HTTP/1.1 400") && text.contains("read_timeout"),
+        text.starts_with("HTTP/1.1 408") && text.contains("read_timeout"),
         "{text}"
     );
     assert!(mock.requests().is_empty());

@@ -396,7 +396,9 @@ async fn embeddings_and_other_v1_paths_fail_over_too() {
     let b = MockLlama::start(MockOptions::default()).await;
     let servers = [("a", format!("http://127.0.0.1:{dead}")), ("b", b.url())];
     // No health check in this test: the failed connects move the requests on.
-    let gw = Gateway::start(&config_with(&servers, "", ONE_MODEL, "1h", ""));
+    let yaml = config_with(&servers, "", ONE_MODEL, "1h", "")
+        + "routes:\n  passthrough: [/v1/tokenize]\n";
+    let gw = Gateway::start(&yaml);
     let client = reqwest::Client::new();
     for i in 0..6 {
         let resp = client
@@ -407,7 +409,7 @@ async fn embeddings_and_other_v1_paths_fail_over_too() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200, "embeddings request {i}");
-        // Not a model route: Pingora's own proxy loop, retried on b.
+        // An operator-opened passthrough path: relayed as it is, retried on b.
         let resp = client
             .post(format!("{}/v1/tokenize", gw.url()))
             .bearer_auth(KEY)
