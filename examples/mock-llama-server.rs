@@ -2,7 +2,7 @@
 //! Python/Node client tests and for trying llm-edge without a GPU.
 //!
 //! Usage: mock-llama-server [--port N] [--token-delay-ms MS] [--tokens N]
-//!                          [--alias NAME] [--api-key KEY]
+//!                          [--alias NAME] [--api-key KEY] [--parallel N]
 //! Prints `listening on 127.0.0.1:PORT` once ready.
 
 #[path = "../tests/support/mock_llama.rs"]
@@ -31,6 +31,7 @@ async fn main() {
             "--tokens" => opts.tokens = value().parse().expect("--tokens N"),
             "--alias" => opts.alias = value(),
             "--api-key" => opts.api_key = Some(value()),
+            "--parallel" => opts.parallel = value().parse().expect("--parallel N"),
             other => panic!("unknown flag {other}"),
         }
     }
