@@ -38,6 +38,10 @@ const NOT_FORWARDED: &[&str] = &[
     "expect",
     "host",
     "content-length",
+    // llama-server keeps generating a request that carries it after its
+    // client leaves (no cancellation) and replays the stream to whoever asks
+    // for the id: never a tenant's to set
+    "x-conversation-id",
     // the client's own claims about where it is: replaced by what we resolved
     "x-forwarded-for",
     "forwarded",
@@ -280,12 +284,20 @@ mod tests {
         client.insert_header("X-Forwarded-For", "6.6.6.6").unwrap();
         client.insert_header("Forwarded", "for=6.6.6.6").unwrap();
         client.insert_header("X-Api-Key", "sk-client").unwrap();
+        client.insert_header("X-Conversation-Id", "conv1").unwrap();
         let f = Forwarding {
             client_ip: Some("203.0.113.7".parse().unwrap()),
             ..fwd(1, None)
         };
         let req = upstream_request(&client, &f).unwrap();
-        for gone in ["x-secret-hop", "upgrade", "forwarded", "x-api-key", "connection"] {
+        for gone in [
+            "x-secret-hop",
+            "upgrade",
+            "forwarded",
+            "x-api-key",
+            "connection",
+            "x-conversation-id",
+        ] {
             assert!(!req.headers.contains_key(gone), "{gone}");
         }
         assert_eq!(req.headers["x-forwarded-for"], "203.0.113.7");
