@@ -204,13 +204,12 @@ impl GatewayProxy {
             }
             .into());
         }
-        let max_tokens = limits::max_tokens_to_send(
-            &self.state.limiter.key_limits(&key.id),
-            info.requested_max_tokens(),
-        )?;
+        let max_tokens =
+            limits::max_tokens_to_send(&self.state.limiter.key_limits(&key.id), &info)?;
         let rewrite = body::Rewrite {
             upstream_model: &route.upstream_name,
             max_tokens,
+            insert_as: body::InsertAs::MaxTokens,
         };
         let body = body::rewrite(body, &info, &rewrite);
         let req =
