@@ -11,7 +11,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llm_edge::auth::{digest, ApiKey, KeyTable};
-use llm_edge::body::{inspect, rewrite, Rewrite};
+use llm_edge::body::{inspect, rewrite, InsertAs, Rewrite};
 use llm_edge::sse::SseScanner;
 
 fn key_table(n: usize) -> KeyTable {
@@ -73,6 +73,7 @@ fn bench_body(c: &mut Criterion) {
         let rw = Rewrite {
             upstream_model: "/models/qwen3-30b-a3b-instruct-q4_k_m.gguf",
             max_tokens: Some(256),
+            insert_as: InsertAs::MaxTokens,
         };
         g.bench_with_input(
             BenchmarkId::new("inspect+rewrite", label),

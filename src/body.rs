@@ -6,6 +6,31 @@
 //! tens of MiB, so instead we find the exact byte span of the top-level
 //! `model` value and splice the new name in; every other byte stays as the
 //! client sent it.
+//!
+//! The same scan finds what sets how much llama-server generates, so a key's
+//! token ceiling can be enforced by splicing too. What llama-server (b11434)
+//! reads, by field and place in its source (`tools/server/`):
+//!
+//! - `n_predict`, then its aliases `max_completion_tokens` and `max_tokens`:
+//!   the first that is present and not null is the generation length
+//!   (`server-schema.cpp`, `make_llama_cmpl_schema`, field `n_predict`; read as
+//!   an `int32_t` with nlohmann's conversions: `7.5` is 7, `true` is 1, `-1`
+//!   is unlimited). Chat, completions and Responses bodies reach it with every
+//!   member copied (`oaicompat_chat_params_parse` in `server-common.cpp`).
+//! - `max_output_tokens`: the Responses API's length, renamed to `max_tokens`
+//!   (`server-chat.cpp`, `server_chat_convert_responses_to_chatcmpl`).
+//! - `max_tokens` on Anthropic Messages: the only member the converter keeps
+//!   as a length, 4096 when absent (`server-chat.cpp`,
+//!   `server_chat_convert_anthropic_to_oai`; it drops `n`, `n_predict`, ...).
+//! - `n_cmpl`, then its alias `n`: generations per prompt, 1 to the slot count
+//!   (`make_llama_cmpl_schema`, field `n_cmpl`; child tasks in
+//!   `handle_completions_impl`, `server-context.cpp`).
+//! - `prompt` on `/v1/completions`: an array with no integer element is one
+//!   prompt per element, each generating `n_cmpl` times (`server-common.cpp`,
+//!   `tokenize_input_prompts`; an array holding an integer is one tokenized
+//!   prompt). Chat-style routes replace `prompt` with the rendered messages.
+//! - `best_of` is read nowhere; it is counted anyway (OpenAI defines it as a
+//!   number of generations).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -28,6 +53,15 @@ pub struct RequestBody {
     pub has_members: bool,
     /// Top-level generation-length fields (`max_tokens`, ...), in body order.
     pub token_limits: Vec<TokenLimitField>,
+    /// Top-level fields that multiply the generation (`n`, `n_cmpl`,
+    /// `best_of`, `prompt`), in body order, repeats included.
+    pub multipliers: Vec<Multiplier>,
+    /// How many generations the body can start: the number of prompts times
+    /// the largest of `n`, `n_cmpl` and `best_of` (1 by default, saturating;
+    /// `u64::MAX` when a multiplier's count is unreadable). Counted on every
+    /// route, though only `/v1/completions` splits `prompt` and the Anthropic
+    /// converter drops `n`: counting more only lowers the cap.
+    pub choices: u64,
     /// Byte offset of the opening `{`.
     object_start: usize,
 }
@@ -41,8 +75,28 @@ pub struct TokenLimitField {
     pub span: Range<usize>,
 }
 
-/// Names llama-server reads as the generation limit.
-const TOKEN_LIMIT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "n_predict"];
+/// Names llama-server reads as the generation limit (see the module docs).
+const TOKEN_LIMIT_FIELDS: [&str; 4] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n_predict",
+];
+
+/// Names whose value is a number of generations per prompt.
+const CHOICE_FIELDS: [&str; 3] = ["n", "n_cmpl", "best_of"];
+
+/// A field that multiplies how many generations llama-server runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Multiplier {
+    /// `n`, `n_cmpl`, `best_of` or `prompt`.
+    pub name: &'static str,
+    /// Generations it asks for: at least 1 (values llama-server refuses, such
+    /// as `0`, `"8"` or `false`, count 1); `None` when it is a number
+    /// llama-server could read as any count (negative, which can wrap into
+    /// range, or a non-integer beyond `i32`), which the gateway cannot check.
+    pub count: Option<u64>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelField {
@@ -111,13 +165,113 @@ pub fn inspect(body: &[u8]) -> Result<RequestBody, ApiError> {
             span,
         })
         .collect();
+    let choices = choices(&scan.multipliers);
     Ok(RequestBody {
         model,
         stream: scan.stream,
         has_members: scan.members > 0,
         token_limits,
+        multipliers: scan.multipliers,
+        choices,
         object_start,
     })
+}
+
+/// Prompts times generations per prompt; `u64::MAX` for an unreadable count.
+fn choices(multipliers: &[Multiplier]) -> u64 {
+    let (mut prompts, mut per_prompt) = (1u64, 1u64);
+    for m in multipliers {
+        let Some(count) = m.count else {
+            return u64::MAX;
+        };
+        // Repeated keys: llama-server keeps the last, any of them is counted.
+        // `n` and `n_cmpl` are one parameter; `best_of` is OpenAI's total of
+        // candidates (at least `n`), so the largest of them is the count.
+        if m.name == "prompt" {
+            prompts = prompts.max(count);
+        } else {
+            per_prompt = per_prompt.max(count);
+        }
+    }
+    prompts.saturating_mul(per_prompt)
+}
+
+/// The count llama-server reads from an `n`-like value (an `int32_t` through
+/// nlohmann's conversions: floats truncate, `true` is 1, large integers wrap).
+fn choice_count(raw: &str) -> Option<u64> {
+    match raw.as_bytes().first() {
+        // null is absent; strings, arrays, objects are refused ("type must
+        // be number"); booleans are 0 or 1.
+        Some(b'n' | b't' | b'f' | b'"' | b'[' | b'{') | None => Some(1),
+        // Refused below 1, but a large negative integer wraps into range.
+        Some(b'-') => None,
+        Some(_) => {
+            if let Ok(n) = raw.parse::<u64>() {
+                // Wrapping only makes the count llama-server uses smaller.
+                return Some(n.max(1));
+            }
+            let f = raw.parse::<f64>().ok()?;
+            // Beyond i32 the float-to-int conversion is undefined.
+            (f < 2_147_483_648.0).then(|| (f as u64).max(1))
+        }
+    }
+}
+
+/// How many prompts llama-server makes of a `prompt` value (see
+/// `tokenize_input_prompts`): an array without integer elements is one
+/// prompt per element; anything else is one.
+fn prompt_count(raw: &str) -> Option<u64> {
+    if !raw.starts_with('[') {
+        return Some(1);
+    }
+    serde_json::from_str::<PromptCount>(raw).ok().map(|p| p.0)
+}
+
+struct PromptCount(u64);
+
+impl<'de> serde::Deserialize<'de> for PromptCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_seq(PromptCountVisitor)
+    }
+}
+
+struct PromptCountVisitor;
+
+impl<'de> Visitor<'de> for PromptCountVisitor {
+    type Value = PromptCount;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<PromptCount, A::Error> {
+        let mut elements = 0u64;
+        let mut has_integer = false;
+        while let Some(e) = seq.next_element::<&'de RawValue>()? {
+            elements += 1;
+            has_integer |= is_json_integer(e.get());
+        }
+        // An empty array is refused ("prompt" must not be empty).
+        Ok(PromptCount(if has_integer { 1 } else { elements.max(1) }))
+    }
+}
+
+/// Whether nlohmann's parser makes `raw` an integer (`is_number_integer`):
+/// digits only, within `i64` when negative and `u64` otherwise. `-0` is
+/// left out: when unsure, an element is not an integer, which counts more
+/// prompts, never fewer.
+fn is_json_integer(raw: &str) -> bool {
+    let (negative, digits) = match raw.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, raw),
+    };
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && if negative {
+            raw.parse::<i64>().is_ok_and(|n| n != 0)
+        } else {
+            raw.parse::<u64>().is_ok()
+        }
 }
 
 impl RequestBody {
@@ -130,13 +284,56 @@ impl RequestBody {
     }
 }
 
+/// The generation-length field a route's dialect inserts when the body sets
+/// none that llama-server reads on that route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertAs {
+    /// `max_tokens`: OpenAI chat completions and completions, where
+    /// llama-server also reads `max_completion_tokens` and `n_predict`.
+    MaxTokens,
+    /// `max_tokens` on Anthropic Messages: llama-server's converter keeps no
+    /// other length (and asks for 4096 tokens without one).
+    AnthropicMaxTokens,
+    /// `max_output_tokens`: the Responses API, whose converter also passes
+    /// `max_tokens`, `max_completion_tokens` and `n_predict` through.
+    MaxOutputTokens,
+}
+
+impl InsertAs {
+    /// The name inserted.
+    pub fn field(self) -> &'static str {
+        match self {
+            InsertAs::MaxTokens | InsertAs::AnthropicMaxTokens => "max_tokens",
+            InsertAs::MaxOutputTokens => "max_output_tokens",
+        }
+    }
+
+    /// The names llama-server takes the generation length from on this
+    /// route: when the body has one (capped), nothing is inserted.
+    pub fn read_by_upstream(self) -> &'static [&'static str] {
+        match self {
+            InsertAs::MaxTokens => &["max_tokens", "max_completion_tokens", "n_predict"],
+            InsertAs::AnthropicMaxTokens => &["max_tokens"],
+            InsertAs::MaxOutputTokens => &[
+                "max_output_tokens",
+                "max_tokens",
+                "max_completion_tokens",
+                "n_predict",
+            ],
+        }
+    }
+}
+
 /// What to change in a body on its way upstream.
 #[derive(Debug, Clone, Copy)]
 pub struct Rewrite<'a> {
     pub upstream_model: &'a str,
-    /// Cap every generation-length field at this value (inserting `max_tokens`
-    /// when the body has none).
+    /// Cap every generation-length field at this value, inserting
+    /// `insert_as` when the body has no length llama-server reads there.
+    /// `None` for routes that do not generate.
     pub max_tokens: Option<u64>,
+    /// Which length field the route's dialect inserts.
+    pub insert_as: InsertAs,
 }
 
 /// Applies `rw` by splicing bytes; every other byte stays as the client sent it.
@@ -156,8 +353,9 @@ pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
         None => inserted.push(format!("\"model\":{model_json}")),
     }
     if let Some(cap) = rw.max_tokens {
-        if info.token_limits.is_empty() {
-            inserted.push(format!("\"max_tokens\":{cap}"));
+        let read = rw.insert_as.read_by_upstream();
+        if !info.token_limits.iter().any(|f| read.contains(&f.name)) {
+            inserted.push(format!("\"{}\":{cap}", rw.insert_as.field()));
         }
         for field in &info.token_limits {
             if field.value.is_none_or(|v| v > cap) {
@@ -198,6 +396,7 @@ pub fn rewrite_model(body: Bytes, info: &RequestBody, upstream_name: &str) -> By
         &Rewrite {
             upstream_model: upstream_name,
             max_tokens: None,
+            insert_as: InsertAs::MaxTokens,
         },
     )
 }
@@ -219,6 +418,7 @@ fn truncate(s: &str, max: usize) -> String {
 
 struct Scan {
     token_limits: Vec<(&'static str, Range<usize>)>,
+    multipliers: Vec<Multiplier>,
     model: Option<Range<usize>>,
     model_count: usize,
     stream: bool,
@@ -239,6 +439,7 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan, A::Error> {
         let mut scan = Scan {
             token_limits: Vec::new(),
+            multipliers: Vec::new(),
             model: None,
             model_count: 0,
             stream: false,
@@ -264,6 +465,14 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
                         .unwrap_or("max_tokens");
                     scan.token_limits
                         .push((field, start..start + raw.get().len()));
+                }
+                name if CHOICE_FIELDS.contains(&name) || name == "prompt" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    let (name, count) = match CHOICE_FIELDS.iter().find(|f| **f == name) {
+                        Some(field) => (*field, choice_count(raw.get())),
+                        None => ("prompt", prompt_count(raw.get())),
+                    };
+                    scan.multipliers.push(Multiplier { name, count });
                 }
                 "stream" => {
                     let raw: &'de RawValue = map.next_value()?;
@@ -409,13 +618,259 @@ mod tests {
     }
 
     fn capped(body: &str, cap: u64) -> String {
+        capped_as(body, cap, InsertAs::MaxTokens)
+    }
+
+    fn capped_as(body: &str, cap: u64, insert_as: InsertAs) -> String {
         let bytes = Bytes::copy_from_slice(body.as_bytes());
         let info = inspect(&bytes).unwrap();
         let rw = Rewrite {
             upstream_model: "m",
             max_tokens: Some(cap),
+            insert_as,
         };
         String::from_utf8(super::rewrite(bytes, &info, &rw).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn every_length_field_is_read_and_capped() {
+        for name in TOKEN_LIMIT_FIELDS {
+            let body = format!(r#"{{"model":"m", "{name}" : 5000 ,"x":[1]}}"#);
+            let info = inspect(body.as_bytes()).unwrap();
+            assert_eq!(info.token_limits.len(), 1, "{name}");
+            assert_eq!(info.token_limits[0].name, name);
+            assert_eq!(info.requested_max_tokens(), Some(5000), "{name}");
+            for insert_as in [
+                InsertAs::MaxTokens,
+                InsertAs::AnthropicMaxTokens,
+                InsertAs::MaxOutputTokens,
+            ] {
+                let out = capped_as(&body, 16, insert_as);
+                let expected = format!(r#"{{"model":"m", "{name}" : 16 ,"x":[1]}}"#);
+                if insert_as.read_by_upstream().contains(&name) {
+                    assert_eq!(out, expected, "{name} {insert_as:?}");
+                } else {
+                    // the route does not read this name: its own is inserted too
+                    let field = insert_as.field();
+                    assert_eq!(
+                        out,
+                        format!(r#"{{"{field}":16,{}"#, &expected[1..]),
+                        "{name} {insert_as:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn insertion_follows_the_dialect() {
+        use InsertAs::*;
+        let cases: [(&str, InsertAs, &str); 12] = [
+            (
+                r#"{"model":"m"}"#,
+                MaxTokens,
+                r#"{"max_tokens":7,"model":"m"}"#,
+            ),
+            (
+                r#"{"model":"m"}"#,
+                AnthropicMaxTokens,
+                r#"{"max_tokens":7,"model":"m"}"#,
+            ),
+            (
+                r#"{"model":"m"}"#,
+                MaxOutputTokens,
+                r#"{"max_output_tokens":7,"model":"m"}"#,
+            ),
+            // chat and completions read the llama.cpp names: nothing to insert
+            (
+                r#"{"model":"m","n_predict":5}"#,
+                MaxTokens,
+                r#"{"model":"m","n_predict":5}"#,
+            ),
+            (
+                r#"{"model":"m","max_completion_tokens":-1}"#,
+                MaxTokens,
+                r#"{"model":"m","max_completion_tokens":7}"#,
+            ),
+            // ... but not max_output_tokens, which only the Responses converter reads
+            (
+                r#"{"model":"m","max_output_tokens":5}"#,
+                MaxTokens,
+                r#"{"max_tokens":7,"model":"m","max_output_tokens":5}"#,
+            ),
+            // Anthropic: the converter keeps max_tokens only (4096 without it)
+            (
+                r#"{"model":"m","n_predict":5}"#,
+                AnthropicMaxTokens,
+                r#"{"max_tokens":7,"model":"m","n_predict":5}"#,
+            ),
+            (
+                r#"{"model":"m","max_tokens":5}"#,
+                AnthropicMaxTokens,
+                r#"{"model":"m","max_tokens":5}"#,
+            ),
+            (
+                r#"{"model":"m","max_tokens":null}"#,
+                AnthropicMaxTokens,
+                r#"{"model":"m","max_tokens":7}"#,
+            ),
+            // Responses: max_tokens and n_predict pass through the converter
+            (
+                r#"{"model":"m","max_tokens":5}"#,
+                MaxOutputTokens,
+                r#"{"model":"m","max_tokens":5}"#,
+            ),
+            (
+                r#"{"model":"m","max_output_tokens":100000}"#,
+                MaxOutputTokens,
+                r#"{"model":"m","max_output_tokens":7}"#,
+            ),
+            (
+                r#"{ }"#,
+                MaxOutputTokens,
+                r#"{"model":"m","max_output_tokens":7 }"#,
+            ),
+        ];
+        for (body, insert_as, expected) in cases {
+            assert_eq!(
+                capped_as(body, 7, insert_as),
+                expected,
+                "{body} {insert_as:?}"
+            );
+        }
+    }
+
+    fn choices_of(body: &str) -> u64 {
+        inspect(body.as_bytes()).unwrap().choices
+    }
+
+    fn counts(body: &str) -> Vec<(&'static str, Option<u64>)> {
+        inspect(body.as_bytes())
+            .unwrap()
+            .multipliers
+            .iter()
+            .map(|m| (m.name, m.count))
+            .collect()
+    }
+
+    #[test]
+    fn n_is_read_as_llama_server_reads_it() {
+        for (value, count) in [
+            ("8", Some(8)),
+            ("1", Some(1)),
+            ("2.0", Some(2)),
+            ("2.9", Some(2)),
+            ("1e1", Some(10)),
+            ("0", Some(1)),
+            ("0.5", Some(1)),
+            ("4294967298", Some(4294967298)),
+            ("18446744073709551615", Some(u64::MAX)),
+            // llama-server refuses these ("type must be number"): one generation at most
+            (r#""8""#, Some(1)),
+            ("[8]", Some(1)),
+            (r#"{"n":8}"#, Some(1)),
+            ("true", Some(1)),
+            ("false", Some(1)),
+            ("null", Some(1)),
+            // negative or huge: an int32 cast could land anywhere (-4294967294 is 2)
+            ("-1", None),
+            ("-4294967294", None),
+            ("-0", None),
+            ("-2.5", None),
+            ("3e9", None),
+            ("18446744073709551616", None),
+            ("1e400", None),
+        ] {
+            for name in CHOICE_FIELDS {
+                let body = format!(r#"{{"{name}":{value}}}"#);
+                assert_eq!(counts(&body), [(name, count)], "{body}");
+                let choices = count.unwrap_or(u64::MAX);
+                assert_eq!(choices_of(&body), choices, "{body}");
+            }
+        }
+        assert_eq!(counts(r#"{"x":1}"#), []);
+        assert_eq!(
+            choices_of(r#"{"x":{"n":8},"y":[{"n":8}]}"#),
+            1,
+            "top level only"
+        );
+    }
+
+    #[test]
+    fn prompt_arrays_are_counted_as_llama_server_splits_them() {
+        for (prompt, count) in [
+            (r#""one""#, 1),
+            (r#"["a","b","c"]"#, 3),
+            (r#"["a"]"#, 1),
+            (r#"[[1,2],[3,4],[5]]"#, 3),
+            (r#"[[1,"a"],"b"]"#, 2),
+            (r#"[{"prompt_string":"a"},"b"]"#, 2),
+            // an array holding an integer is one (tokenized or mixed) prompt
+            (r#"[1,2,3]"#, 1),
+            (r#"["a",1,"b"]"#, 1),
+            (r#"["a",-5,"b"]"#, 1),
+            // floats are not integers to nlohmann: elements again
+            (r#"[1.5,"a"]"#, 2),
+            (r#"[1e2,2.0,"x"]"#, 3),
+            (r#"[18446744073709551616,"x"]"#, 2),
+            // when unsure (-0), more prompts rather than fewer
+            (r#"[-0,"x"]"#, 2),
+            ("[]", 1),
+            (r#"{"prompt_string":"a"}"#, 1),
+            ("42", 1),
+            ("1e400", 1),
+            ("null", 1),
+        ] {
+            let body = format!(r#"{{"model":"m","prompt":{prompt}}}"#);
+            assert_eq!(counts(&body), [("prompt", Some(count))], "{body}");
+            assert_eq!(choices_of(&body), count, "{body}");
+        }
+    }
+
+    #[test]
+    fn multipliers_combine() {
+        // prompts multiply the generations per prompt
+        assert_eq!(choices_of(r#"{"prompt":["a","b","c"],"n":4}"#), 12);
+        assert_eq!(choices_of(r#"{"n_cmpl":2,"prompt":[[1],[2]]}"#), 4);
+        // n and n_cmpl are one parameter, best_of includes n: the largest
+        assert_eq!(choices_of(r#"{"n":2,"n_cmpl":3}"#), 3);
+        assert_eq!(choices_of(r#"{"n_cmpl":null,"n":5}"#), 5);
+        assert_eq!(choices_of(r#"{"n":2,"best_of":6}"#), 6);
+        assert_eq!(choices_of(r#"{"best_of":2,"n":3}"#), 3);
+        // a repeated key counts with its largest value (llama-server keeps the last)
+        assert_eq!(choices_of(r#"{"n":8,"n":1}"#), 8);
+        assert_eq!(choices_of(r#"{"prompt":["a","b"],"prompt":"c"}"#), 2);
+        // saturates; an unreadable count is u64::MAX
+        assert_eq!(
+            choices_of(r#"{"n":18446744073709551615,"prompt":["a","b"]}"#),
+            u64::MAX
+        );
+        assert_eq!(choices_of(r#"{"n":-3,"prompt":["a","b"]}"#), u64::MAX);
+        assert_eq!(choices_of(r#"{"model":"m"}"#), 1);
+    }
+
+    #[test]
+    fn multipliers_and_other_bytes_are_left_as_sent() {
+        let body = "{\"n\" : 4,\r\n \"model\":\"a\",\"prompt\":[\"x\",\"y\"],\t\"best_of\":2.0,\"max_tokens\": 900 ,\"n_predict\":1e3,\"temperature\":0.70}";
+        let info = inspect(body.as_bytes()).unwrap();
+        assert_eq!(info.choices, 8);
+        assert_eq!(
+            capped(body, 2),
+            "{\"n\" : 4,\r\n \"model\":\"m\",\"prompt\":[\"x\",\"y\"],\t\"best_of\":2.0,\"max_tokens\": 2 ,\"n_predict\":2,\"temperature\":0.70}"
+        );
+        // within the cap: not even copied
+        let bytes = Bytes::from_static(br#"{"model":"m","n":3,"max_tokens":2}"#);
+        let info = inspect(&bytes).unwrap();
+        let out = super::rewrite(
+            bytes.clone(),
+            &info,
+            &Rewrite {
+                upstream_model: "m",
+                max_tokens: Some(2),
+                insert_as: InsertAs::MaxTokens,
+            },
+        );
+        assert_eq!(out.as_ptr(), bytes.as_ptr());
     }
 
     #[test]

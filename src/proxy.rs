@@ -260,16 +260,21 @@ impl GatewayProxy {
             }
             .into());
         }
-        let max_tokens = match api_route.max_tokens_field() {
-            Some(_) => limits::max_tokens_to_send(
-                &self.state.limiter.key_limits(&key.id),
-                info.requested_max_tokens(),
-            )?,
+        // Only generations have a token ceiling; each dialect inserts its own field.
+        let insert_as = match api_route {
+            Route::Messages => Some(body::InsertAs::AnthropicMaxTokens),
+            Route::Responses => Some(body::InsertAs::MaxOutputTokens),
+            Route::ChatCompletions | Route::Completions => Some(body::InsertAs::MaxTokens),
+            _ => None,
+        };
+        let max_tokens = match insert_as {
+            Some(_) => limits::max_tokens_to_send(&self.state.limiter.key_limits(&key.id), &info)?,
             None => None,
         };
         let rewrite = body::Rewrite {
             upstream_model: &route.upstream_name,
             max_tokens,
+            insert_as: insert_as.unwrap_or(body::InsertAs::MaxTokens),
         };
         let body = body::rewrite(body, &info, &rewrite);
         let req = session.req_header();

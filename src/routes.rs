@@ -151,15 +151,6 @@ impl Route {
         )
     }
 
-    /// The field a token ceiling is inserted as when the body has none.
-    pub fn max_tokens_field(&self) -> Option<&'static str> {
-        match self {
-            Route::ChatCompletions | Route::Completions | Route::Messages => Some("max_tokens"),
-            Route::Responses => Some("max_output_tokens"),
-            _ => None,
-        }
-    }
-
     pub fn dialect(&self) -> Dialect {
         match self {
             Route::Responses | Route::ResponsesInputTokens => Dialect::Responses,
@@ -430,11 +421,6 @@ mod tests {
         assert!(Route::Messages.generates());
         assert!(!Route::MessagesCountTokens.generates());
         assert!(Route::MessagesCountTokens.counts_tokens_only());
-        assert_eq!(
-            Route::Responses.max_tokens_field(),
-            Some("max_output_tokens")
-        );
-        assert_eq!(Route::Embeddings.max_tokens_field(), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use bytes::Bytes;
-use llm_edge::body::{self, Rewrite};
+use llm_edge::body::{self, InsertAs, Rewrite};
 use llm_edge::config;
 use llm_edge::sse::SseScanner;
 use proptest::collection::vec;
@@ -142,8 +142,14 @@ fn key() -> impl Strategy<Value = String> {
             r#""mod\u0065l""#,
             r#""max_tokens""#,
             r#""max_completion_tokens""#,
+            r#""max_output_tokens""#,
             r#""n_predict""#,
             r#""n_pre\u0064ict""#,
+            r#""n""#,
+            r#""\u006e""#,
+            r#""n_cmpl""#,
+            r#""best_of""#,
+            r#""prompt""#,
             r#""stream""#,
             r#""messages""#,
             r#""Model""#,
@@ -163,10 +169,20 @@ fn member_value(key: &str) -> BoxedStrategy<String> {
             1 => json_value(),
         ]
         .boxed(),
-        Ok("max_tokens" | "max_completion_tokens" | "n_predict") => prop_oneof![
+        Ok("max_tokens" | "max_completion_tokens" | "max_output_tokens" | "n_predict") => prop_oneof![
             2 => (0u64..5000).prop_map(|n| n.to_string()),
             1 => select(vec!["-1", "null", "18446744073709551615", "18446744073709551616", "1e3", "7.5", "\"9\""])
                 .prop_map(String::from),
+            1 => json_value(),
+        ]
+        .boxed(),
+        Ok("n" | "n_cmpl" | "best_of") => prop_oneof![
+            2 => count_value(),
+            1 => json_value(),
+        ]
+        .boxed(),
+        Ok("prompt") => prop_oneof![
+            2 => prompt_value(),
             1 => json_value(),
         ]
         .boxed(),
@@ -216,6 +232,99 @@ fn mutated_body() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// A value for `n`, `n_cmpl` or `best_of`: counts, and what llama-server
+/// might read as one (floats truncate, `true` is 1, integers wrap to int32).
+fn count_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => (0u64..40).prop_map(|n| n.to_string()),
+        2 => select(vec![
+            "2.0", "2.9", "1e1", "0.5", "true", "false", "null", "\"8\"", "[8]", "-1", "-0",
+            "-4294967294", "4294967298", "3e9", "1e400", "18446744073709551615",
+            "18446744073709551616",
+        ])
+        .prop_map(String::from),
+    ]
+}
+
+/// A `prompt`: one string, an array of prompts (strings, token arrays,
+/// objects), one tokenized prompt (integers), or mixed.
+fn prompt_value() -> impl Strategy<Value = String> {
+    let element = prop_oneof![
+        select(vec![
+            "\"a\"",
+            "[1,2]",
+            "[3,\"b\"]",
+            "{\"prompt_string\":\"c\"}",
+            "1.5",
+            "-0",
+            "7",
+            "null",
+        ])
+        .prop_map(String::from),
+        json_string(),
+    ];
+    prop_oneof![
+        1 => json_string(),
+        3 => vec(element, 0..6).prop_map(|items| format!("[{}]", items.join(","))),
+    ]
+}
+
+/// A value for a generation-length field.
+fn length_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => (0u64..70).prop_map(|n| n.to_string()),
+        2 => select(vec![
+            "-1", "-2", "null", "7.5", "1e3", "\"9\"", "true", "false", "3e9", "1e400",
+            "4294967295", "4294967311", "2147483648", "18446744073709551615", "[5]",
+        ])
+        .prop_map(String::from),
+    ]
+}
+
+/// A request body built from the fields that set the generation: lengths,
+/// multipliers and prompts (keys sometimes escaped, sometimes repeated),
+/// among ordinary members.
+fn generation_body() -> impl Strategy<Value = Vec<u8>> {
+    let member = prop_oneof![
+        3 => (
+            select(vec![
+                "max_tokens",
+                "max_completion_tokens",
+                "max_output_tokens",
+                "n_predict",
+                "max_\\u0074okens",
+            ]),
+            length_value(),
+        )
+            .prop_map(|(k, v)| format!("\"{k}\":{v}")),
+        3 => (select(vec!["n", "n_cmpl", "best_of", "\\u006e"]), count_value())
+            .prop_map(|(k, v)| format!("\"{k}\":{v}")),
+        2 => prompt_value().prop_map(|v| format!("\"prompt\":{v}")),
+        1 => select(vec![
+            "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]",
+            "\"input\":\"hi\"",
+            "\"stream\":true",
+            "\"temperature\":0.7",
+            "\"metadata\":{\"n\":64,\"max_tokens\":100000}",
+        ])
+        .prop_map(String::from),
+    ];
+    (vec((ws(), member), 0..7), any::<bool>()).prop_map(|(members, with_model)| {
+        let mut members: Vec<String> = members.into_iter().map(|(w, m)| w + &m).collect();
+        if with_model {
+            members.insert(0, "\"model\":\"alias\"".into());
+        }
+        format!("{{{}}}", members.join(",")).into_bytes()
+    })
+}
+
+fn ceiling() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => 1u64..70,
+        1 => select(vec![1u64 << 31, (1 << 32) + 3, u64::MAX]),
+    ]
+}
+
 fn upstream_name() -> impl Strategy<Value = String> {
     prop_oneof![
         select(checks::REWRITE_NAMES.to_vec()).prop_map(String::from),
@@ -254,6 +363,17 @@ proptest! {
     }
 
     #[test]
+    fn token_ceiling_holds_for_every_generation(
+        body in generation_body(),
+        ceiling in ceiling(),
+        reject in any::<bool>(),
+        insert_as in select(checks::INSERT_AS.to_vec()),
+    ) {
+        checks::check_token_ceiling(&body, ceiling, reject, insert_as);
+        checks::check_body(&body, "m", Some(ceiling));
+    }
+
+    #[test]
     fn duplicate_model_keys_are_always_rejected(
         before in vec(member(), 0..3),
         between in vec(member(), 0..3),
@@ -289,7 +409,7 @@ proptest! {
         let Ok(info) = body::inspect(&text) else {
             return Ok(()); // e.g. a duplicate model key inside `rest`
         };
-        let out = body::rewrite(text.clone(), &info, &Rewrite { upstream_model: &name, max_tokens: None });
+        let out = body::rewrite(text.clone(), &info, &Rewrite { upstream_model: &name, max_tokens: None, insert_as: InsertAs::MaxTokens });
         prop_assert_eq!(out.as_ptr(), text.as_ptr(), "the body must not even be copied");
         prop_assert_eq!(out, text);
     }
@@ -991,6 +1111,7 @@ fn regression_same_name_spelled_with_escapes_is_left_alone() {
     let rw = Rewrite {
         upstream_model: "ma",
         max_tokens: None,
+        insert_as: InsertAs::MaxTokens,
     };
     let out = body::rewrite(input.clone(), &info, &rw);
     assert_eq!(out, input);

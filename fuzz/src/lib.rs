@@ -14,8 +14,9 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use llm_edge::auth::{self, ApiKey, KeyTable};
-use llm_edge::body::{self, Rewrite};
+use llm_edge::body::{self, InsertAs, Rewrite};
 use llm_edge::config;
+use llm_edge::limits::{self, KeyLimits, OverMaxTokens};
 use llm_edge::routes;
 use llm_edge::sse::{self, JsonCollector, SseScanner};
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -25,7 +26,35 @@ use serde_json::value::RawValue;
 // Request bodies
 
 /// The generation-length fields `body::inspect` reports (and `rewrite` caps).
-pub const TOKEN_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "n_predict"];
+pub const TOKEN_FIELDS: [&str; 4] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n_predict",
+];
+
+/// The fields `body::inspect` reports as multipliers.
+pub const MULTIPLIER_FIELDS: [&str; 4] = ["n", "n_cmpl", "best_of", "prompt"];
+
+/// Every dialect `rewrite` inserts a length for.
+pub const INSERT_AS: [InsertAs; 3] = [
+    InsertAs::MaxTokens,
+    InsertAs::AnthropicMaxTokens,
+    InsertAs::MaxOutputTokens,
+];
+
+/// The inserted name, and the names llama-server b11434 takes the length
+/// from on that dialect's routes (when the body has one, nothing is inserted).
+fn dialect_lengths(insert_as: InsertAs) -> (&'static str, &'static [&'static str]) {
+    match insert_as {
+        InsertAs::MaxTokens => (
+            "max_tokens",
+            &["max_tokens", "max_completion_tokens", "n_predict"],
+        ),
+        InsertAs::AnthropicMaxTokens => ("max_tokens", &["max_tokens"]),
+        InsertAs::MaxOutputTokens => ("max_output_tokens", &TOKEN_FIELDS),
+    }
+}
 
 /// One top-level member of a JSON object: its unescaped key and the span of
 /// its raw value in the body.
@@ -175,13 +204,37 @@ pub fn check_body(body: &[u8], new_name: &str, cap: Option<u64>) {
         .collect();
     assert_eq!(reported, limits, "token limit fields");
 
+    let multipliers: Vec<&str> = members
+        .iter()
+        .filter(|m| MULTIPLIER_FIELDS.contains(&m.key.as_str()))
+        .map(|m| m.key.as_str())
+        .collect();
+    let reported: Vec<&str> = info.multipliers.iter().map(|m| m.name).collect();
+    assert_eq!(reported, multipliers, "multiplier fields");
+    assert!(info.choices >= 1);
+
+    for insert_as in INSERT_AS {
+        check_rewrite(body, &members, &info, new_name, cap, insert_as);
+    }
+}
+
+/// The rewrite half of [`check_body`], for one dialect.
+fn check_rewrite(
+    body: &[u8],
+    members: &[Member],
+    info: &body::RequestBody,
+    new_name: &str,
+    cap: Option<u64>,
+    insert_as: InsertAs,
+) {
     let input = Bytes::copy_from_slice(body);
     let out = body::rewrite(
         input.clone(),
-        &info,
+        info,
         &Rewrite {
             upstream_model: new_name,
             max_tokens: cap,
+            insert_as,
         },
     );
     // Names are compared decoded: `"m\u0061"` already is `ma` (finding 4).
@@ -198,7 +251,7 @@ pub fn check_body(body: &[u8], new_name: &str, cap: Option<u64>) {
     });
     assert_eq!(
         untouched(&out, &out_members),
-        untouched(body, &members),
+        untouched(body, members),
         "members other than model and token limits must be unchanged"
     );
     let out_models: Vec<&Member> = out_members.iter().filter(|m| m.key == "model").collect();
@@ -223,18 +276,21 @@ pub fn check_body(body: &[u8], new_name: &str, cap: Option<u64>) {
         ),
         Some(cap) => {
             let cap_text = cap.to_string();
-            let expected: Vec<(&str, &[u8])> = if before.is_empty() {
-                vec![("max_tokens", cap_text.as_bytes())]
-            } else {
-                before
-                    .iter()
-                    .map(|&(key, raw)| match serde_json::from_slice::<u64>(raw) {
-                        Ok(v) if v <= cap => (key, raw),
-                        _ => (key, cap_text.as_bytes()),
-                    })
-                    .collect()
-            };
-            assert_eq!(after, expected, "token limits must be capped at {cap}");
+            let (inserted, read) = dialect_lengths(insert_as);
+            let mut expected: Vec<(&str, &[u8])> = Vec::new();
+            if !before.iter().any(|(key, _)| read.contains(key)) {
+                expected.push((inserted, cap_text.as_bytes()));
+            }
+            expected.extend(before.iter().map(|&(key, raw)| {
+                match serde_json::from_slice::<u64>(raw) {
+                    Ok(v) if v <= cap => (key, raw),
+                    _ => (key, cap_text.as_bytes()),
+                }
+            }));
+            assert_eq!(
+                after, expected,
+                "token limits must be capped at {cap} ({insert_as:?})"
+            );
         }
     }
 
@@ -245,12 +301,261 @@ pub fn check_body(body: &[u8], new_name: &str, cap: Option<u64>) {
         Some(new_name)
     );
     assert_eq!(again.stream, info.stream);
+    assert_eq!(again.multipliers, info.multipliers);
     if let Some(cap) = cap {
         let requested = again.requested_max_tokens();
         assert!(
             requested.is_some_and(|r| r <= cap),
             "requested {requested:?} above the cap {cap}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The per-key token ceiling, against a model of llama-server b11434
+
+/// A number as llama-server reads it into an `int32_t` (nlohmann's `get`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LlamaInt {
+    /// After the conversion: integers wrap, floats truncate, `true` is 1.
+    Value(i64),
+    /// Not a number: "type must be number", the request fails.
+    TypeError,
+    /// A float outside `int32_t`: the conversion is undefined.
+    Undefined,
+}
+
+/// Whether nlohmann parses `raw` (a JSON number) as an integer.
+fn nlohmann_integer(raw: &str) -> bool {
+    let digits = raw.strip_prefix('-').unwrap_or(raw);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && if raw.starts_with('-') {
+            raw.parse::<i64>().is_ok()
+        } else {
+            raw.parse::<u64>().is_ok()
+        }
+}
+
+fn llama_int(raw: &str) -> LlamaInt {
+    match raw.as_bytes()[0] {
+        b't' => LlamaInt::Value(1),
+        b'f' => LlamaInt::Value(0),
+        b'"' | b'[' | b'{' | b'n' => LlamaInt::TypeError,
+        _ if nlohmann_integer(raw) => LlamaInt::Value(if raw.starts_with('-') {
+            i64::from(raw.parse::<i64>().unwrap() as i32)
+        } else {
+            i64::from(raw.parse::<u64>().unwrap() as i32)
+        }),
+        _ => match raw.parse::<f64>() {
+            Ok(f) if f > -2_147_483_649.0 && f < 2_147_483_648.0 => LlamaInt::Value(f as i64),
+            _ => LlamaInt::Undefined,
+        },
+    }
+}
+
+/// The raw value of the last top-level `key` (nlohmann keeps the last), if
+/// present and not null (llama-server reads null as absent).
+fn last_value<'a>(body: &'a [u8], members: &[Member], key: &str) -> Option<&'a str> {
+    let m = members.iter().rev().find(|m| m.key == key)?;
+    let raw = std::str::from_utf8(&body[m.span.clone()]).unwrap();
+    (raw != "null").then_some(raw)
+}
+
+/// What llama-server b11434 would generate for `body` on a route of
+/// `insert_as`'s dialect: `None` when it refuses the request, otherwise
+/// (generations, tokens per generation or `None` for unlimited). Refusals
+/// are only modelled where certain (type errors, hard limits).
+fn llama_generation(body: &[u8], insert_as: InsertAs) -> Option<(u64, Option<u64>)> {
+    let members = top_level_members(body).expect("a JSON object");
+    let value = |key: &str| last_value(body, &members, key);
+    let read = |raw: &str, what: &str| match llama_int(raw) {
+        LlamaInt::Value(v) => Some(v),
+        LlamaInt::TypeError => None,
+        LlamaInt::Undefined => panic!(
+            "{what} {raw} reaches llama-server, which may read it as any number: {:?}",
+            String::from_utf8_lossy(body)
+        ),
+    };
+    let length_raw = match insert_as {
+        // Anthropic: the converter keeps max_tokens, 4096 when the key is absent.
+        InsertAs::AnthropicMaxTokens => {
+            if !members.iter().any(|m| m.key == "max_tokens") {
+                return Some((1, Some(4096)));
+            }
+            value("max_tokens")
+        }
+        _ => {
+            // Responses: max_output_tokens (even null) replaces max_tokens.
+            let max_tokens = if insert_as == InsertAs::MaxOutputTokens
+                && members.iter().any(|m| m.key == "max_output_tokens")
+            {
+                value("max_output_tokens")
+            } else {
+                value("max_tokens")
+            };
+            value("n_predict")
+                .or_else(|| value("max_completion_tokens"))
+                .or(max_tokens)
+        }
+    };
+    let tokens = match length_raw {
+        None => None, // the server default: unlimited
+        Some(raw) => match read(raw, "a token limit")? {
+            -1 => None,
+            v if v < -1 => return None, // hard limit
+            v => Some((v as u64).max(1)),
+        },
+    };
+    if insert_as == InsertAs::AnthropicMaxTokens {
+        return Some((1, tokens));
+    }
+    let per_prompt = match value("n_cmpl").or_else(|| value("n")) {
+        None => 1,
+        Some(raw) => match read(raw, "a generation count")? {
+            v if v < 1 => return None, // hard limit
+            v => v as u64,
+        },
+    };
+    // Chat-style routes replace `prompt`; /v1/completions splits an array
+    // without integers into prompts. Counted on both (the larger).
+    let prompts = match value("prompt") {
+        Some(raw) if raw.starts_with('[') && insert_as == InsertAs::MaxTokens => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw).unwrap();
+            if items.iter().any(|i| nlohmann_integer(i.get())) {
+                1
+            } else {
+                (items.len() as u64).max(1)
+            }
+        }
+        _ => 1,
+    };
+    Some((prompts.saturating_mul(per_prompt), tokens))
+}
+
+/// Checks the per-key token ceiling end to end: `limits::max_tokens_to_send`
+/// then `body::rewrite` for a route of `insert_as`'s dialect. Either the
+/// request is refused with 400 naming a parameter, or in the rewritten body
+/// - every generation-length field is a whole number, and times the
+///   request's generations (prompts × the largest of `n`, `n_cmpl`,
+///   `best_of`, read as llama-server reads them) within the ceiling;
+/// - what llama-server would generate (its reading of the length, the
+///   dialect's default when absent, its `n_cmpl`/`n` and prompt split) is
+///   within the ceiling;
+/// - in `reject` mode, every length the client stated as a whole number is
+///   as sent.
+pub fn check_token_ceiling(body: &[u8], ceiling: u64, reject: bool, insert_as: InsertAs) {
+    let Ok(info) = body::inspect(body) else {
+        return; // check_body covers what inspect refuses
+    };
+    let key = KeyLimits {
+        max_tokens: Some(ceiling),
+        over_max_tokens: if reject {
+            OverMaxTokens::Reject
+        } else {
+            OverMaxTokens::Clamp
+        },
+        ..KeyLimits::default()
+    };
+    let cap = match limits::max_tokens_to_send(&key, &info) {
+        Ok(cap) => cap.expect("a key with a ceiling always gets a cap"),
+        Err(e) => {
+            assert_eq!(e.status(), 400, "{e:?}");
+            let param = e.param().expect("a refusal names the parameter");
+            assert!(
+                TOKEN_FIELDS.contains(&param) || MULTIPLIER_FIELDS.contains(&param),
+                "{e:?}"
+            );
+            if !reject {
+                assert!(MULTIPLIER_FIELDS.contains(&param), "clamp refused {e:?}");
+            }
+            return;
+        }
+    };
+    assert!(
+        cap >= 1 && cap <= ceiling && cap <= i32::MAX as u64,
+        "cap {cap}"
+    );
+    let out = body::rewrite(
+        Bytes::copy_from_slice(body),
+        &info,
+        &Rewrite {
+            upstream_model: "m",
+            max_tokens: Some(cap),
+            insert_as,
+        },
+    );
+    let text = String::from_utf8_lossy(&out);
+    let members = top_level_members(&out).expect("the rewrite is one JSON object");
+
+    // Every length field times the generations, best_of included.
+    let mut prompts = 1u64;
+    let mut per_prompt = 1u64;
+    for m in &members {
+        let raw = std::str::from_utf8(&out[m.span.clone()]).unwrap();
+        match m.key.as_str() {
+            "n" | "n_cmpl" | "best_of" if raw != "null" => match llama_int(raw) {
+                LlamaInt::Value(v) => per_prompt = per_prompt.max(v.max(1) as u64),
+                LlamaInt::TypeError => {}
+                LlamaInt::Undefined => panic!("{} {raw} was let through: {text:?}", m.key),
+            },
+            "prompt" if raw.starts_with('[') => {
+                let items: Vec<&RawValue> = serde_json::from_str(raw).unwrap();
+                if !items.iter().any(|i| nlohmann_integer(i.get())) {
+                    prompts = prompts.max(items.len() as u64);
+                }
+            }
+            _ => {}
+        }
+    }
+    let generations = prompts.saturating_mul(per_prompt);
+    for m in members.iter().filter(|m| is_token_field(&m.key)) {
+        let raw = &out[m.span.clone()];
+        let v: u64 = serde_json::from_slice(raw).unwrap_or_else(|_| {
+            panic!(
+                "{} is {:?} after the rewrite: {text:?}",
+                m.key,
+                String::from_utf8_lossy(raw)
+            )
+        });
+        assert!(
+            u128::from(v) * u128::from(generations) <= u128::from(ceiling),
+            "{} = {v} × {generations} generations is above the ceiling {ceiling}: {text:?}",
+            m.key
+        );
+    }
+
+    // What llama-server would do with it.
+    if let Some((generations, tokens)) = llama_generation(&out, insert_as) {
+        let tokens = tokens.unwrap_or_else(|| {
+            panic!("llama-server would generate without a limit ({insert_as:?}): {text:?}")
+        });
+        assert!(
+            u128::from(tokens) * u128::from(generations) <= u128::from(ceiling),
+            "llama-server would generate {generations} × {tokens} tokens, above {ceiling} ({insert_as:?}): {text:?}"
+        );
+    }
+
+    if reject {
+        let stated = |b: &[u8], ms: &[Member]| -> Vec<(String, Vec<u8>)> {
+            ms.iter()
+                .filter(|m| is_token_field(&m.key))
+                .map(|m| (m.key.clone(), b[m.span.clone()].to_vec()))
+                .collect()
+        };
+        let before = stated(body, &top_level_members(body).unwrap());
+        let after = stated(&out, &members);
+        let after = &after[after.len() - before.len()..];
+        for ((key, raw), (_, now)) in before.iter().zip(after) {
+            if serde_json::from_slice::<u64>(raw).is_ok_and(|v| v <= i32::MAX as u64) {
+                assert_eq!(
+                    raw,
+                    now,
+                    "reject mode changed a stated {key} (ceiling {ceiling}, input {:?}): {text:?}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
     }
 }
 
