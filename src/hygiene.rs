@@ -99,6 +99,26 @@ pub fn check(
     Ok(())
 }
 
+/// Pingora drops `Content-Length` from a request that also carries
+/// `Transfer-Encoding` (RFC 9112 lets a server do that) before any of our
+/// phases sees it; the raw header block still shows both. Such a request is
+/// how smuggling starts, so it is refused, as SECURITY.md says.
+pub fn check_raw_framing(raw_header: &[u8]) -> Result<(), ApiError> {
+    let has = |name: &[u8]| {
+        raw_header.split(|b| *b == b'\n').skip(1).any(|line| {
+            line.len() > name.len()
+                && line[..name.len()].eq_ignore_ascii_case(name)
+                && line[name.len()..].trim_ascii_start().starts_with(b":")
+        })
+    };
+    if has(b"content-length") && has(b"transfer-encoding") {
+        return Err(bad(
+            "a request must not carry both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +160,14 @@ mod tests {
             let e = req("/v1/chat/completions", headers).unwrap_err();
             assert_eq!(e.status(), 400, "{headers:?}");
         }
+    }
+
+    #[test]
+    fn both_framings_in_the_raw_header_are_400() {
+        let both = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(check_raw_framing(both).unwrap_err().status(), 400);
+        let one = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n";
+        assert!(check_raw_framing(one).is_ok());
     }
 
     #[test]

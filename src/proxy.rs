@@ -74,6 +74,11 @@ impl GatewayProxy {
             &req.headers,
             self.state.cfg.limits.max_header_bytes,
         )?;
+        if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            if let Some(h1) = session.as_downstream().as_http1() {
+                hygiene::check_raw_framing(&h1.get_headers_raw_bytes())?;
+            }
+        }
         if req.method == http::Method::OPTIONS {
             let requested = session
                 .get_header("access-control-request-headers")
@@ -380,6 +385,8 @@ impl GatewayProxy {
                     return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken))
                 }
                 Ok(Err(e)) => {
+                    // What follows on this connection cannot be framed: close it.
+                    session.set_keepalive(None);
                     return Err(ApiError::InvalidRequest(format!(
                         "the request body's framing is broken ({}): send a Content-Length body or valid chunked encoding",
                         e.etype().as_str()

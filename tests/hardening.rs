@@ -228,6 +228,11 @@ async fn broken_request_framing_gets_a_400_on_every_route() {
         let (reply, _) = exchange(&gw, req.as_bytes(), Duration::from_secs(5)).await;
         assert_eq!(status_of(&reply), 400, "{path}: {reply}");
         assert!(reply.contains("invalid_request"), "{reply}");
+        assert!(
+            head_of(&reply).contains("connection: close"),
+            "what follows a broken body cannot be framed: {reply}"
+        );
+        assert_eq!(reply.matches("HTTP/1.1").count(), 1, "{reply}");
         let both = format!(
             "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         );
