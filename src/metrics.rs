@@ -76,6 +76,8 @@ pub struct Metrics {
     ttft: HistogramVec,
     inter_token: HistogramVec,
     tokens: IntCounterVec,
+    /// Tokens by route (dialect) and kind, for the dashboard's per-route view.
+    route_tokens: IntCounterVec,
     streams_active: IntGaugeVec,
     in_flight: IntGauge,
     client_disconnects: IntCounterVec,
@@ -199,6 +201,7 @@ impl Metrics {
             ttft: histogram(r, "llm_edge_time_to_first_token_seconds", "Time from request to the first generated token of a stream", &["model"], TTFT_BUCKETS),
             inter_token: histogram(r, "llm_edge_inter_token_seconds", "Gap between consecutive streamed tokens", &["model"], INTER_TOKEN_BUCKETS),
             tokens: counter(r, "llm_edge_tokens_total", "Tokens by model, key id and kind (prompt, completion, cached)", &["model", "key", "kind"]),
+            route_tokens: counter(r, "llm_edge_route_tokens_total", "Tokens by route and kind (prompt, completion, cached)", &["route", "kind"]),
             streams_active,
             in_flight,
             client_disconnects: counter(r, "llm_edge_client_disconnects_total", "Clients that left before their response was complete", &["phase"]),
@@ -282,6 +285,9 @@ impl Metrics {
             ("cached", tokens.cached),
         ] {
             self.tokens.with_label_values(&[model, key, kind]).inc_by(n);
+            self.route_tokens
+                .with_label_values(&[r.route, kind])
+                .inc_by(n);
         }
         if let Some(t) = stats.timings {
             if let Some(tps) = t.prompt_per_second.filter(|v| v.is_finite() && *v > 0.0) {
