@@ -228,7 +228,8 @@ class LlamaServer:
 class Gateway:
     """The real llm-edge binary in front of a llama-server."""
 
-    def __init__(self, llama_url, tmp_dir, upstream_extra=None, env=None):
+    def __init__(self, llama_url, tmp_dir, upstream_extra=None, env=None, extra_models="", extra_keys=""):
+        """`extra_models` / `extra_keys`: YAML list items appended to `models:` / `keys:`."""
         binary = os.environ.get("LLM_EDGE_BIN") or os.path.join(REPO, "target", "debug", "llm-edge")
         if not os.path.exists(binary):
             pytest.fail(f"{binary} is missing: run `cargo build --bins` (scripts/test.sh does)")
@@ -245,10 +246,10 @@ models:
   - name: {PUBLIC_MODEL}
     aliases: [{PUBLIC_ALIAS}]
     upstream_name: {UPSTREAM_MODEL}
-keys:
+{extra_models}keys:
   - id: alice
     sha256: {sha256(CLIENT_KEY)}
-metrics:
+{extra_keys}metrics:
   listen: 127.0.0.1:{self.metrics_port}
 server:
   threads: 2
@@ -333,3 +334,133 @@ def gateway_connections_to(port):
             if state == "01" and int(remote.split(":")[1], 16) == port:
                 ports.add(int(local.split(":")[1], 16))
     return ports
+
+
+def _parse_http_request(data):
+    """(request, rest of data) for the first complete request in `data`, else None."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    lines = data[:head_end].decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    rest = data[head_end + 4:]
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body, pos = b"", 0
+        while True:
+            eol = rest.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(rest[pos:eol].split(b";")[0], 16)
+            if size == 0:
+                end = rest.find(b"\r\n\r\n", eol)  # no trailers expected
+                if end < 0:
+                    return None
+                return (method, target, headers, body), rest[end + 4:]
+            if len(rest) < eol + 2 + size + 2:
+                return None
+            body += rest[eol + 2:eol + 2 + size]
+            pos = eol + 2 + size + 2
+    n = int(headers.get("content-length", "0"))
+    if len(rest) < n:
+        return None
+    return (method, target, headers, rest[:n]), rest[n:]
+
+
+class RecordingRelay:
+    """A loopback TCP relay that records every byte a client sends through it.
+
+    Put between llm-edge and its upstream, it shows exactly what the upstream
+    received (request lines, headers, the rewritten body), or that it received
+    nothing. Responses pass back untouched.
+    """
+
+    def __init__(self, target_url):
+        import threading
+
+        self._target = target_url.removeprefix("http://").rsplit(":", 1)
+        self._lock = threading.Lock()
+        self._conns = []  # bytearray per accepted connection, in order
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self._closed = False
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self):
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((self._target[0], int(self._target[1])), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, upstream):
+                s.settimeout(None)
+                # no Nagle delay: the relay must not hold back a small write (a token)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = bytearray()
+            with self._lock:
+                self._conns.append(buf)
+            threading.Thread(target=self._pump, args=(client, upstream, buf), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    def _pump(self, src, dst, record):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if record is not None:
+                    with self._lock:
+                        record.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
+                try:
+                    s.shutdown(how)
+                except OSError:
+                    pass
+
+    def raw(self):
+        """Everything received so far, all connections concatenated."""
+        with self._lock:
+            return b"".join(bytes(b) for b in self._conns)
+
+    def requests(self):
+        """The complete HTTP/1.1 requests received so far, as
+        (method, target, {lower-case header: value}, body), connection by
+        connection (Content-Length and chunked bodies)."""
+        with self._lock:
+            conns = [bytes(b) for b in self._conns]
+        out = []
+        for data in conns:
+            while True:
+                parsed = _parse_http_request(data)
+                if parsed is None:
+                    break
+                request, data = parsed
+                out.append(request)
+        return out
+
+    def close(self):
+        self._closed = True
+        self._sock.close()
