@@ -3,7 +3,9 @@
 //! `cargo bench --bench micro`: key lookup (`KeyTable::authenticate` with 1, 100
 //! and 1,000 keys), body inspection and `model` rewrite on 1 KiB and 1 MiB
 //! bodies, and the SSE scanner on a realistic llama.cpp stream, fed one event
-//! per read (as llama-server writes them) and in 16 KiB reads. Under
+//! per read (as llama-server writes them) and in 16 KiB reads, and the route
+//! table (`RouteTable::classify`, canonical-path check included) on the
+//! first and last model routes, a passthrough path and an unknown one. Under
 //! `cargo test --benches` criterion runs each once as a smoke test.
 
 use std::hint::black_box;
@@ -12,6 +14,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llm_edge::auth::{digest, ApiKey, KeyTable};
 use llm_edge::body::{inspect, rewrite, InsertAs, Rewrite};
+use llm_edge::routes::RouteTable;
 use llm_edge::sse::SseScanner;
 
 fn key_table(n: usize) -> KeyTable {
@@ -154,5 +157,21 @@ fn bench_sse(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_auth, bench_body, bench_sse);
+fn bench_routes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("routes/classify");
+    let table = RouteTable::new(vec!["/props".into(), "/tokenize".into()]);
+    for (name, path) in [
+        ("chat", "/v1/chat/completions"),
+        ("chat_input_tokens", "/v1/chat/completions/input_tokens"),
+        ("passthrough", "/tokenize"),
+        ("unknown", "/v1/stream?conv_id=abc"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| table.classify(black_box("POST"), black_box(path)).is_ok())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_auth, bench_body, bench_sse, bench_routes);
 criterion_main!(benches);
