@@ -8,19 +8,62 @@
 //! cached part, so prompt = `prompt_n + cache_n`), else from a count of
 //! content deltas.
 //!
+//! llama-server speaks three dialects ([`Dialect`]), all read into the same
+//! [`ResponseStats`], so the same generation gives the same counts, the same
+//! content events and the same end whichever route asked for it. As
+//! llama-server b11434 writes them:
+//!
+//! - OpenAI (`/v1/chat/completions`, `/v1/completions`): `data: {"choices":
+//!   [...]}` chunks, usage (with `stream_options.include_usage`) and
+//!   `timings` on the last chunk, then `data: [DONE]`. An error mid-stream is
+//!   `data: {"error":{...}}`.
+//! - Responses (`/v1/responses`): `event: <type>` + `data: {"type":"<type>",
+//!   ...}`. Content is `response.output_text.delta` (also
+//!   `response.reasoning_text.delta`, `response.function_call_arguments.delta`:
+//!   any `response.*.delta` with a non-empty `delta`). The stream ends with
+//!   `response.completed`, whose `response.usage` has `input_tokens` (the
+//!   whole prompt), `output_tokens` and `input_tokens_details.cached_tokens`,
+//!   and whose `data` has llama.cpp's `timings`; there is no `[DONE]`. An
+//!   error mid-stream is written as in the OpenAI dialect, `data:
+//!   {"error":{...}}` without an `event:` line. A non-streamed reply is
+//!   `{"object":"response",...,"usage":{...}}` (no `timings`).
+//! - Anthropic (`/v1/messages`): `event: <type>` + `data: {"type":"<type>",
+//!   ...}`. `message_start` has `message.usage` with `input_tokens` (the
+//!   prompt *without* its cached part) and `cache_read_input_tokens`;
+//!   content is `content_block_delta` (`text_delta`, `thinking_delta`,
+//!   `input_json_delta`: all generated tokens; not `signature_delta`);
+//!   `message_delta` has `usage.output_tokens`; `message_stop` ends the
+//!   stream; there is no `[DONE]` and no `timings`. An error mid-stream is
+//!   `event: error` + `data: {"code":500,"message":"...","type":"server_error"}`
+//!   (llama.cpp's error object, whose `type` is not `"error"`: the `event:`
+//!   line is what says so). A non-streamed reply is `{"type":"message",...,
+//!   "usage":{...}}`.
+//!
+//! In every dialect a content event is one that carries generated text of
+//! any kind: answer text, reasoning text or tool-call arguments (in the
+//! OpenAI dialect `delta.content`, `delta.reasoning_content`, a
+//! `delta.tool_calls` entry with `function.arguments`, or a completion's
+//! `text`). An event that only opens a block, names a tool or closes
+//! something is not one.
+//!
 //! Most events of a stream are token deltas that carry neither `usage`,
 //! `timings`, `error` nor a `finish_reason`: for those only "has content"
-//! matters. A small validating scanner ([`quick_content`]) answers that
-//! without serde; it accepts only events that serde certainly parses with
-//! that result, and hands everything else (the final event, errors, anything
-//! unusual) to the full parse. [`fast_path_agrees`] is the oracle the
-//! property tests and the fuzzer hold it to; the request path never runs it.
+//! matters. In the OpenAI dialect, a small validating scanner
+//! ([`quick_content`]) answers that without serde; it accepts only events
+//! that serde certainly parses with that result, and hands everything else
+//! (the final event, errors, anything unusual) to the full parse.
+//! [`fast_path_agrees`] is the oracle the property tests and the fuzzer hold
+//! it to; the request path never runs it. The other two dialects always take
+//! the full parse.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use crate::routes::Dialect;
 
 /// A partial line longer than this is dropped rather than buffered.
 const MAX_CARRY: usize = 1 << 20;
@@ -41,6 +84,8 @@ pub struct Timings {
     pub predicted_per_second: Option<f64>,
 }
 
+/// Token usage, in the OpenAI dialect's terms: the other dialects' usage is
+/// converted to it (`prompt_tokens` is the whole prompt, cached part included).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
     #[serde(default)]
@@ -64,10 +109,20 @@ pub struct ResponseStats {
     pub content_events: u64,
     pub usage: Option<Usage>,
     pub timings: Option<Timings>,
+    /// The dialect's own word for why generation stopped: OpenAI's
+    /// `finish_reason`, Anthropic's `stop_reason`, the Responses API's
+    /// `status` of the response in its final event.
     pub finish_reason: Option<String>,
+    /// The stream said it is complete: `data: [DONE]`, `response.completed`
+    /// (or `response.incomplete`), `message_stop`.
     pub saw_done: bool,
+    /// The stream reported an error of its own: an `error` member, an
+    /// `error` event, `response.failed`.
     pub saw_error: bool,
     pub malformed: u64,
+    /// Anthropic's usage as read so far (it comes in two events); boxed,
+    /// so the other dialects' scanners do not carry it.
+    anthropic: Option<Box<AnthropicUsage>>,
 }
 
 /// Token counts for one request.
@@ -100,28 +155,43 @@ impl ResponseStats {
                 cached: t.cache_n,
             };
         }
+        // A cut Anthropic stream may have told its prompt (`message_start`)
+        // but not yet its output.
+        let anthropic = self.anthropic.as_deref().copied().unwrap_or_default();
         TokenCounts {
-            prompt: 0,
+            prompt: anthropic.prompt(),
             completion: self.content_events,
-            cached: 0,
+            cached: anthropic.cache_read.unwrap_or(0),
         }
     }
 
-    /// Share of the prompt served from llama.cpp's prompt cache.
+    /// Share of the prompt served from llama.cpp's prompt cache: from
+    /// `timings`, else (the Anthropic dialect has none) from the usage.
     pub fn cache_hit_ratio(&self) -> Option<f64> {
-        let t = self.timings?;
+        let Some(t) = self.timings else {
+            let u = self.usage?;
+            let cached = u.prompt_tokens_details?.cached_tokens;
+            let total = u.prompt_tokens;
+            // Upstream numbers: keep the ratio in 0..=1 whatever they say.
+            return (total > 0).then(|| cached.min(total) as f64 / total as f64);
+        };
         // Saturating, so `cache_n <= total` still holds and the ratio stays in 0..=1.
         let total = t.prompt_n.saturating_add(t.cache_n);
         (total > 0).then(|| t.cache_n as f64 / total as f64)
     }
 
-    /// Reads one stream event (a `data:` payload); returns whether it carried
-    /// content (a delta, counted in `content_events`).
-    fn absorb(&mut self, payload: &[u8]) -> bool {
+    /// Reads one stream event (a `data:` payload, `event` the type its
+    /// `event:` line gave, if any); returns whether it carried content (a
+    /// delta, counted in `content_events`).
+    fn absorb(&mut self, dialect: Dialect, event: Option<EventType>, payload: &[u8]) -> bool {
         self.events += 1;
-        let has_content = match quick_content(payload) {
+        let quick = match dialect {
+            Dialect::OpenAi => quick_content(payload),
+            Dialect::Responses | Dialect::Anthropic => None,
+        };
+        let has_content = match quick {
             Some(has_content) => has_content,
-            None => self.absorb_parsed(payload),
+            None => self.absorb_full(dialect, event, payload),
         };
         if has_content {
             self.content_events += 1;
@@ -129,9 +199,20 @@ impl ResponseStats {
         has_content
     }
 
-    /// The full parse of one JSON document: records everything but the
-    /// counts (`events`, `content_events` are the caller's); returns whether
-    /// it carried content.
+    /// The full parse of one JSON document in `dialect`: records everything
+    /// but the counts (`events`, `content_events` are the caller's); returns
+    /// whether it carried content.
+    fn absorb_full(&mut self, dialect: Dialect, event: Option<EventType>, payload: &[u8]) -> bool {
+        match dialect {
+            Dialect::OpenAi => self.absorb_parsed(payload),
+            Dialect::Responses => self.absorb_responses(event, payload),
+            Dialect::Anthropic => self.absorb_anthropic(event, payload),
+        }
+    }
+
+    /// The full parse of one OpenAI-dialect JSON document: records everything
+    /// but the counts (`events`, `content_events` are the caller's); returns
+    /// whether it carried content.
     fn absorb_parsed(&mut self, payload: &[u8]) -> bool {
         let event: Event = match serde_json::from_slice(payload) {
             Ok(e) => e,
@@ -155,7 +236,154 @@ impl ResponseStats {
         }
         choices.has_content
     }
+
+    /// One Responses API event (or a whole non-streamed response).
+    fn absorb_responses(&mut self, line_type: Option<EventType>, payload: &[u8]) -> bool {
+        let event: ResponsesEvent = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(_) => {
+                self.malformed += 1;
+                self.end_by_type(line_type);
+                return false;
+            }
+        };
+        let kind = EventType::effective(line_type, event.kind.as_deref());
+        self.end_by_type(kind);
+        if event.error.is_some() {
+            self.saw_error = true;
+        }
+        let (usage, status) = match event.response {
+            Some(r) => (event.usage.or(r.usage), r.status.or(event.status)),
+            None => (event.usage, event.status),
+        };
+        if let Some(u) = usage {
+            self.usage = Some(u.into());
+        }
+        if event.timings.is_some() {
+            self.timings = event.timings;
+        }
+        if status.is_some() && (kind.is_some_and(EventType::is_final) || event.usage.is_some()) {
+            self.finish_reason = status;
+        }
+        kind == Some(EventType::OutputDelta) && is_text(event.delta)
+    }
+
+    /// One Anthropic Messages event (or a whole non-streamed message).
+    fn absorb_anthropic(&mut self, line_type: Option<EventType>, payload: &[u8]) -> bool {
+        let event: AnthropicEvent = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(_) => {
+                self.malformed += 1;
+                self.end_by_type(line_type);
+                return false;
+            }
+        };
+        let kind = EventType::effective(line_type, event.kind.as_deref());
+        self.end_by_type(kind);
+        if event.error.is_some() {
+            self.saw_error = true;
+        }
+        let message = event
+            .message
+            .and_then(|m| serde_json::from_str::<AnthropicMessage>(m.get()).ok());
+        if let Some(u) = message.and_then(|m| m.usage) {
+            // `message_start`: its `output_tokens` is a placeholder (0).
+            self.anthropic.get_or_insert_default().merge(u, false);
+        }
+        if let Some(u) = event.usage {
+            self.anthropic.get_or_insert_default().merge(u, true);
+        }
+        if let Some(a) = self.anthropic.as_deref().filter(|a| a.output.is_some()) {
+            self.usage = Some(a.usage());
+        }
+        if event.timings.is_some() {
+            self.timings = event.timings;
+        }
+        let delta = event.delta.unwrap_or_default();
+        if let Some(reason) = delta.stop_reason.or(event.stop_reason) {
+            self.finish_reason = Some(reason);
+        }
+        kind == Some(EventType::ContentBlockDelta)
+            && (is_text(delta.text) || is_text(delta.thinking) || is_text(delta.partial_json))
+    }
+
+    /// What an event's type alone says about the end of the stream.
+    fn end_by_type(&mut self, kind: Option<EventType>) {
+        match kind {
+            Some(EventType::Error | EventType::ResponseFailed) => self.saw_error = true,
+            Some(EventType::ResponseCompleted | EventType::MessageStop) => self.saw_done = true,
+            _ => {}
+        }
+    }
 }
+
+/// Whether a value read as `Option<&RawValue>` is generated text: present,
+/// not null, not `""`.
+fn is_text(value: Option<&RawValue>) -> bool {
+    value.is_some_and(|c| !matches!(c.get(), "null" | "\"\""))
+}
+
+/// The event types the accounting acts on, from an `event:` line or a
+/// payload's `type` (the same names in both places).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EventType {
+    /// `error`: both dialects (and the Responses API's spelling of it).
+    Error,
+    /// Responses: `response.<anything>.delta`, generated output.
+    OutputDelta,
+    /// Responses: `response.completed`, and `response.incomplete` (it also
+    /// tells the client how the reply ends: cut short, with a reason).
+    ResponseCompleted,
+    /// Responses: `response.failed`.
+    ResponseFailed,
+    /// Anthropic: `content_block_delta`.
+    ContentBlockDelta,
+    /// Anthropic: `message_stop`.
+    MessageStop,
+    /// Any other type (`message_start` and `message_delta` are read by
+    /// their members, not their names).
+    Other,
+}
+
+impl EventType {
+    fn of(name: &[u8]) -> EventType {
+        match name {
+            b"error" => EventType::Error,
+            b"response.completed" | b"response.incomplete" => EventType::ResponseCompleted,
+            b"response.failed" => EventType::ResponseFailed,
+            b"content_block_delta" => EventType::ContentBlockDelta,
+            b"message_stop" => EventType::MessageStop,
+            _ if name.starts_with(b"response.") && name.ends_with(b".delta") => {
+                EventType::OutputDelta
+            }
+            _ => EventType::Other,
+        }
+    }
+
+    /// The type of an event from its `event:` line and its payload's `type`:
+    /// `error` in either place wins, then a type the line names, then the
+    /// payload's. (llama.cpp's Anthropic error event is `event: error` with
+    /// a payload whose `type` is the error's kind, e.g. `"server_error"`.)
+    fn effective(line: Option<EventType>, payload: Option<&str>) -> Option<EventType> {
+        let payload = payload.map(|t| EventType::of(t.as_bytes()));
+        match (line, payload) {
+            (Some(EventType::Error), _) | (_, Some(EventType::Error)) => Some(EventType::Error),
+            (Some(l), _) if l != EventType::Other => Some(l),
+            (l, None) => l,
+            (_, p) => p,
+        }
+    }
+
+    fn is_final(self) -> bool {
+        matches!(
+            self,
+            EventType::ResponseCompleted | EventType::ResponseFailed
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The OpenAI dialect's full parse
 
 #[derive(Deserialize)]
 struct Event<'a> {
@@ -183,13 +411,40 @@ struct Choice<'a> {
 struct Delta<'a> {
     #[serde(borrow, default)]
     content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
 }
 
 impl Choice<'_> {
     fn has_content(&self) -> bool {
-        let content = self.delta.as_ref().and_then(|d| d.content).or(self.text);
-        content.is_some_and(|c| !matches!(c.get(), "null" | "\"\""))
+        let generated = self.delta.as_ref().is_some_and(|d| {
+            is_text(d.reasoning_content) || d.tool_calls.is_some_and(tool_call_arguments)
+        });
+        generated || is_text(self.delta.as_ref().and_then(|d| d.content).or(self.text))
     }
+}
+
+/// Whether a `delta.tool_calls` value streams some arguments: an array with
+/// an entry whose `function.arguments` is text. Any other shape is no content
+/// (and not an error: the event's other members still count).
+fn tool_call_arguments(tool_calls: &RawValue) -> bool {
+    #[derive(Deserialize)]
+    struct ToolCall<'a> {
+        #[serde(borrow, default)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Function<'a> {
+        #[serde(borrow, default)]
+        arguments: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Vec<ToolCall>>(tool_calls.get()).is_ok_and(|calls| {
+        calls
+            .iter()
+            .any(|c| c.function.as_ref().is_some_and(|f| is_text(f.arguments)))
+    })
 }
 
 /// What the event's `choices` array says, folded while it is read (the same
@@ -229,10 +484,156 @@ impl<'de> Deserialize<'de> for Choices {
 }
 
 // ---------------------------------------------------------------------------
+// The Responses API's and Anthropic's full parse
+
+#[derive(Deserialize)]
+struct ResponsesEvent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    delta: Option<&'a RawValue>,
+    /// The response object of `response.created`, `response.completed`, ...
+    #[serde(default)]
+    response: Option<ResponseObject>,
+    /// A non-streamed response's usage.
+    #[serde(default)]
+    usage: Option<ResponsesUsage>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    timings: Option<Timings>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ResponseObject {
+    #[serde(default)]
+    usage: Option<ResponsesUsage>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct ResponsesUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    input_tokens_details: Option<PromptDetails>,
+}
+
+impl From<ResponsesUsage> for Usage {
+    fn from(u: ResponsesUsage) -> Usage {
+        Usage {
+            prompt_tokens: u.input_tokens,
+            completion_tokens: u.output_tokens,
+            prompt_tokens_details: u.input_tokens_details,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AnthropicEvent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    /// `content_block_delta`'s text, or `message_delta`'s stop reason.
+    #[serde(borrow, default)]
+    delta: Option<AnthropicDelta<'a>>,
+    /// `message_start`'s message (read when it is an object: in llama.cpp's
+    /// error event `message` is the error's text).
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    /// `message_delta`'s usage, or a non-streamed message's.
+    #[serde(default)]
+    usage: Option<AnthropicUsageWire>,
+    /// A non-streamed message's stop reason.
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    timings: Option<Timings>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Default, Deserialize)]
+struct AnthropicDelta<'a> {
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    thinking: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    partial_json: Option<&'a RawValue>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicMessage {
+    #[serde(default)]
+    usage: Option<AnthropicUsageWire>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct AnthropicUsageWire {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+/// Anthropic's usage as read so far: `message_start` tells the prompt,
+/// `message_delta` the output (and may repeat the prompt's counts; the
+/// later value of a count wins).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AnthropicUsage {
+    /// The prompt tokens that were neither read from nor written to the cache.
+    input: Option<u64>,
+    cache_read: Option<u64>,
+    cache_creation: Option<u64>,
+    output: Option<u64>,
+}
+
+impl AnthropicUsage {
+    fn merge(&mut self, u: AnthropicUsageWire, with_output: bool) {
+        self.input = u.input_tokens.or(self.input);
+        self.cache_read = u.cache_read_input_tokens.or(self.cache_read);
+        self.cache_creation = u.cache_creation_input_tokens.or(self.cache_creation);
+        if with_output {
+            self.output = u.output_tokens.or(self.output);
+        }
+    }
+
+    /// The whole prompt: Anthropic's `input_tokens` leaves out the cached part.
+    fn prompt(&self) -> u64 {
+        // Upstream numbers: saturate rather than overflow.
+        self.input
+            .unwrap_or(0)
+            .saturating_add(self.cache_read.unwrap_or(0))
+            .saturating_add(self.cache_creation.unwrap_or(0))
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt(),
+            completion_tokens: self.output.unwrap_or(0),
+            prompt_tokens_details: self
+                .cache_read
+                .map(|cached_tokens| PromptDetails { cached_tokens }),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The fast path
 
-/// Whether the fast path, where it decides `payload` (one `data:` payload),
-/// decides it as the full parse would: the same "has content" and nothing
+/// Whether the fast path, where it decides `payload` (one `data:` payload of
+/// an OpenAI-dialect stream), decides it as the full parse would: the same "has content" and nothing
 /// else recorded. For tests and fuzzing.
 pub fn fast_path_agrees(payload: &[u8]) -> bool {
     let Some(has_content) = quick_content(payload) else {
@@ -257,8 +658,8 @@ const QUICK_MAX_DEPTH: u32 = 16;
 /// one top-level object, `choices` null or an array of objects, `delta` null
 /// or an object. It gives up (`None`) on whatever it does not need to handle:
 /// keys of those objects spelled with escapes, duplicate known keys (a serde
-/// error), deep nesting, a non-null `finish_reason`, any `usage`, `timings`
-/// or `error` key.
+/// error), deep nesting, a non-null `finish_reason` or `tool_calls`, any
+/// `usage`, `timings` or `error` key.
 fn quick_content(payload: &[u8]) -> Option<bool> {
     std::str::from_utf8(payload).ok()?;
     let mut q = Quick { b: payload, i: 0 };
@@ -530,7 +931,8 @@ impl<'a> Quick<'a> {
         Some(has_content)
     }
 
-    /// One choice object: whether it has content (`delta.content`, else `text`).
+    /// One choice object: whether it has content (`delta.reasoning_content`,
+    /// or `delta.content`, else `text`).
     fn choice(&mut self) -> Option<bool> {
         if self.peek()? != b'{' {
             return None; // serde also reads a struct from an array: leave that to it
@@ -565,12 +967,14 @@ impl<'a> Quick<'a> {
                 _ => self.skip_value(QUICK_MAX_DEPTH)?,
             }
         }
-        Some(delta.or(text) == Some(true))
+        let (content, generated) = delta.unwrap_or((None, false));
+        Some(generated || content.or(text) == Some(true))
     }
 
-    /// The value of `delta`: `None` for null or no `content`, else whether
-    /// `content` counts as content.
-    fn delta(&mut self) -> Option<Option<bool>> {
+    /// The value of `delta`: `None` for null, else whether its `content`
+    /// counts as content (`None` for none or null) and whether its
+    /// `reasoning_content` does. A `tool_calls` other than null gives up.
+    fn delta(&mut self) -> Option<Option<(Option<bool>, bool)>> {
         match self.peek()? {
             b'n' => {
                 self.literal(b"null")?;
@@ -579,34 +983,71 @@ impl<'a> Quick<'a> {
             b'{' => self.i += 1,
             _ => return None,
         }
-        let mut content = None;
-        let mut seen_content = false;
+        let (mut content, mut reasoning) = (None, false);
+        let (mut seen_content, mut seen_reasoning, mut seen_tools) = (false, false, false);
         let mut first = true;
         while let Some(key) = self.next_key(&mut first, true)? {
-            if key == b"content" {
-                if std::mem::replace(&mut seen_content, true) {
-                    return None;
+            match key {
+                b"content" => {
+                    if std::mem::replace(&mut seen_content, true) {
+                        return None;
+                    }
+                    content = self.raw_content()?;
                 }
-                content = self.raw_content()?;
-            } else {
-                self.skip_value(QUICK_MAX_DEPTH)?;
+                b"reasoning_content" => {
+                    if std::mem::replace(&mut seen_reasoning, true) {
+                        return None;
+                    }
+                    reasoning = self.raw_content()? == Some(true);
+                }
+                b"tool_calls" => {
+                    if std::mem::replace(&mut seen_tools, true) {
+                        return None;
+                    }
+                    if self.peek()? != b'n' {
+                        return None; // tool-call deltas: the full parse reads them
+                    }
+                    self.literal(b"null")?;
+                }
+                _ => self.skip_value(QUICK_MAX_DEPTH)?,
             }
         }
-        Some(content)
+        Some(Some((content, reasoning)))
     }
 }
 
 /// Incremental SSE reader.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseScanner {
     carry: Vec<u8>,
     overflowed: bool,
+    dialect: Dialect,
+    /// The type named by the `event:` line of the event being read, until
+    /// the blank line that ends it.
+    event: Option<EventType>,
     pub stats: ResponseStats,
 }
 
+impl Default for SseScanner {
+    fn default() -> SseScanner {
+        SseScanner::for_dialect(Dialect::OpenAi)
+    }
+}
+
 impl SseScanner {
+    /// A reader of an OpenAI-dialect stream.
     pub fn new() -> SseScanner {
         SseScanner::default()
+    }
+
+    pub fn for_dialect(dialect: Dialect) -> SseScanner {
+        SseScanner {
+            carry: Vec::new(),
+            overflowed: false,
+            dialect,
+            event: None,
+            stats: ResponseStats::default(),
+        }
     }
 
     /// Reads one chunk; returns how many events in it carried generated content.
@@ -621,12 +1062,17 @@ impl SseScanner {
                 self.carry.clear();
                 continue;
             }
+            let mut line_state = LineState {
+                stats: &mut self.stats,
+                dialect: self.dialect,
+                event: &mut self.event,
+            };
             let has_content = if self.carry.is_empty() {
-                absorb_line(&mut self.stats, line_part)
+                line_state.absorb_line(line_part)
             } else {
                 let mut line = std::mem::take(&mut self.carry);
                 line.extend_from_slice(line_part);
-                let has_content = absorb_line(&mut self.stats, &line);
+                let has_content = line_state.absorb_line(&line);
                 line.clear();
                 self.carry = line;
                 has_content
@@ -648,27 +1094,58 @@ impl SseScanner {
     }
 }
 
-fn absorb_line(stats: &mut ResponseStats, line: &[u8]) -> bool {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let Some(data) = line.strip_prefix(b"data:") else {
-        return false; // blank separator, comment (":" ping), event:, id:
-    };
-    let data = data.strip_prefix(b" ").unwrap_or(data);
-    if data == b"[DONE]" {
-        stats.saw_done = true;
-        return false;
+/// What reading one line needs of the scanner (all of it but the carry).
+struct LineState<'s> {
+    stats: &'s mut ResponseStats,
+    dialect: Dialect,
+    event: &'s mut Option<EventType>,
+}
+
+impl LineState<'_> {
+    fn absorb_line(&mut self, line: &[u8]) -> bool {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            if line.is_empty() {
+                *self.event = None; // the blank line that ends an event
+            } else if let Some(name) = line.strip_prefix(b"event:") {
+                let name = name.strip_prefix(b" ").unwrap_or(name);
+                *self.event = Some(EventType::of(name));
+            }
+            return false; // comment (":" ping), event:, id:, retry:
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" {
+            self.stats.saw_done = true;
+            return false;
+        }
+        self.stats.absorb(self.dialect, *self.event, data)
     }
-    stats.absorb(data)
 }
 
 /// Collects a non-streaming JSON body (bounded) to read its usage at the end.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JsonCollector {
     body: Vec<u8>,
     too_big: bool,
+    dialect: Dialect,
+}
+
+impl Default for JsonCollector {
+    /// A collector of an OpenAI-dialect body.
+    fn default() -> JsonCollector {
+        JsonCollector::for_dialect(Dialect::OpenAi)
+    }
 }
 
 impl JsonCollector {
+    pub fn for_dialect(dialect: Dialect) -> JsonCollector {
+        JsonCollector {
+            body: Vec::new(),
+            too_big: false,
+            dialect,
+        }
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.too_big {
             return;
@@ -687,7 +1164,7 @@ impl JsonCollector {
             // A whole response, not a delta: straight to the full parse.
             // One message, not a delta: `content_events` stays 0.
             stats.events += 1;
-            stats.absorb_parsed(&self.body);
+            stats.absorb_full(self.dialect, None, &self.body);
         }
         stats
     }
@@ -703,11 +1180,18 @@ pub enum Accounting {
 }
 
 impl Accounting {
+    /// [`Accounting::for_dialect`] for the OpenAI dialect.
     pub fn for_response(is_sse: bool, content_type: &str) -> Accounting {
+        Accounting::for_dialect(Dialect::OpenAi, is_sse, content_type)
+    }
+
+    /// The reader for a response of a route that speaks `dialect`: an SSE
+    /// stream, a JSON body, or nothing to read.
+    pub fn for_dialect(dialect: Dialect, is_sse: bool, content_type: &str) -> Accounting {
         if is_sse {
-            Accounting::Sse(SseScanner::new())
+            Accounting::Sse(SseScanner::for_dialect(dialect))
         } else if content_type.to_ascii_lowercase().contains("json") {
-            Accounting::Json(JsonCollector::default())
+            Accounting::Json(JsonCollector::for_dialect(dialect))
         } else {
             Accounting::Off
         }
@@ -955,7 +1439,7 @@ mod tests {
         for (payload, expected) in cases {
             assert_eq!(quick_content(payload.as_bytes()), *expected, "{payload}");
             let mut stats = ResponseStats::default();
-            let content = stats.absorb(payload.as_bytes());
+            let content = stats.absorb(Dialect::OpenAi, None, payload.as_bytes());
             if let Some(expected) = expected {
                 assert_eq!(content, *expected, "{payload}");
             }
@@ -964,7 +1448,7 @@ mod tests {
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(40), "]".repeat(40));
         assert_eq!(quick_content(deep.as_bytes()), None);
         let mut stats = ResponseStats::default();
-        assert!(!stats.absorb(deep.as_bytes()));
+        assert!(!stats.absorb(Dialect::OpenAi, None, deep.as_bytes()));
         assert_eq!(stats.malformed, 0);
     }
 
@@ -984,5 +1468,444 @@ mod tests {
             }
         );
         assert_eq!(stats.timings.unwrap().predicted_per_second, Some(50.0));
+    }
+
+    // -----------------------------------------------------------------------
+    // The three dialects
+
+    // One generation recorded from llama-server b11434 (the tiny test model,
+    // `max_tokens` 4, its 11-token prompt cached but for 1 token) through
+    // each route, with `"stream": true` and without; ids, `created` and
+    // `system_fingerprint` shortened, a `:` ping added to the streams.
+
+    /// `/v1/chat/completions`: no usage without `stream_options`, `timings` on the last chunk.
+    const OPENAI_STREAM: &str = concat!(
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}],\"created\":1,\"id\":\"chatcmpl_1\",\"model\":\"tiny-upstream\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"content\":\"The\"}}],\"created\":1,\"id\":\"chatcmpl_1\",\"model\":\"tiny-upstream\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"content\":\" quick\"}}],\"created\":1,\"id\":\"chatcmpl_1\",\"model\":\"tiny-upstream\",\"object\":\"chat.completion.chunk\"}\n\n",
+        ":\n\n",
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"content\":\" brown\"}}],\"created\":1,\"id\":\"chatcmpl_1\",\"model\":\"tiny-upstream\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":null,\"index\":0,\"delta\":{\"content\":\" fo\"}}],\"created\":1,\"id\":\"chatcmpl_1\",\"model\":\"tiny-upstream\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"finish_reason\":\"length\",\"index\":0,\"delta\":{}}],\"created\":1,\"id\":\"chatcmpl_1\",\"model\":\"tiny-upstream\",\"object\":\"chat.completion.chunk\",\"timings\":{\"cache_n\":10,\"prompt_n\":1,\"prompt_ms\":0.856,\"prompt_per_token_ms\":0.856,\"prompt_per_second\":1168.2242990654206,\"predicted_n\":4,\"predicted_ms\":2.026,\"predicted_per_token_ms\":0.6753333333333332,\"predicted_per_second\":1480.750246791708}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// `/v1/responses`: usage and `timings` in `response.completed`, no `[DONE]`.
+    const RESPONSES_STREAM: &str = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\"}}\n\n",
+        "event: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\"}}\n\n",
+        "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"item\":{\"content\":[],\"id\":\"msg_1\",\"role\":\"assistant\",\"status\":\"in_progress\",\"type\":\"message\"}}\n\n",
+        "event: response.content_part.added\ndata: {\"type\":\"response.content_part.added\",\"item_id\":\"msg_1\",\"part\":{\"type\":\"output_text\",\"text\":\"\"}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\"The\"}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\" quick\"}\n\n",
+        ":\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\" brown\"}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\" fo\"}\n\n",
+        "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"item_id\":\"msg_1\",\"text\":\"The quick brown fo\"}\n\n",
+        "event: response.content_part.done\ndata: {\"type\":\"response.content_part.done\",\"item_id\":\"msg_1\",\"part\":{\"type\":\"output_text\",\"annotations\":[],\"logprobs\":[],\"text\":\"The quick brown fo\"}}\n\n",
+        "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"message\",\"status\":\"completed\",\"id\":\"msg_1\",\"content\":[{\"type\":\"output_text\",\"annotations\":[],\"logprobs\":[],\"text\":\"The quick brown fo\"}],\"role\":\"assistant\"}}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"created_at\":1,\"status\":\"completed\",\"model\":\"tiny-upstream\",\"output\":[{\"type\":\"message\",\"status\":\"completed\",\"id\":\"msg_1\",\"content\":[{\"type\":\"output_text\",\"annotations\":[],\"logprobs\":[],\"text\":\"The quick brown fo\"}],\"role\":\"assistant\"}],\"usage\":{\"input_tokens\":11,\"output_tokens\":4,\"total_tokens\":15,\"input_tokens_details\":{\"cached_tokens\":10}}},\"timings\":{\"cache_n\":10,\"prompt_n\":1,\"prompt_ms\":0.714,\"prompt_per_token_ms\":0.714,\"prompt_per_second\":1400.560224089636,\"predicted_n\":4,\"predicted_ms\":1.609,\"predicted_per_token_ms\":0.5363333333333333,\"predicted_per_second\":1864.5121193287755}}\n\n",
+    );
+
+    /// `/v1/messages`: prompt usage (without its cached part) in
+    /// `message_start`, output in `message_delta`, no `timings`, no `[DONE]`.
+    const ANTHROPIC_STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"chatcmpl_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"tiny-upstream\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"cache_read_input_tokens\":10,\"input_tokens\":1,\"output_tokens\":0}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"The\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" quick\"}}\n\n",
+        ":\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" brown\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" fo\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":4}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    const RESPONSES_BODY: &str = "{\"completed_at\":1,\"created_at\":1,\"id\":\"resp_1\",\"model\":\"tiny-upstream\",\"object\":\"response\",\"output\":[{\"content\":[{\"type\":\"output_text\",\"annotations\":[],\"logprobs\":[],\"text\":\"The quick brown fo\"}],\"id\":\"msg_1\",\"role\":\"assistant\",\"status\":\"completed\",\"type\":\"message\"}],\"status\":\"completed\",\"usage\":{\"input_tokens\":11,\"output_tokens\":4,\"total_tokens\":15,\"input_tokens_details\":{\"cached_tokens\":10}}}";
+
+    const ANTHROPIC_BODY: &str = "{\"id\":\"chatcmpl_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[{\"type\":\"text\",\"text\":\"The quick brown fo\"}],\"model\":\"tiny-upstream\",\"stop_reason\":\"max_tokens\",\"stop_sequence\":null,\"usage\":{\"cache_read_input_tokens\":10,\"input_tokens\":1,\"output_tokens\":4}}";
+
+    /// The recorded generation's counts, whatever the dialect.
+    const GENERATION: TokenCounts = TokenCounts {
+        prompt: 11,
+        completion: 4,
+        cached: 10,
+    };
+
+    const DIALECT_STREAMS: [(Dialect, &str); 3] = [
+        (Dialect::OpenAi, OPENAI_STREAM),
+        (Dialect::Responses, RESPONSES_STREAM),
+        (Dialect::Anthropic, ANTHROPIC_STREAM),
+    ];
+
+    fn scan_as(dialect: Dialect, s: &[u8]) -> (ResponseStats, u64) {
+        let mut sc = SseScanner::for_dialect(dialect);
+        let n = sc.feed(s);
+        (sc.stats, n)
+    }
+
+    #[test]
+    fn the_same_generation_reads_the_same_in_every_dialect() {
+        for (dialect, stream) in DIALECT_STREAMS {
+            let (stats, content) = scan_as(dialect, stream.as_bytes());
+            let d = dialect.as_str();
+            assert_eq!(stats.tokens(), GENERATION, "{d}");
+            assert_eq!(content, 4, "{d}: one content event per text delta");
+            assert_eq!(stats.content_events, 4, "{d}");
+            assert!(stats.saw_done, "{d}");
+            assert!(!stats.saw_error, "{d}");
+            assert_eq!(stats.malformed, 0, "{d}");
+            assert_eq!(stats.cache_hit_ratio(), Some(10.0 / 11.0), "{d}");
+        }
+    }
+
+    #[test]
+    fn dialect_streams_read_the_same_in_any_chunking() {
+        for (dialect, stream) in DIALECT_STREAMS {
+            let bytes = stream.as_bytes();
+            let (expected, total) = scan_as(dialect, bytes);
+            let d = dialect.as_str();
+            for split in 0..=bytes.len() {
+                let mut sc = SseScanner::for_dialect(dialect);
+                let n = sc.feed(&bytes[..split]) + sc.feed(&bytes[split..]);
+                assert_eq!(n, total, "{d}: split at {split}");
+                assert_eq!(sc.stats, expected, "{d}: split at {split}");
+            }
+            let mut sc = SseScanner::for_dialect(dialect);
+            let n: u64 = bytes.iter().map(|b| sc.feed(std::slice::from_ref(b))).sum();
+            assert_eq!(n, total, "{d}: byte by byte");
+            assert_eq!(sc.stats, expected, "{d}: byte by byte");
+        }
+    }
+
+    #[test]
+    fn responses_stream_usage_timings_and_end() {
+        let (stats, _) = scan_as(Dialect::Responses, RESPONSES_STREAM.as_bytes());
+        assert_eq!(
+            stats.usage,
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 4,
+                prompt_tokens_details: Some(PromptDetails { cached_tokens: 10 }),
+            })
+        );
+        let t = stats.timings.expect("timings in response.completed");
+        assert_eq!((t.prompt_n, t.cache_n, t.predicted_n), (1, 10, 4));
+        assert_eq!(stats.finish_reason.as_deref(), Some("completed"));
+        assert_eq!(stats.events, 12);
+    }
+
+    #[test]
+    fn anthropic_stream_usage_comes_in_two_parts() {
+        let (stats, _) = scan_as(Dialect::Anthropic, ANTHROPIC_STREAM.as_bytes());
+        assert_eq!(
+            stats.usage,
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 4,
+                prompt_tokens_details: Some(PromptDetails { cached_tokens: 10 }),
+            })
+        );
+        assert_eq!(stats.timings, None, "llama.cpp sends none in this dialect");
+        assert_eq!(stats.finish_reason.as_deref(), Some("max_tokens"));
+        // A later count wins; cache writes are prompt tokens too.
+        let s = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"cache_read_input_tokens\":2,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":6,\"cache_creation_input_tokens\":3,\"output_tokens\":9}}\n\n",
+        );
+        let (stats, _) = scan_as(Dialect::Anthropic, s.as_bytes());
+        assert_eq!(
+            stats.tokens(),
+            TokenCounts {
+                prompt: 11,
+                completion: 9,
+                cached: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_cut_stream_reports_what_it_saw() {
+        for (dialect, stream) in DIALECT_STREAMS {
+            // Cut after the last text delta (and its blank line).
+            let cut = stream.find(" fo\"").unwrap();
+            let cut = cut + stream[cut..].find("\n\n").unwrap() + 2;
+            let (stats, content) = scan_as(dialect, &stream.as_bytes()[..cut]);
+            let d = dialect.as_str();
+            assert!(!stats.saw_done, "{d}");
+            assert!(!stats.saw_error, "{d}");
+            assert_eq!(content, 4, "{d}");
+            let tokens = stats.tokens();
+            assert_eq!(tokens.completion, 4, "{d}: counted deltas");
+            // Only Anthropic tells the prompt before the end.
+            let prompt = if dialect == Dialect::Anthropic {
+                (11, 10)
+            } else {
+                (0, 0)
+            };
+            assert_eq!((tokens.prompt, tokens.cached), prompt, "{d}");
+        }
+    }
+
+    #[test]
+    fn dialect_error_events_are_noticed() {
+        let cases: &[(Dialect, &str)] = &[
+            // llama.cpp b11434's mid-stream errors (server-context.cpp, format_error)
+            (
+                Dialect::Responses,
+                "data: {\"error\":{\"code\":500,\"message\":\"x\",\"type\":\"server_error\"}}\n\n",
+            ),
+            (
+                Dialect::Anthropic,
+                "event: error\ndata: {\"code\":500,\"message\":\"x\",\"type\":\"server_error\"}\n\n",
+            ),
+            // the APIs' own spellings
+            (
+                Dialect::Responses,
+                "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}\n\n",
+            ),
+            (
+                Dialect::Responses,
+                "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"status\":\"failed\",\"error\":{\"code\":\"server_error\"}}}\n\n",
+            ),
+            (
+                Dialect::Anthropic,
+                "data: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\n\n",
+            ),
+            // an `event: error` whose data cannot be read still ends the stream
+            (Dialect::Anthropic, "event: error\ndata: {oops\n\n"),
+        ];
+        for (i, (dialect, s)) in cases.iter().enumerate() {
+            let (stats, n) = scan_as(*dialect, s.as_bytes());
+            assert!(stats.saw_error, "{s}");
+            assert_eq!(stats.malformed, u64::from(i == cases.len() - 1), "{s}");
+            assert!(!stats.saw_done, "{s}");
+            assert_eq!(n, 0, "{s}");
+        }
+        // after a token or two
+        let mut s = ANTHROPIC_STREAM[..ANTHROPIC_STREAM.find(":\n\n").unwrap()].to_string();
+        s.push_str(
+            "event: error\ndata: {\"code\":500,\"message\":\"x\",\"type\":\"server_error\"}\n\n",
+        );
+        let (stats, n) = scan_as(Dialect::Anthropic, s.as_bytes());
+        assert!(stats.saw_error && !stats.saw_done);
+        assert_eq!(n, 2);
+        // an error's `event:` line ends with its event: what follows is read as usual
+        let s = "event: error\ndata: {}\n\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"a\"}}\n\n";
+        let (stats, n) = scan_as(Dialect::Anthropic, s.as_bytes());
+        assert!(stats.saw_error);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn every_generated_delta_is_content() {
+        let cases: &[(Dialect, &str, bool)] = &[
+            // Anthropic: text, thinking and tool arguments; not signatures, block starts or empty text
+            (
+                Dialect::Anthropic,
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm"}}"#,
+                true,
+            ),
+            (
+                Dialect::Anthropic,
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}"#,
+                true,
+            ),
+            (
+                Dialect::Anthropic,
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":""}}"#,
+                false,
+            ),
+            (
+                Dialect::Anthropic,
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":""}}"#,
+                false,
+            ),
+            (
+                Dialect::Anthropic,
+                r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t","name":"f"}}"#,
+                false,
+            ),
+            (Dialect::Anthropic, r#"{"type":"ping"}"#, false),
+            // Responses: any response.*.delta with text
+            (
+                Dialect::Responses,
+                r#"{"type":"response.reasoning_text.delta","delta":"hm","item_id":"rs_1"}"#,
+                true,
+            ),
+            (
+                Dialect::Responses,
+                r#"{"type":"response.function_call_arguments.delta","delta":"{\"a\":","item_id":"fc_1"}"#,
+                true,
+            ),
+            (
+                Dialect::Responses,
+                r#"{"type":"response.output_text.delta","delta":""}"#,
+                false,
+            ),
+            (
+                Dialect::Responses,
+                r#"{"type":"response.output_item.added","item":{"type":"function_call","name":"f"}}"#,
+                false,
+            ),
+            (
+                Dialect::Responses,
+                r#"{"type":"response.output_text.done","text":"abc"}"#,
+                false,
+            ),
+            // OpenAI: reasoning and tool-call arguments too; not a tool call's name alone
+            (
+                Dialect::OpenAi,
+                r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"hm"}}]}"#,
+                true,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"choices":[{"delta":{"reasoning_content":"","content":null}}]}"#,
+                false,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"t","type":"function","function":{"name":"f","arguments":"{\""}}]}}]}"#,
+                true,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"t","type":"function","function":{"name":"f"}}]}}]}"#,
+                false,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"choices":[{"delta":{"tool_calls":"odd","content":"a"}}]}"#,
+                true,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"choices":[{"delta":{"tool_calls":null}}]}"#,
+                false,
+            ),
+        ];
+        for (dialect, payload, expected) in cases {
+            let line = format!("data: {payload}\n\n");
+            let (stats, n) = scan_as(*dialect, line.as_bytes());
+            assert_eq!(n, u64::from(*expected), "{payload}");
+            assert_eq!(stats.malformed, 0, "{payload}");
+            if *dialect == Dialect::OpenAi {
+                assert!(fast_path_agrees(payload.as_bytes()), "{payload}");
+            }
+        }
+        // The `event:` line names the type when the payload does not.
+        let s = "event: content_block_delta\ndata: {\"delta\":{\"text\":\"a\"}}\n\nevent: response.output_text.delta\ndata: {\"delta\":\"b\"}\n\n";
+        assert_eq!(scan_as(Dialect::Anthropic, s.as_bytes()).1, 1);
+        assert_eq!(scan_as(Dialect::Responses, s.as_bytes()).1, 1);
+        // A stream read in the wrong dialect finds no content.
+        assert_eq!(scan_as(Dialect::OpenAi, ANTHROPIC_STREAM.as_bytes()).1, 0);
+        assert_eq!(scan_as(Dialect::Anthropic, OPENAI_STREAM.as_bytes()).1, 0);
+    }
+
+    /// Every single-byte edit of OpenAI events with reasoning and tool-call
+    /// deltas: the fast path never disagrees with the full parse.
+    #[test]
+    fn the_fast_path_agrees_on_reasoning_and_tool_calls() {
+        let seeds = [
+            r#"{"choices":[{"delta":{"reasoning_content":"a","content":null,"tool_calls":null}}]}"#,
+            r#"{"choices":[{"delta":{"content":"","reasoning_content":""},"text":"b"}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"x"}}]}}]}"#,
+        ];
+        assert_eq!(quick_content(seeds[0].as_bytes()), Some(true));
+        assert_eq!(quick_content(seeds[1].as_bytes()), Some(false));
+        assert_eq!(quick_content(seeds[2].as_bytes()), None);
+        let bytes = [
+            b'"', b'\\', b'{', b'}', b'[', b']', b',', b':', b' ', b'n', b'0', b'a', 0x1f, 0xff,
+        ];
+        for seed in seeds {
+            let seed = seed.as_bytes();
+            for i in 0..seed.len() {
+                let mut cut = seed.to_vec();
+                cut.remove(i);
+                assert!(fast_path_agrees(&cut), "{}", String::from_utf8_lossy(&cut));
+                for b in bytes {
+                    let mut edited = seed.to_vec();
+                    edited[i] = b;
+                    assert!(
+                        fast_path_agrees(&edited),
+                        "{}",
+                        String::from_utf8_lossy(&edited)
+                    );
+                }
+            }
+        }
+        let dup = r#"{"choices":[{"delta":{"reasoning_content":"a","reasoning_content":"b"}}]}"#;
+        assert_eq!(quick_content(dup.as_bytes()), None);
+        let dup = r#"{"choices":[{"delta":{"tool_calls":null,"tool_calls":null}}]}"#;
+        assert_eq!(quick_content(dup.as_bytes()), None);
+    }
+
+    #[test]
+    fn non_streamed_bodies_of_every_dialect() {
+        let openai = "{\"choices\":[{\"finish_reason\":\"length\",\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"The quick brown fo\"}}],\"created\":1,\"model\":\"tiny-upstream\",\"object\":\"chat.completion\",\"usage\":{\"completion_tokens\":4,\"prompt_tokens\":11,\"total_tokens\":15,\"prompt_tokens_details\":{\"cached_tokens\":10}},\"id\":\"chatcmpl_1\",\"timings\":{\"cache_n\":10,\"prompt_n\":1,\"predicted_n\":4}}";
+        for (dialect, body, reason) in [
+            (Dialect::OpenAi, openai, "length"),
+            (Dialect::Responses, RESPONSES_BODY, "completed"),
+            (Dialect::Anthropic, ANTHROPIC_BODY, "max_tokens"),
+        ] {
+            let mut acc =
+                Accounting::for_dialect(dialect, false, "application/json; charset=utf-8");
+            assert_eq!(acc.feed(&body.as_bytes()[..20]), 0);
+            assert_eq!(acc.feed(&body.as_bytes()[20..]), 0);
+            let stats = acc.finish().unwrap();
+            let d = dialect.as_str();
+            assert_eq!(stats.tokens(), GENERATION, "{d}");
+            assert_eq!(stats.cache_hit_ratio(), Some(10.0 / 11.0), "{d}");
+            assert_eq!(stats.finish_reason.as_deref(), Some(reason), "{d}");
+            assert_eq!(
+                (stats.events, stats.content_events, stats.malformed),
+                (1, 0, 0),
+                "{d}"
+            );
+            assert!(!stats.saw_error, "{d}");
+            // llama-server's error body (also for a stream that fails before its first token)
+            let mut c = JsonCollector::for_dialect(dialect);
+            c.feed(br#"{"error":{"code":400,"message":"request (9011 tokens) exceeds the available context size (4096 tokens), try increasing it","type":"exceed_context_size_error","n_prompt_tokens":9011,"n_ctx":4096}}"#);
+            let stats = c.finish();
+            assert!(stats.saw_error, "{d}");
+            assert_eq!(stats.tokens(), TokenCounts::default(), "{d}");
+        }
+    }
+
+    #[test]
+    fn accounting_follows_the_dialect() {
+        for dialect in [Dialect::OpenAi, Dialect::Responses, Dialect::Anthropic] {
+            assert!(matches!(
+                Accounting::for_dialect(dialect, true, "text/event-stream"),
+                Accounting::Sse(SseScanner { dialect: d, .. }) if d == dialect
+            ));
+            assert!(matches!(
+                Accounting::for_dialect(dialect, false, "Application/JSON"),
+                Accounting::Json(JsonCollector { dialect: d, .. }) if d == dialect
+            ));
+            assert!(matches!(
+                Accounting::for_dialect(dialect, false, "text/plain"),
+                Accounting::Off
+            ));
+        }
+        assert!(matches!(
+            Accounting::for_response(true, ""),
+            Accounting::Sse(SseScanner {
+                dialect: Dialect::OpenAi,
+                ..
+            })
+        ));
+        let mut acc = Accounting::for_dialect(Dialect::Anthropic, true, "text/event-stream");
+        let n: u64 = ANTHROPIC_STREAM
+            .as_bytes()
+            .chunks(64)
+            .map(|c| acc.feed(c))
+            .sum();
+        assert_eq!(n, 4);
+        let stats = acc.finish().unwrap();
+        assert!(stats.saw_done);
+        assert_eq!(stats.tokens(), GENERATION);
     }
 }
