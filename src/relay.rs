@@ -394,7 +394,7 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     ctx.accounting = if relay.accounting {
-        Accounting::for_response(is_sse, content_type)
+        Accounting::for_dialect(relay.dialect, is_sse, content_type)
     } else {
         Accounting::Off
     };
