@@ -216,8 +216,14 @@ mod tests {
     fn one_credential_only() {
         let (a, b): (&[u8], &[u8]) = (b"Bearer sk-a", b"Bearer sk-b");
         assert_eq!(presented_token(&[a], &[]).unwrap(), Some(&b"sk-a"[..]));
-        assert_eq!(presented_token(&[], &[b"sk-x"]).unwrap(), Some(&b"sk-x"[..]));
-        assert_eq!(presented_token(&[a], &[b"sk-a"]).unwrap(), Some(&b"sk-a"[..]));
+        assert_eq!(
+            presented_token(&[], &[b"sk-x"]).unwrap(),
+            Some(&b"sk-x"[..])
+        );
+        assert_eq!(
+            presented_token(&[a], &[b"sk-a"]).unwrap(),
+            Some(&b"sk-a"[..])
+        );
         assert_eq!(presented_token(&[], &[]).unwrap(), None);
         for (auth, x) in [
             (&[a, b][..], &[][..]),

@@ -172,9 +172,15 @@ mod tests {
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
         let a1 = u.enter("a", ip("192.0.2.1")).unwrap();
         let _a2 = u.enter("a", ip("192.0.2.2")).unwrap();
-        assert_eq!(u.enter("a", ip("192.0.2.3")).unwrap_err().reason, "key_uploads");
+        assert_eq!(
+            u.enter("a", ip("192.0.2.3")).unwrap_err().reason,
+            "key_uploads"
+        );
         let _b1 = u.enter("b", ip("192.0.2.1")).unwrap();
-        assert_eq!(u.enter("c", ip("192.0.2.1")).unwrap_err().reason, "ip_uploads");
+        assert_eq!(
+            u.enter("c", ip("192.0.2.1")).unwrap_err().reason,
+            "ip_uploads"
+        );
         drop(a1);
         assert!(u.enter("a", ip("192.0.2.9")).is_ok());
         let free = Uploads::new(None, None);

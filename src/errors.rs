@@ -187,9 +187,7 @@ impl ApiError {
     /// The JSON body in `dialect`'s shape.
     pub fn body_in(&self, dialect: Dialect, request_id: Option<&str>) -> Bytes {
         match dialect {
-            Dialect::Anthropic => {
-                Bytes::from(self.anthropic_json(request_id).to_string())
-            }
+            Dialect::Anthropic => Bytes::from(self.anthropic_json(request_id).to_string()),
             Dialect::OpenAi | Dialect::Responses => self.body(request_id),
         }
     }
@@ -371,7 +369,10 @@ mod tests {
         assert_eq!(json["error"]["type"], "api_error");
         let ev = ApiError::UpstreamBroken("cut".into()).sse_event_in(Dialect::Responses, None);
         let json: Value = serde_json::from_slice(&ev[19..ev.len() - 2]).unwrap();
-        assert_eq!((json["type"].as_str(), json["error"]["code"].as_str()), (Some("error"), Some("upstream_error")));
+        assert_eq!(
+            (json["type"].as_str(), json["error"]["code"].as_str()),
+            (Some("error"), Some("upstream_error"))
+        );
     }
 
     #[test]

@@ -49,7 +49,14 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// Query parameters that carry keys in some clients: never forwarded (nor logged).
-const KEY_PARAMS: &[&str] = &["api_key", "api-key", "apikey", "key", "token", "access_token"];
+const KEY_PARAMS: &[&str] = &[
+    "api_key",
+    "api-key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+];
 
 /// Whether `name` is hop-by-hop: always, or because `Connection` names it.
 fn hop_by_hop(name: &str, headers: &HeaderMap) -> bool {
@@ -127,7 +134,11 @@ fn percent_decode_lower(name: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;

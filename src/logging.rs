@@ -66,8 +66,8 @@ impl Log for Redacting {
 
 /// Installs the logger (`RUST_LOG`, default `info`).
 pub fn init() {
-    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .build();
+    let inner =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(Redacting { inner })).is_ok() {
         log::set_max_level(max);
@@ -85,6 +85,8 @@ mod tests {
         ));
         assert!(carries_secret("GET /v1/models?API_KEY=sk"));
         assert!(carries_secret("x-api-key: sk"));
-        assert!(!carries_secret("pooled upstream connection was stale (connection closed)"));
+        assert!(!carries_secret(
+            "pooled upstream connection was stale (connection closed)"
+        ));
     }
 }

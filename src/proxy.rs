@@ -36,7 +36,6 @@ use crate::routes::{Dialect, Route};
 use crate::state::GatewayState;
 use crate::upstream::HealthReport;
 
-
 /// A server's state in `/health/upstream`, and what it said.
 fn health_words(report: &HealthReport) -> (&'static str, Option<&str>) {
     match report {
@@ -61,11 +60,7 @@ impl GatewayProxy {
         GatewayProxy { state }
     }
 
-    async fn serve(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<(), GatewayError> {
+    async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
         let req = session.req_header();
         let raw_target = (!session.is_http2()).then(|| req.raw_path());
         hygiene::check(
@@ -216,7 +211,10 @@ impl GatewayProxy {
         let (body, reservation) = self.read_body(session, ctx, key).await?;
         let req = session.req_header();
         let path = req.uri.path();
-        let path = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+        let path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
         let has_body = !body.is_empty() || !matches!(req.method.as_str(), "GET" | "HEAD");
         let req = headers::upstream_request(
             req,

@@ -174,9 +174,7 @@ fn check_whole(
         } else {
             ApiError::UpstreamInvalid {
                 status: if status >= 400 { status } else { 502 },
-                message: format!(
-                    "the upstream at {authority} answered {status} with {said}"
-                ),
+                message: format!("the upstream at {authority} answered {status} with {said}"),
             }
         });
     };
@@ -434,8 +432,7 @@ async fn forward(
                     .write_response_header(Box::new(resp), false)
                     .await
                     .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
-                return match write_body(session, Some(body), true, cfg.idle_timeout, deadline)
-                    .await
+                return match write_body(session, Some(body), true, cfg.idle_timeout, deadline).await
                 {
                     Ok(()) => {
                         member.client.release(exchange).await;
@@ -672,7 +669,11 @@ async fn read_whole(
             Ok(Ok(None)) => return Ok(Whole::Complete(buf.freeze())),
             Ok(Err(e)) => {
                 let protocol = is_protocol_error(&e);
-                ctx.upstream_error = Some(if protocol { "invalid_response" } else { "reset" });
+                ctx.upstream_error = Some(if protocol {
+                    "invalid_response"
+                } else {
+                    "reset"
+                });
                 return Err(ApiError::UpstreamBroken(format!(
                     "the upstream failed while sending its response ({}): check the SSH tunnel and llama-server",
                     e.etype().as_str().to_lowercase()
@@ -714,15 +715,26 @@ mod tests {
 
     #[test]
     fn json_passes_and_anthropic_errors_are_reshaped() {
-        assert_eq!(check_whole(Dialect::OpenAi, 200, br#"{"a":1}"#, "up"), Ok(None));
-        assert_eq!(check_whole(Dialect::OpenAi, 400, br#"{"error":{}}"#, "up"), Ok(None));
+        assert_eq!(
+            check_whole(Dialect::OpenAi, 200, br#"{"a":1}"#, "up"),
+            Ok(None)
+        );
+        assert_eq!(
+            check_whole(Dialect::OpenAi, 400, br#"{"error":{}}"#, "up"),
+            Ok(None)
+        );
         let llama = br#"{"error":{"code":400,"message":"the prompt is too long","type":"invalid_request_error"}}"#;
-        let out = check_whole(Dialect::Anthropic, 400, llama, "up").unwrap().unwrap();
+        let out = check_whole(Dialect::Anthropic, 400, llama, "up")
+            .unwrap()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["message"], "the prompt is too long");
         let anthropic = br#"{"type":"error","error":{"type":"x","message":"y"}}"#;
-        assert_eq!(check_whole(Dialect::Anthropic, 400, anthropic, "up"), Ok(None));
+        assert_eq!(
+            check_whole(Dialect::Anthropic, 400, anthropic, "up"),
+            Ok(None)
+        );
     }
 }

@@ -360,7 +360,10 @@ mod tests {
             table.classify("POST", "/v1/tokenize/").unwrap(),
             Route::Passthrough
         );
-        assert_eq!(table.classify("DELETE", "/props").unwrap_err().status(), 405);
+        assert_eq!(
+            table.classify("DELETE", "/props").unwrap_err().status(),
+            405
+        );
         assert_eq!(table.classify("GET", "/slots").unwrap_err().status(), 404);
         assert_eq!(table.classify("GET", "/pr%6fps").unwrap_err().status(), 400);
     }

@@ -40,7 +40,10 @@ impl GatewayState {
             upstream: Arc::new(UpstreamSet::new(&cfg.upstream, &metrics)),
             metrics: Arc::new(metrics),
             budget: BodyBudget::new(cfg.limits.max_buffered_body_bytes),
-            uploads: Uploads::new(cfg.limits.max_uploads_per_key, cfg.limits.max_uploads_per_ip),
+            uploads: Uploads::new(
+                cfg.limits.max_uploads_per_key,
+                cfg.limits.max_uploads_per_ip,
+            ),
             limiter: Arc::new(limiter),
             clients: ClientGuard::new(cfg.downstream.clients.clone()),
             cfg,

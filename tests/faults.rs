@@ -418,7 +418,10 @@ async fn html_500_becomes_a_json_error_with_its_status_and_an_excerpt() {
         assert_eq!(resp.status(), 500);
         let h = resp.headers();
         assert!(
-            h["content-type"].to_str().unwrap().starts_with("application/json"),
+            h["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
             "{h:?}"
         );
         assert!(h.get("x-request-id").is_some());

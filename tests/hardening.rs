@@ -87,7 +87,10 @@ async fn slow_uploads_cannot_exhaust_the_body_budget() {
         let _ = s.write_all(b" ").await;
         let mut out = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-        assert!(read.is_ok(), "a slow upload outlived downstream.body_timeout");
+        assert!(
+            read.is_ok(),
+            "a slow upload outlived downstream.body_timeout"
+        );
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 408"), "{text}");
         assert!(text.contains("body_timeout"), "{text}");
@@ -154,7 +157,10 @@ async fn http10_clients_get_no_chunked_coding_and_a_closed_connection() {
         let (reply, closed) = exchange(&gw, req.as_bytes(), Duration::from_secs(10)).await;
         assert_eq!(status_of(&reply), 200, "{reply}");
         let head = head_of(&reply);
-        assert!(!head.contains("transfer-encoding"), "stream={stream}: {head}");
+        assert!(
+            !head.contains("transfer-encoding"),
+            "stream={stream}: {head}"
+        );
         assert!(closed, "stream={stream}: the connection stays open");
         if stream {
             assert!(reply.ends_with("data: [DONE]\n\n"), "{reply}");
@@ -207,7 +213,10 @@ async fn non_json_upstream_answers_become_json_errors_in_the_clients_dialect() {
             .post(format!("{}/v1/messages", gw.url()))
             .header("x-api-key", KEY)
             .header("x-mock-fault", fault)
-            .body(json!({"model":"qwen","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}).to_string())
+            .body(
+                json!({"model":"qwen","max_tokens":4,"messages":[{"role":"user","content":"hi"}]})
+                    .to_string(),
+            )
             .send()
             .await
             .unwrap();
@@ -294,7 +303,10 @@ async fn forwarding_and_hop_by_hop_headers_are_scrubbed_both_ways() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     for gone in ["x-hop-secret", "keep-alive"] {
-        assert!(resp.headers().get(gone).is_none(), "{gone} reached the client");
+        assert!(
+            resp.headers().get(gone).is_none(),
+            "{gone} reached the client"
+        );
     }
     let got = mock.last_request().unwrap();
     assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1"));
@@ -339,5 +351,9 @@ async fn a_request_written_whole_is_never_sent_twice() {
         .filter(|r| r.path != "/health")
         .map(|r| r.path.clone())
         .collect();
-    assert_eq!(sent.len(), 1, "the prompt reached llama-server twice: {sent:?}");
+    assert_eq!(
+        sent.len(),
+        1,
+        "the prompt reached llama-server twice: {sent:?}"
+    );
 }

@@ -293,12 +293,18 @@ async fn no_secret_ever_reaches_a_log_line_or_a_metric() {
             digest.as_str(),
             "Bearer",
         ] {
-            assert!(!log.contains(secret), "{level}: {secret} in the log:\n{log}");
+            assert!(
+                !log.contains(secret),
+                "{level}: {secret} in the log:\n{log}"
+            );
             assert!(!scrape.contains(secret), "{secret} in the metrics");
         }
         assert!(log.contains("key=alice") && log.contains("key=invalid"));
         if level == "trace" {
-            assert!(log.contains("withheld"), "the header dumps were seen and withheld");
+            assert!(
+                log.contains("withheld"),
+                "the header dumps were seen and withheld"
+            );
         }
     }
 }

@@ -170,8 +170,8 @@ async fn paths_outside_the_table_are_404_and_never_reach_llama_server() {
 async fn escaped_spellings_of_a_route_are_400_and_never_reach_llama_server() {
     let mock = MockLlama::start(MockOptions::default()).await;
     let gw = Gateway::start(&config(&one(&mock), ""));
-    let body = json!({"model": "model-b", "messages": [{"role": "user", "content": "hi"}]})
-        .to_string();
+    let body =
+        json!({"model": "model-b", "messages": [{"role": "user", "content": "hi"}]}).to_string();
     for path in [
         "/v1/chat/c%6fmpletions",
         "/v1/%63hat/completions",
@@ -244,7 +244,10 @@ async fn x_api_key_authenticates_and_anthropic_errors_are_anthropic_shaped() {
     let got = model_requests(&mock).pop().unwrap();
     assert_eq!(got.header("anthropic-version"), Some("2023-06-01"));
     assert_eq!(got.header("anthropic-beta"), Some("tools-2024-04-04"));
-    assert!(got.header("x-api-key").is_none(), "the key is never forwarded");
+    assert!(
+        got.header("x-api-key").is_none(),
+        "the key is never forwarded"
+    );
     for (key, status, kind) in [
         (None, 401, "authentication_error"),
         (Some("sk-wrong"), 401, "authentication_error"),
@@ -255,7 +258,9 @@ async fn x_api_key_authenticates_and_anthropic_errors_are_anthropic_shaped() {
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["type"], "error", "{err}");
         assert_eq!(err["error"]["type"], kind, "{err}");
-        assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
 }
 
@@ -283,7 +288,8 @@ async fn the_request_limit_holds_on_every_route() {
 #[tokio::test]
 async fn the_token_ceiling_holds_in_every_dialect() {
     let mock = MockLlama::start(MockOptions::default()).await;
-    let yaml = config(&one(&mock), "").replace("requests_per_minute: 2", "requests_per_minute: 1000");
+    let yaml =
+        config(&one(&mock), "").replace("requests_per_minute: 2", "requests_per_minute: 1000");
     let gw = Gateway::start(&yaml);
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let cases = [
@@ -334,7 +340,11 @@ async fn the_token_ceiling_holds_in_every_dialect() {
     let (status, _) = post(&gw, "/v1/chat/completions", LIMITED, &body).await;
     let got = model_requests(&mock);
     if status == 400 {
-        assert_eq!(got.len(), before, "a refused request never reaches llama-server");
+        assert_eq!(
+            got.len(),
+            before,
+            "a refused request never reaches llama-server"
+        );
     } else {
         let sent = got.last().unwrap().json();
         let n = sent["n"].as_u64().unwrap_or(1);
@@ -366,14 +376,21 @@ async fn a_model_pinned_to_a_server_is_routed_there_on_every_route() {
     for (path, body) in model_routes("model-a") {
         post(&gw, path, A, &body).await;
     }
-    assert!(model_requests(&mock_b).is_empty(), "{:?}", mock_b.requests());
+    assert!(
+        model_requests(&mock_b).is_empty(),
+        "{:?}",
+        mock_b.requests()
+    );
     assert_eq!(model_requests(&mock_a).len(), model_routes("x").len());
 }
 
 #[tokio::test]
 async fn an_opened_passthrough_path_needs_a_key_counts_and_is_labelled() {
     let mock = MockLlama::start(MockOptions::default()).await;
-    let yaml = config(&one(&mock), "routes:\n  passthrough: [/props, /v1/tokenize]\n");
+    let yaml = config(
+        &one(&mock),
+        "routes:\n  passthrough: [/props, /v1/tokenize]\n",
+    );
     let gw = Gateway::start(&yaml);
     let c = reqwest::Client::new();
     let resp = c.get(format!("{}/props", gw.url())).send().await.unwrap();
@@ -385,7 +402,11 @@ async fn an_opened_passthrough_path_needs_a_key_counts_and_is_labelled() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 404, "llama-server's own answer (the mock has no /props)");
+    assert_eq!(
+        resp.status(),
+        404,
+        "llama-server's own answer (the mock has no /props)"
+    );
     let got = model_requests(&mock);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].path, "/props?x=1", "key-like parameters are dropped");

@@ -396,8 +396,8 @@ async fn embeddings_and_other_v1_paths_fail_over_too() {
     let b = MockLlama::start(MockOptions::default()).await;
     let servers = [("a", format!("http://127.0.0.1:{dead}")), ("b", b.url())];
     // No health check in this test: the failed connects move the requests on.
-    let yaml = config_with(&servers, "", ONE_MODEL, "1h", "")
-        + "routes:\n  passthrough: [/v1/tokenize]\n";
+    let yaml =
+        config_with(&servers, "", ONE_MODEL, "1h", "") + "routes:\n  passthrough: [/v1/tokenize]\n";
     let gw = Gateway::start(&yaml);
     let client = reqwest::Client::new();
     for i in 0..6 {

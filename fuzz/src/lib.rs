@@ -786,8 +786,6 @@ pub fn check_config(text: &str) {
 // ---------------------------------------------------------------------------
 // Routes and keys
 
-
-
 /// `routes::classify` never panics, labels are bounded, and errors are
 /// 400/404/405.
 pub fn check_route(method: &str, path: &str) {
