@@ -14,6 +14,7 @@ echo "== fuzzing the parsers briefly on their seed corpus (scripts/fuzz.sh SECON
 scripts/fuzz.sh 10
 
 echo "== official OpenAI client tests"
-export LLM_EDGE_BIN="$PWD/target/debug/llm-edge"
-export MOCK_LLAMA_BIN="$PWD/target/debug/examples/mock-llama-server"
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+export LLM_EDGE_BIN="$target_dir/debug/llm-edge"
+export MOCK_LLAMA_BIN="$target_dir/debug/examples/mock-llama-server"
 .venv/bin/python -m pytest tests/python -q -p no:cacheprovider
