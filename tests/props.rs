@@ -1155,3 +1155,117 @@ fn read_corpus(target: &str) -> Vec<Vec<u8>> {
     assert!(!files.is_empty(), "no seed files in {}", dir.display());
     files.iter().map(|f| std::fs::read(f).unwrap()).collect()
 }
+
+// ---------------------------------------------------------------------------
+// One canonical spelling per route.
+
+/// Model routes and their canonical paths.
+const CANONICAL_ROUTES: [&str; 9] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/rerank",
+    "/v1/messages/count_tokens",
+    "/v1/responses/input_tokens",
+    "/v1/chat/completions/input_tokens",
+];
+
+/// How a client (or an attacker) might spell a path differently.
+#[derive(Debug, Clone)]
+enum Respell {
+    /// `%xx` (either hex case) for the byte at this index.
+    Escape(usize, bool),
+    /// Upper-case the byte at this index.
+    Upper(usize),
+    /// Insert `/./`, `/../x`, `//` or a `;param` before the slash at this index.
+    Insert(usize, u8),
+    TrailingSlash,
+    /// A byte from outside the canonical set at this index.
+    Foreign(usize, char),
+}
+
+fn respell() -> impl Strategy<Value = Respell> {
+    prop_oneof![
+        (0usize..40, any::<bool>()).prop_map(|(i, upper)| Respell::Escape(i, upper)),
+        (0usize..40).prop_map(Respell::Upper),
+        (0usize..40, 0u8..4).prop_map(|(i, k)| Respell::Insert(i, k)),
+        Just(Respell::TrailingSlash),
+        (
+            0usize..40,
+            select(vec!['%', ';', '\\', ' ', '\t', '#', 'é', '+', ',', '\u{0}'])
+        )
+            .prop_map(|(i, c)| Respell::Foreign(i, c)),
+    ]
+}
+
+fn apply(path: &str, edits: &[Respell]) -> String {
+    let mut p = path.to_string();
+    for edit in edits {
+        let n = p.len().max(1);
+        match *edit {
+            Respell::Escape(i, upper) => {
+                let i = i % n;
+                if p.is_char_boundary(i) && p.is_char_boundary(i + 1) && i < p.len() {
+                    let b = p.as_bytes()[i];
+                    let esc = if upper {
+                        format!("%{b:02X}")
+                    } else {
+                        format!("%{b:02x}")
+                    };
+                    p.replace_range(i..i + 1, &esc);
+                }
+            }
+            Respell::Upper(i) => {
+                let i = i % n;
+                if p.is_char_boundary(i) && p.is_char_boundary(i + 1) && i < p.len() {
+                    let up = p[i..i + 1].to_ascii_uppercase();
+                    p.replace_range(i..i + 1, &up);
+                }
+            }
+            Respell::Insert(i, k) => {
+                let slashes: Vec<usize> = p.match_indices('/').map(|(j, _)| j).collect();
+                let at = slashes[i % slashes.len()];
+                let piece = ["/.", "/../x", "/", ";a=b"][k as usize];
+                p.insert_str(at, piece);
+            }
+            Respell::TrailingSlash => p.push('/'),
+            Respell::Foreign(i, c) => {
+                let i = (i % n).min(p.len());
+                if p.is_char_boundary(i) {
+                    p.insert(i, c);
+                }
+            }
+        }
+    }
+    p
+}
+
+proptest! {
+    #![proptest_config(cases(2048))]
+
+    /// Whatever the spelling, a path is its own canonical route (the same
+    /// bytes, or with one trailing slash) or refused: never another route,
+    /// never an escape that llama-server would decode into a route.
+    #[test]
+    fn every_spelling_of_a_route_is_that_route_or_refused(
+        which in 0usize..CANONICAL_ROUTES.len(),
+        edits in vec(respell(), 1..4),
+    ) {
+        let canonical = CANONICAL_ROUTES[which];
+        let spelled = apply(canonical, &edits);
+        let table = llm_edge::routes::RouteTable::new(vec!["/props".into()]);
+        match table.classify("POST", &spelled) {
+            Ok(route) => {
+                let forwarded = route.upstream_path();
+                // accepted only when it is plainly a route's canonical path
+                // (trailing slash aside) and goes upstream as exactly that
+                let trimmed = spelled.strip_suffix('/').unwrap_or(&spelled);
+                prop_assert_eq!(forwarded, Some(trimmed), "{} -> {:?}", spelled, route);
+                prop_assert!(spelled.bytes().all(llm_edge::routes::is_canonical_byte));
+            }
+            Err(e) => prop_assert!(matches!(e.status(), 400 | 404 | 405), "{}: {:?}", spelled, e),
+        }
+    }
+}
