@@ -347,7 +347,7 @@ impl Edge {
         let port = free_port();
         let config = format!(
             "{extra}upstream:\n  url: http://{upstream}\nmodels:\n  - name: bench\n    upstream_name: mock-model\nkeys:\n  - id: bench\n    sha256: {}\nmetrics:\n  listen: 127.0.0.1:{}\nserver:\n  threads: 2\n  pid_file: {d}/edge-{port}.pid\n  upgrade_sock: {d}/edge-{port}.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n",
-            llm_edge::auth::digest_hex(KEY),
+            llm_edge::policy::auth::digest_hex(KEY),
             free_port(),
             d = dir.display()
         );

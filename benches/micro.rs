@@ -12,10 +12,10 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use llm_edge::auth::{digest, ApiKey, KeyTable};
-use llm_edge::body::{inspect, rewrite, InsertAs, Rewrite};
-use llm_edge::routes::RouteTable;
-use llm_edge::sse::SseScanner;
+use llm_edge::openai::body::{inspect, rewrite, InsertAs, Rewrite};
+use llm_edge::openai::sse::SseScanner;
+use llm_edge::policy::auth::{digest, ApiKey, KeyTable};
+use llm_edge::policy::routes::RouteTable;
 
 fn key_table(n: usize) -> KeyTable {
     let keys = (0..n)

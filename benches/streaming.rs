@@ -40,7 +40,7 @@ fn start_gateway(upstream: &str, dir: &std::path::Path) -> (Gateway, String) {
     let port = free_port();
     let config = format!(
         "upstream:\n  url: {upstream}\nmodels:\n  - name: bench\nkeys:\n  - id: bench\n    sha256: {}\nmetrics:\n  listen: 127.0.0.1:{}\nserver:\n  threads: 2\n  pid_file: {d}/pid\n  upgrade_sock: {d}/sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n",
-        llm_edge::auth::digest_hex(KEY),
+        llm_edge::policy::auth::digest_hex(KEY),
         free_port(),
         d = dir.display()
     );

@@ -11,7 +11,9 @@
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::routes::Dialect;
+use pingora_error::Error;
+
+use crate::policy::routes::Dialect;
 
 /// A failure the gateway reports to the client itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,6 +240,30 @@ impl ApiError {
         event.extend_from_slice(&body);
         event.extend_from_slice(b"\n\n");
         Bytes::from(event)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// How a request handler ends early.
+#[derive(Debug)]
+pub enum GatewayError {
+    /// Answer the client with this error (nothing was written yet).
+    Api(ApiError),
+    /// The client left; there is nobody to answer.
+    ClientGone,
+    /// The response already started and must be cut off.
+    Aborted(Box<Error>),
+}
+
+impl From<ApiError> for GatewayError {
+    fn from(e: ApiError) -> Self {
+        GatewayError::Api(e)
+    }
+}
+
+impl From<Box<Error>> for GatewayError {
+    fn from(e: Box<Error>) -> Self {
+        GatewayError::Aborted(e)
     }
 }
 

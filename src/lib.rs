@@ -1,31 +1,28 @@
 //! llm-edge: an edge gateway, built on Pingora, that puts a self-hosted
 //! llama.cpp `llama-server` on the public internet with API keys, public model
 //! names, unbuffered streaming and cancellation.
+//!
+//! The folders are the architecture:
+//! - [`gateway`]: the Pingora `ProxyHttp` phases and the per-request record;
+//!   it wires the others together and is the only part that answers clients.
+//! - [`policy`]: who may do what (keys, limits, budgets, per-IP guards,
+//!   CORS, hygiene, the route table, header rules), as pure logic.
+//! - [`openai`]: the wire formats (request bodies, the SSE dialects, the
+//!   model catalogue), as pure logic.
+//! - [`upstream`]: llama-server itself (connections, the server set and
+//!   balancing, slot admission, the relay of one exchange).
+//! - [`config`], [`metrics`], [`check`] (the client-side diagnostics),
+//!   [`errors`] (the one error type), [`server`] (start-up), [`cli`].
 
-pub mod admission;
-pub mod auth;
-pub mod balance;
-pub mod body;
-pub mod budget;
 pub mod check;
 pub mod cli;
-pub mod clients;
 pub mod config;
-pub mod cors;
-pub mod ctx;
 pub mod errors;
-pub mod gateway_error;
-pub mod headers;
-pub mod hygiene;
-pub mod limits;
+pub mod gateway;
 pub mod logging;
 pub mod metrics;
-pub mod metrics_app;
-pub mod models;
-pub mod proxy;
-pub mod relay;
-pub mod routes;
+pub mod openai;
+pub mod policy;
 pub mod server;
-pub mod sse;
 pub mod state;
 pub mod upstream;

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 }
 
 fn gen_key(id: &str) -> ExitCode {
-    let key = match llm_edge::auth::generate_key() {
+    let key = match llm_edge::policy::auth::generate_key() {
         Ok(key) => key,
         Err(e) => {
             eprintln!("llm-edge gen-key: no randomness available: {e}");
@@ -55,7 +55,7 @@ fn gen_key(id: &str) -> ExitCode {
     println!("{key}");
     println!("# Add this under `keys:` in the config, then reload (systemctl reload llm-edge):");
     println!("  - id: {id}");
-    println!("    sha256: {}", llm_edge::auth::digest_hex(&key));
+    println!("    sha256: {}", llm_edge::policy::auth::digest_hex(&key));
     ExitCode::SUCCESS
 }
 
@@ -80,6 +80,6 @@ fn hash_key() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    println!("{}", llm_edge::auth::digest_hex(key));
+    println!("{}", llm_edge::policy::auth::digest_hex(key));
     ExitCode::SUCCESS
 }

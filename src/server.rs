@@ -11,11 +11,11 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_proxy::HttpProxy;
 
-use crate::balance::HealthChecker;
 use crate::config::Config;
-use crate::metrics_app::MetricsApp;
-use crate::proxy::GatewayProxy;
+use crate::gateway::GatewayProxy;
+use crate::metrics::app::MetricsApp;
 use crate::state::GatewayState;
+use crate::upstream::balance::HealthChecker;
 
 fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
     let s = &cfg.server;

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::balance::UpstreamSet;
-use crate::budget::{BodyBudget, Uploads};
-use crate::clients::ClientGuard;
 use crate::config::Config;
-use crate::limits::Limiter;
 use crate::metrics::Metrics;
+use crate::policy::budget::{BodyBudget, Uploads};
+use crate::policy::clients::ClientGuard;
+use crate::policy::limits::Limiter;
+use crate::upstream::balance::UpstreamSet;
 
 pub struct GatewayState {
     pub cfg: Arc<Config>,

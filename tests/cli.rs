@@ -104,7 +104,7 @@ fn hash_key_trims_one_trailing_newline() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
-        llm_edge::auth::digest_hex("sk-local-abc")
+        llm_edge::policy::auth::digest_hex("sk-local-abc")
     );
 }
 

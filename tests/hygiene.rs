@@ -284,7 +284,7 @@ async fn no_secret_ever_reaches_a_log_line_or_a_metric() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let log = gw.log();
         let scrape = gw.scrape().await;
-        let digest = llm_edge::auth::digest_hex(KEY);
+        let digest = llm_edge::policy::auth::digest_hex(KEY);
         for secret in [
             KEY,
             "sk-wrong-secret",

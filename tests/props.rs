@@ -11,9 +11,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use bytes::Bytes;
-use llm_edge::body::{self, InsertAs, Rewrite};
 use llm_edge::config;
-use llm_edge::sse::SseScanner;
+use llm_edge::openai::body::{self, InsertAs, Rewrite};
+use llm_edge::openai::sse::SseScanner;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -1255,7 +1255,7 @@ proptest! {
     ) {
         let canonical = CANONICAL_ROUTES[which];
         let spelled = apply(canonical, &edits);
-        let table = llm_edge::routes::RouteTable::new(vec!["/props".into()]);
+        let table = llm_edge::policy::routes::RouteTable::new(vec!["/props".into()]);
         match table.classify("POST", &spelled) {
             Ok(route) => {
                 let forwarded = route.upstream_path();
@@ -1263,7 +1263,7 @@ proptest! {
                 // (trailing slash aside) and goes upstream as exactly that
                 let trimmed = spelled.strip_suffix('/').unwrap_or(&spelled);
                 prop_assert_eq!(forwarded, Some(trimmed), "{} -> {:?}", spelled, route);
-                prop_assert!(spelled.bytes().all(llm_edge::routes::is_canonical_byte));
+                prop_assert!(spelled.bytes().all(llm_edge::policy::routes::is_canonical_byte));
             }
             Err(e) => prop_assert!(matches!(e.status(), 400 | 404 | 405), "{}: {:?}", spelled, e),
         }

@@ -3,7 +3,7 @@
 //! `#[path]`). Every `check_*` function panics when a property does not hold,
 //! so a panic here is a finding.
 //!
-//! The body checks compare `llm_edge::body` against an independent oracle: a
+//! The body checks compare `llm_edge::openai::body` against an independent oracle: a
 //! small serde visitor that lists the top-level members of a JSON object with
 //! the byte span of each raw value.
 
@@ -13,12 +13,12 @@ use std::net::IpAddr;
 use std::ops::Range;
 
 use bytes::Bytes;
-use llm_edge::auth::{self, ApiKey, KeyTable};
-use llm_edge::body::{self, InsertAs, Rewrite};
 use llm_edge::config;
-use llm_edge::limits::{self, KeyLimits, OverMaxTokens};
-use llm_edge::routes;
-use llm_edge::sse::{self, JsonCollector, SseScanner};
+use llm_edge::openai::body::{self, InsertAs, Rewrite};
+use llm_edge::openai::sse::{self, JsonCollector, SseScanner};
+use llm_edge::policy::auth::{self, ApiKey, KeyTable};
+use llm_edge::policy::limits::{self, KeyLimits, OverMaxTokens};
+use llm_edge::policy::routes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 

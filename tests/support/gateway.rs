@@ -51,7 +51,7 @@ pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
 }
 
 pub fn sha256_hex(secret: &str) -> String {
-    llm_edge::auth::digest_hex(secret)
+    llm_edge::policy::auth::digest_hex(secret)
 }
 
 /// A config with two keys (`alice`: every model, `bob`: only `small`) and

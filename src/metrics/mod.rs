@@ -10,6 +10,8 @@
 //! The crate is `prometheus` 0.14, the major version Pingora's own
 //! Prometheus support uses, so both can share one registry format.
 
+pub mod app;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::sse::ResponseStats;
+use crate::openai::sse::ResponseStats;
 
 /// Time to first token: 10 ms to 2 min.
 const TTFT_BUCKETS: &[f64] = &[
@@ -340,7 +342,7 @@ impl Metrics {
             .inc();
     }
 
-    /// `llm_edge_upstream_up` of a configured server, kept by its [`Member`](crate::balance::Member).
+    /// `llm_edge_upstream_up` of a configured server, kept by its [`Member`](crate::upstream::balance::Member).
     pub fn upstream_up_gauge(&self, upstream: &str) -> IntGauge {
         self.upstream_up.with_label_values(&[upstream])
     }
@@ -456,7 +458,7 @@ impl std::fmt::Debug for StreamGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::SseScanner;
+    use crate::openai::sse::SseScanner;
 
     fn metrics() -> Metrics {
         Metrics::new(["qwen"], ["alice"], ["127.0.0.1:8080"])

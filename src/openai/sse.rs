@@ -63,7 +63,7 @@ use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::routes::Dialect;
+use crate::policy::routes::Dialect;
 
 /// A partial line longer than this is dropped rather than buffered.
 const MAX_CARRY: usize = 1 << 20;

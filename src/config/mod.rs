@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{self, ApiKey, KeyTable};
-use crate::clients::{ClientPolicy, IpNet};
-use crate::cors::CorsPolicy;
-use crate::limits::{KeyLimits, OverMaxTokens};
-use crate::models::{Catalogue, ModelRoute};
-use crate::routes::RouteTable;
+use crate::openai::models::{Catalogue, ModelRoute};
+use crate::policy::auth::{self, ApiKey, KeyTable};
+use crate::policy::clients::{ClientPolicy, IpNet};
+use crate::policy::cors::CorsPolicy;
+use crate::policy::limits::{KeyLimits, OverMaxTokens};
+use crate::policy::routes::RouteTable;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8080";
@@ -609,13 +609,14 @@ fn validate_routes(r: RoutesSection, metrics: &MetricsConfig) -> Result<RouteTab
         if path.contains('?') {
             return Err(err(at, format!("'{path}' has a query; list the path only")));
         }
-        crate::routes::check_canonical(&path).map_err(|e| err(&at, format!("'{path}': {e}")))?;
+        crate::policy::routes::check_canonical(&path)
+            .map_err(|e| err(&at, format!("'{path}': {e}")))?;
         let path = match path.strip_suffix('/') {
             Some(p) if !p.is_empty() => p.to_string(),
             _ => path,
         };
-        let builtin = crate::routes::classify("POST", &path).is_ok()
-            || crate::routes::classify("GET", &path).is_ok()
+        let builtin = crate::policy::routes::classify("POST", &path).is_ok()
+            || crate::policy::routes::classify("GET", &path).is_ok()
             || path.starts_with("/v1/models");
         if builtin || (metrics.on_public_listener && path == metrics.path) {
             return Err(err(
@@ -1137,7 +1138,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let text = include_str!("../conf/llm-edge.yaml");
+        let text = include_str!("../../conf/llm-edge.yaml");
         let c = load_str(text).unwrap();
         assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
     }

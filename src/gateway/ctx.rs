@@ -3,12 +3,12 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::balance::Lease;
-use crate::gateway_error::GatewayError;
-use crate::limits::LimitGuard;
+use crate::errors::GatewayError;
 use crate::metrics::InFlightGuard;
-use crate::routes::{Route, UNKNOWN_ROUTE};
-use crate::sse::Accounting;
+use crate::openai::sse::Accounting;
+use crate::policy::limits::LimitGuard;
+use crate::policy::routes::{Route, UNKNOWN_ROUTE};
+use crate::upstream::balance::Lease;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisconnectPhase {
@@ -65,7 +65,7 @@ pub struct RequestCtx {
     /// The client's address (the peer, or per X-Forwarded-For from a trusted proxy).
     pub client_ip: Option<std::net::IpAddr>,
     /// This request's share of its IP's concurrency limit.
-    pub ip_slot: Option<crate::clients::IpSlot>,
+    pub ip_slot: Option<crate::policy::clients::IpSlot>,
     /// An HTTP/1.0 client: no chunked coding in its responses.
     pub http10: bool,
 }

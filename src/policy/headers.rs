@@ -16,7 +16,7 @@ use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::UpstreamServer;
-use crate::cors::CorsPolicy;
+use crate::policy::cors::CorsPolicy;
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -194,7 +194,7 @@ pub fn downstream_response(
             resp.append_header(name.clone(), value.clone())?;
         }
     }
-    crate::cors::strip_upstream_cors(&mut resp);
+    crate::policy::cors::strip_upstream_cors(&mut resp);
     let has_length = resp.headers.contains_key("content-length");
     if is_sse || !has_length {
         resp.remove_header("content-length");

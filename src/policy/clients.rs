@@ -13,7 +13,7 @@ use std::time::Duration;
 use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::Rate;
 
-use crate::limits::Refusal;
+use crate::policy::limits::Refusal;
 
 /// An IP network in CIDR form (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or /128).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::body::{Multiplier, RequestBody};
 use crate::errors::ApiError;
+use crate::openai::body::{Multiplier, RequestBody};
 
 /// What to do with a request asking for more tokens than its key's ceiling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -381,7 +381,7 @@ mod tests {
     }
 
     fn body(json: &str) -> RequestBody {
-        crate::body::inspect(json.as_bytes()).unwrap()
+        crate::openai::body::inspect(json.as_bytes()).unwrap()
     }
 
     fn ceiling(n: u64, mode: OverMaxTokens) -> KeyLimits {
@@ -576,7 +576,7 @@ mod tests {
     /// The bypasses this ceiling had, end to end through `body::rewrite`.
     #[test]
     fn known_bypasses_are_closed() {
-        use crate::body::{self, InsertAs, Rewrite};
+        use crate::openai::body::{self, InsertAs, Rewrite};
         let clamp = ceiling(16, OverMaxTokens::Clamp);
         for (json, insert_as, expected) in [
             (

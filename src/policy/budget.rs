@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use pingora_limits::inflight::{Guard, Inflight};
 
-use crate::limits::Refusal;
+use crate::policy::limits::Refusal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

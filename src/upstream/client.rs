@@ -28,7 +28,7 @@ use pingora_http::RequestHeader;
 
 use crate::config::{self, UpstreamServer};
 use crate::errors::ApiError;
-use crate::headers;
+use crate::policy::headers;
 
 /// Why the upstream did not produce a response header.
 #[derive(Debug)]

@@ -23,10 +23,10 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use prometheus::IntGauge;
 
-use crate::admission::{Denied, SlotPermit, SlotQueue};
 use crate::config::{self, UpstreamServer};
 use crate::metrics::Metrics;
-use crate::upstream::{HealthReport, UpstreamClient};
+use crate::upstream::admission::{Denied, SlotPermit, SlotQueue};
+use crate::upstream::client::{HealthReport, UpstreamClient};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {

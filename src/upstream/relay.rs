@@ -28,18 +28,18 @@ use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
-use crate::admission::Denied;
-use crate::balance::{Health, Lease, UpstreamSet};
-use crate::budget::Reservation;
-use crate::cors::CorsPolicy;
-use crate::ctx::{DisconnectPhase, RequestCtx};
 use crate::errors::ApiError;
-use crate::gateway_error::GatewayError;
-use crate::headers;
+use crate::errors::GatewayError;
+use crate::gateway::ctx::{DisconnectPhase, RequestCtx};
 use crate::metrics::Metrics;
-use crate::routes::Dialect;
-use crate::sse::Accounting;
-use crate::upstream::{Exchange, UpstreamFailure};
+use crate::openai::sse::Accounting;
+use crate::policy::budget::Reservation;
+use crate::policy::cors::CorsPolicy;
+use crate::policy::headers;
+use crate::policy::routes::Dialect;
+use crate::upstream::admission::Denied;
+use crate::upstream::balance::{Health, Lease, UpstreamSet};
+use crate::upstream::client::{Exchange, UpstreamFailure};
 
 /// Why a write to the client did not complete.
 enum WriteFailed {

@@ -1,0 +1,270 @@
+//! [`GatewayProxy`]: the Pingora `ProxyHttp` implementation, phases first.
+//!
+//! Each phase is a short adapter over the pure modules (`policy`, `openai`)
+//! and the upstream (`upstream`). `request_filter`
+//! does everything: it classifies the route (default-deny: a path outside
+//! the route table is a 404 that never reaches llama-server), authenticates,
+//! answers health and model listings itself, and for the model routes and
+//! the operator's passthrough paths reads the body (bounded), checks and
+//! rewrites it and relays the request (see `upstream/client.rs` for why this does
+//! not use Pingora's proxy loop). Every request is answered there, so
+//! Pingora's upstream phases never run.
+
+//!
+//! Files: [`serve`] (the request path), [`passthrough`], [`health`],
+//! [`respond`] (answers the gateway writes), [`ctx`] (the per-request record).
+//! This folder may import everything else; nothing else imports it but
+//! `server`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::errors::{ApiError, GatewayError};
+use crate::metrics::RequestRecord;
+use crate::state::GatewayState;
+use ctx::{RequestCtx, CLIENT_CLOSED_REQUEST};
+use serve::client_keeps_alive;
+
+pub mod ctx;
+mod health;
+mod passthrough;
+mod respond;
+mod serve;
+
+pub struct GatewayProxy {
+    state: Arc<GatewayState>,
+}
+
+impl GatewayProxy {
+    pub fn new(state: Arc<GatewayState>) -> GatewayProxy {
+        GatewayProxy { state }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.in_flight = Some(self.state.metrics.request_started());
+        session.set_read_timeout(Some(self.state.cfg.downstream.read_timeout));
+        let req = session.req_header();
+        ctx.http10 = !session.is_http2() && req.version == http::Version::HTTP_10;
+        if client_keeps_alive(ctx.http10, &req.headers) {
+            session.set_keepalive(Some(
+                self.state.cfg.downstream.keepalive_timeout.as_secs().max(1),
+            ));
+        } else {
+            session.set_keepalive(None);
+        }
+        let incoming = session
+            .get_header("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| ctx::valid_request_id(id));
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let forwarded_for = session
+            .get_header("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        ctx.client_ip = self.state.clients.client_ip(peer, forwarded_for);
+        let origin = session.get_header("origin").and_then(|v| v.to_str().ok());
+        ctx.cors_origin = self.state.cfg.cors.allowed(origin);
+        ctx.request_id = Some(match incoming {
+            Some(id) => id.to_string(),
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        });
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match self.serve(session, ctx).await {
+            Ok(()) => Ok(true),
+            Err(GatewayError::Api(err)) => {
+                self.respond_error(session, ctx, &err).await?;
+                Ok(true)
+            }
+            Err(GatewayError::ClientGone) => {
+                Error::e_explain(ErrorType::ConnectionClosed, "client closed the connection")
+            }
+            Err(GatewayError::Aborted(e)) => Err(e),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // request_filter answers every request (default-deny): nothing
+        // reaches Pingora's own proxy loop.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "every request is answered in request_filter",
+        )
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let already_answered = ctx.status.is_some() || session.response_written().is_some();
+        if already_answered {
+            return FailToProxy {
+                error_code: ctx.status.unwrap_or(0),
+                can_reuse_downstream: false,
+            };
+        }
+        let err = match (e.esource(), e.etype()) {
+            (ErrorSource::Downstream, _) => {
+                ctx.status = Some(CLIENT_CLOSED_REQUEST);
+                return FailToProxy {
+                    error_code: CLIENT_CLOSED_REQUEST,
+                    can_reuse_downstream: false,
+                };
+            }
+            (
+                _,
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::ConnectNoRoute,
+            ) => {
+                ctx.upstream_error = Some(crate::upstream::client::connect_kind(e));
+                if self.state.upstream.is_single() {
+                    ApiError::UpstreamUnreachable(format!(
+                        "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
+                        self.upstream_server(ctx).authority
+                    ))
+                } else {
+                    ApiError::UpstreamUnavailable(format!(
+                        "no upstream server could take the request: {}; check their SSH tunnels and llama-server processes",
+                        self.state.upstream.describe(&[])
+                    ))
+                }
+            }
+            (_, ErrorType::ReadTimedout) => {
+                ctx.upstream_error = Some("timeout");
+                ApiError::UpstreamTimeout(format!(
+                    "the upstream at {} did not answer in time",
+                    self.upstream_server(ctx).authority
+                ))
+            }
+            (ErrorSource::Upstream, _) => {
+                ctx.upstream_error = Some("reset");
+                ApiError::UpstreamBroken(format!(
+                    "the upstream at {} failed ({}): check the SSH tunnel and llama-server",
+                    self.upstream_server(ctx).authority,
+                    e.etype().as_str().to_lowercase()
+                ))
+            }
+            _ => ApiError::Internal("the gateway failed to handle the request".into()),
+        };
+        let code = err.status();
+        if self.respond_error(session, ctx, &err).await.is_err() {
+            ctx.status = Some(CLIENT_CLOSED_REQUEST);
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// What Pingora's own error lines say about a request: method and path,
+    /// never the query (clients put keys in it) or any header.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        ctx.status == Some(CLIENT_CLOSED_REQUEST) || ctx.error_code.is_some()
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // The request is over: give its upstream slot and limit counts back now.
+        ctx.lease = None;
+        ctx.in_flight = None;
+        ctx.limit_guard = None;
+        ctx.ip_slot = None;
+        let status = ctx
+            .status
+            .or_else(|| session.response_written().map(|r| r.status.as_u16()))
+            .unwrap_or(if e.is_some() { 500 } else { 0 });
+        // Built only when it will be written (the line costs ~6 allocations).
+        if log::log_enabled!(target: "llm_edge::access", log::Level::Info) {
+            let req = session.req_header();
+            let upstream = ctx.upstream.map(|_| self.upstream_name(ctx));
+            let line = ctx.access_log_line(
+                &ctx.client_ip
+                    .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+                req.method.as_str(),
+                req.uri.path(),
+                status,
+                upstream,
+            );
+            log::info!(target: "llm_edge::access", "{line}");
+        }
+        self.record_metrics(ctx, status);
+    }
+}
+
+impl GatewayProxy {
+    /// The name of the server the request went to (or the first one).
+    fn upstream_name(&self, ctx: &RequestCtx) -> &str {
+        self.upstream_server(ctx).name.as_str()
+    }
+
+    fn upstream_server(&self, ctx: &RequestCtx) -> &crate::config::UpstreamServer {
+        let members = self.state.upstream.members();
+        members[ctx.upstream.unwrap_or(0).min(members.len() - 1)].server()
+    }
+
+    /// Per-request totals, recorded once when the request ends.
+    fn record_metrics(&self, ctx: &mut RequestCtx, status: u16) {
+        let stats = ctx.accounting.finish();
+        let m = &self.state.metrics;
+        m.record_request(&RequestRecord {
+            route: ctx.route_label(),
+            model: ctx.model.as_deref(),
+            key: ctx.key_id.as_deref(),
+            status,
+            duration: ctx.start.elapsed(),
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            stats: stats.as_ref(),
+        });
+        if let Some(phase) = ctx.disconnect {
+            m.client_disconnect(phase.label());
+        }
+        if let Some(reason) = ctx.limited {
+            m.rate_limited(ctx.key_id.as_deref(), reason);
+        }
+        let upstream = self.upstream_name(ctx);
+        if let Some(kind) = ctx.upstream_error {
+            m.upstream_error(upstream, kind);
+        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
+            m.upstream_error(upstream, "5xx");
+        }
+        if let Some(code @ ("missing_api_key" | "invalid_api_key" | "model_not_allowed")) =
+            ctx.error_code
+        {
+            m.auth_failure(code);
+        }
+    }
+}

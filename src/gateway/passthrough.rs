@@ -1,0 +1,56 @@
+//! The paths an operator opened (`routes.passthrough`): the key and its
+//! request limits hold, the body is relayed as it came, never inspected.
+
+use pingora_error::Result;
+use pingora_proxy::Session;
+
+use super::ctx::RequestCtx;
+use super::GatewayProxy;
+use crate::errors::GatewayError;
+use crate::policy::auth::ApiKey;
+use crate::policy::headers;
+use crate::policy::routes::Dialect;
+use crate::upstream::relay::Relay;
+
+impl GatewayProxy {
+    /// A path the operator opened: the key and its request limits hold; the
+    /// body (bounded like any other) goes upstream as it came.
+    pub(super) async fn forward_passthrough(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+    ) -> Result<(), GatewayError> {
+        self.admit(ctx, key)?;
+        let (body, reservation) = self.read_body(session, ctx, key).await?;
+        let req = session.req_header();
+        let path = req.uri.path();
+        let path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
+        let has_body = !body.is_empty() || !matches!(req.method.as_str(), "GET" | "HEAD");
+        let req = headers::upstream_request(
+            req,
+            &headers::Forwarding {
+                path,
+                query: req.uri.query(),
+                body_len: has_body.then_some(body.len()),
+                request_id: ctx.request_id.as_deref(),
+                client_ip: ctx.client_ip,
+            },
+        )?;
+        let relay = Relay {
+            upstream: &self.state.upstream,
+            metrics: &self.state.metrics,
+            cors: &self.state.cfg.cors,
+            allowed: &[],
+            model: "(passthrough)",
+            key: &key.id,
+            dialect: Dialect::OpenAi,
+            expects_json: false,
+            accounting: false,
+        };
+        relay.forward(session, ctx, req, body, reservation).await
+    }
+}

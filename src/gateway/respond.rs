@@ -1,0 +1,124 @@
+//! Answers the gateway writes itself: JSON bodies, errors in the route's
+//! dialect (with `WWW-Authenticate`, `Allow`, `Retry-After` where they
+//! belong), and the brief linger after an early answer.
+
+use bytes::Bytes;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+use super::ctx::{DisconnectPhase, RequestCtx};
+use super::GatewayProxy;
+use crate::errors::{ApiError, GatewayError};
+use crate::policy::cors::CorsPolicy;
+use crate::policy::headers;
+use crate::policy::routes::{Dialect, Route};
+
+/// How long, after answering 413, we keep reading (and discarding) what the
+/// client still sends, so it reads our answer instead of a connection reset.
+const LINGER_AFTER_REJECT: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 64 << 20;
+
+impl GatewayProxy {
+    pub(super) async fn respond_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: String,
+    ) -> Result<(), GatewayError> {
+        let resp = json_response_header(status, body.len())?;
+        write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await
+    }
+
+    /// Answers with an OpenAI-shaped error.
+    pub(super) async fn respond_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: &ApiError,
+    ) -> Result<()> {
+        ctx.error_code = Some(err.code());
+        let body_unread = !session.is_body_done();
+        if body_unread {
+            // Otherwise Pingora would drain the whole unread body before answering.
+            session.set_keepalive(None);
+        }
+        let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, Route::dialect);
+        let body = err.body_in(dialect, ctx.request_id.as_deref());
+        let mut resp = json_response_header(err.status(), body.len())?;
+        match err {
+            ApiError::MissingKey(_) | ApiError::InvalidKey(_) => {
+                resp.insert_header("WWW-Authenticate", "Bearer")?;
+            }
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                resp.insert_header("Allow", *allowed)?;
+            }
+            _ => {}
+        }
+        if let Some(seconds) = err.retry_after() {
+            resp.insert_header("Retry-After", seconds.to_string())?;
+        }
+        if write_response(session, ctx, &self.state.cfg.cors, resp, body)
+            .await
+            .is_err()
+        {
+            return Error::e_explain(
+                ErrorType::WriteError,
+                "client left before the error response",
+            );
+        }
+        if body_unread {
+            linger(session).await;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn json_response_header(status: u16, len: usize) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("Content-Type", "application/json")?;
+    resp.insert_header("Content-Length", len.to_string())?;
+    Ok(resp)
+}
+
+/// Writes a whole response the gateway answers itself.
+pub(super) async fn write_response(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    cors: &CorsPolicy,
+    mut resp: ResponseHeader,
+    body: Bytes,
+) -> Result<(), GatewayError> {
+    headers::finish_client_response(
+        &mut resp,
+        ctx.request_id.as_deref(),
+        cors,
+        ctx.cors_origin.as_deref(),
+    )?;
+    ctx.status = Some(resp.status.as_u16());
+    ctx.bytes_out += body.len();
+    let written = async {
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    };
+    written
+        .await
+        .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))
+}
+
+/// Reads and discards what the client still sends after an early answer,
+/// briefly, so closing the socket does not reset the connection under the
+/// answer the client has not read yet.
+pub(super) async fn linger(session: &mut Session) {
+    let discard = async {
+        let mut discarded = 0usize;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            discarded += chunk.len();
+            if discarded > LINGER_MAX_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_AFTER_REJECT, discard).await;
+}

@@ -1,0 +1,363 @@
+//! Serving one request: hygiene, the route table, authentication, limits,
+//! then the model routes (body read, checked, rewritten, relayed). Every
+//! request is answered here or in the files beside it.
+
+use bytes::{Bytes, BytesMut};
+use pingora_error::{ErrorType, Result};
+use pingora_proxy::Session;
+use serde_json::json;
+
+use super::ctx::{DisconnectPhase, RequestCtx};
+use super::respond::write_response;
+use super::GatewayProxy;
+use crate::errors::{ApiError, GatewayError};
+use crate::metrics::app as metrics_app;
+use crate::metrics::KEY_INVALID;
+use crate::openai::body;
+use crate::policy::auth::ApiKey;
+use crate::policy::budget::Reservation;
+use crate::policy::routes::Route;
+use crate::policy::{headers, hygiene, limits};
+use crate::upstream::relay::Relay;
+
+impl GatewayProxy {
+    pub(super) async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        let req = session.req_header();
+        let raw_target = (!session.is_http2()).then(|| req.raw_path());
+        hygiene::check(
+            raw_target,
+            &req.uri,
+            &req.headers,
+            self.state.cfg.limits.max_header_bytes,
+        )?;
+        if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            if let Some(h1) = session.as_downstream().as_http1() {
+                hygiene::check_raw_framing(&h1.get_headers_raw_bytes())?;
+            }
+        }
+        if req.method == http::Method::OPTIONS {
+            let requested = session
+                .get_header("access-control-request-headers")
+                .and_then(|v| v.to_str().ok());
+            let resp = self
+                .state
+                .cfg
+                .cors
+                .preflight(ctx.cors_origin.as_deref(), requested)?;
+            write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::new()).await?;
+            return Ok(());
+        }
+        if self.state.cfg.metrics.on_public_listener
+            && req.uri.path() == self.state.cfg.metrics.path
+        {
+            let authorization = session.get_header("authorization").map(|v| v.as_bytes());
+            // Boxed: a rare route's large future would grow every request's.
+            let (status, body) = Box::pin(metrics_app::scrape(&self.state, authorization)).await;
+            let resp = metrics_app::response_header(status, body.len())?;
+            write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await?;
+            return Ok(());
+        }
+        // On HTTP/1 the target exactly as sent: what llama-server would decode.
+        let path = match raw_target {
+            Some(raw) => std::str::from_utf8(raw).map_err(|_| {
+                ApiError::InvalidRequest("the request path must be ASCII text".into())
+            })?,
+            None => req.uri.path(),
+        };
+        let route = self.state.cfg.routes.classify(req.method.as_str(), path)?;
+        ctx.route = Some(route.clone());
+        match route {
+            Route::Health => {
+                self.respond_json(session, ctx, 200, json!({"status": "ok"}).to_string())
+                    .await?;
+                return Ok(());
+            }
+            Route::HealthUpstream => {
+                Box::pin(self.upstream_health(session, ctx)).await?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        if let Some(ip) = ctx.client_ip {
+            let entered = self.state.clients.enter(ip);
+            ctx.ip_slot = entered.map_err(|refusal| refusal_error(ctx, refusal))?;
+        }
+        let key = self.authenticate(session, ctx)?;
+        ctx.key_id = Some(key.id.clone());
+        match route {
+            Route::ListModels => {
+                let list = self.state.cfg.catalogue.list_json(|m| key.allows(&m.name));
+                self.respond_json(session, ctx, 200, list).await?;
+                Ok(())
+            }
+            Route::GetModel(id) => {
+                let visible = self
+                    .state
+                    .cfg
+                    .catalogue
+                    .resolve(Some(&id))
+                    .filter(|m| key.allows(&m.name))
+                    .and_then(|_| self.state.cfg.catalogue.model_json(&id));
+                let model = visible.ok_or(ApiError::ModelNotFound(id))?;
+                self.respond_json(session, ctx, 200, model).await?;
+                Ok(())
+            }
+            Route::Passthrough => {
+                self.forward_passthrough(session, ctx, key).await?;
+                Ok(())
+            }
+            r => {
+                self.forward_model_request(session, ctx, key, &r).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The key the request presents. A valid key is never throttled by
+    /// others' failures from the same address (a NAT, an office): only
+    /// requests whose key fails count towards, and are refused by, the
+    /// per-IP limit on failed authentications.
+    pub(super) fn authenticate<'k>(
+        &'k self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<&'k ApiKey, GatewayError> {
+        let headers = &session.req_header().headers;
+        let authorization: Vec<&[u8]> = headers
+            .get_all("authorization")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let x_api_key: Vec<&[u8]> = headers
+            .get_all("x-api-key")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let token = crate::policy::auth::presented_token(&authorization, &x_api_key)?;
+        match self.state.cfg.keys.authenticate_token(token) {
+            Ok(key) => Ok(key),
+            Err(e) => {
+                if e.code() == "invalid_api_key" {
+                    ctx.key_id = Some(KEY_INVALID.to_string());
+                }
+                if let Some(ip) = ctx.client_ip {
+                    let clients = &self.state.clients;
+                    clients
+                        .check_auth_throttle(ip)
+                        .map_err(|refusal| refusal_error(ctx, refusal))?;
+                    clients.note_auth_failure(ip);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Limits first: a refused request costs no body read and never
+    /// reaches the upstream.
+    pub(super) fn admit(&self, ctx: &mut RequestCtx, key: &ApiKey) -> Result<(), GatewayError> {
+        let admitted = self.state.limiter.admit(&key.id, std::time::Instant::now());
+        ctx.limit_guard = Some(admitted.map_err(|refusal| refusal_error(ctx, refusal))?);
+        Ok(())
+    }
+
+    pub(super) async fn forward_model_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+        api_route: &Route,
+    ) -> Result<(), GatewayError> {
+        self.admit(ctx, key)?;
+        let (body, reservation) = self.read_body(session, ctx, key).await?;
+        let info = body::inspect(&body)?;
+        let requested = info.model.as_ref().map(|m| m.name.as_str());
+        let route =
+            self.state.cfg.catalogue.resolve(requested).ok_or_else(|| {
+                ApiError::ModelNotFound(requested.unwrap_or_default().to_string())
+            })?;
+        ctx.model = Some(route.name.clone());
+        if !key.allows(&route.name) {
+            return Err(ApiError::ModelNotAllowed {
+                key_id: key.id.clone(),
+                model: requested.unwrap_or(&route.name).to_string(),
+            }
+            .into());
+        }
+        // Only generations have a token ceiling; each dialect inserts its own field.
+        let insert_as = match api_route {
+            Route::Messages => Some(body::InsertAs::AnthropicMaxTokens),
+            Route::Responses => Some(body::InsertAs::MaxOutputTokens),
+            Route::ChatCompletions | Route::Completions => Some(body::InsertAs::MaxTokens),
+            _ => None,
+        };
+        let max_tokens = match insert_as {
+            Some(_) => limits::max_tokens_to_send(&self.state.limiter.key_limits(&key.id), &info)?,
+            None => None,
+        };
+        let rewrite = body::Rewrite {
+            upstream_model: &route.upstream_name,
+            max_tokens,
+            insert_as: insert_as.unwrap_or(body::InsertAs::MaxTokens),
+        };
+        let body = body::rewrite(body, &info, &rewrite);
+        let req = session.req_header();
+        let req = headers::upstream_request(
+            req,
+            &headers::Forwarding {
+                path: api_route.upstream_path().unwrap_or("/"),
+                query: req.uri.query(),
+                body_len: Some(body.len()),
+                request_id: ctx.request_id.as_deref(),
+                client_ip: ctx.client_ip,
+            },
+        )?;
+        let relay = Relay {
+            upstream: &self.state.upstream,
+            metrics: &self.state.metrics,
+            cors: &self.state.cfg.cors,
+            allowed: &route.upstreams,
+            model: &route.name,
+            key: &key.id,
+            dialect: api_route.dialect(),
+            expects_json: true,
+            accounting: !api_route.counts_tokens_only(),
+        };
+        relay.forward(session, ctx, req, body, reservation).await
+    }
+
+    /// Reads the whole request body, within the per-request limit, the
+    /// global budget (reserved as bytes arrive, never from the declared
+    /// length), the caps on bodies being received at once per key and per
+    /// IP, and `downstream.body_timeout` for the whole body. Oversized bodies
+    /// are refused as soon as that is known (from `Content-Length`, or while
+    /// reading) without reading the rest.
+    pub(super) async fn read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+    ) -> Result<(Bytes, Reservation), GatewayError> {
+        let limit = self.state.cfg.limits.max_body_bytes;
+        let declared = match session.get_header("content-length") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        ApiError::InvalidRequest("invalid Content-Length header".into())
+                    })?,
+            ),
+        };
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::BodyTooLarge { limit }.into());
+        }
+        let mut reservation = Reservation::empty(&self.state.budget);
+        if session.is_body_done() {
+            return Ok((Bytes::new(), reservation));
+        }
+        let _uploading = self
+            .state
+            .uploads
+            .enter(&key.id, ctx.client_ip)
+            .map_err(|refusal| refusal_error(ctx, refusal))?;
+        let expects_continue = session
+            .get_header("expect")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await
+                .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
+        }
+        // Allocated as bytes arrive too: a declared length is only a claim.
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+        let body_timeout = self.state.cfg.downstream.body_timeout;
+        let deadline = tokio::time::Instant::now() + body_timeout;
+        loop {
+            let read = tokio::time::timeout_at(deadline, session.read_request_body()).await;
+            let chunk = match read {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => break,
+                Err(_) => {
+                    return Err(ApiError::BodyTimeout(format!(
+                        "the request body did not arrive within {} (downstream.body_timeout); received {} bytes",
+                        humantime::format_duration(body_timeout),
+                        buf.len()
+                    ))
+                    .into())
+                }
+                Ok(Err(e)) if e.etype() == &ErrorType::ReadTimedout => {
+                    return Err(ApiError::BodyTimeout(
+                        "timed out reading the request body (downstream.read_timeout)".into(),
+                    )
+                    .into())
+                }
+                Ok(Err(e))
+                    if matches!(
+                        e.etype(),
+                        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                    ) =>
+                {
+                    return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken))
+                }
+                Ok(Err(e)) => {
+                    // What follows on this connection cannot be framed: close it.
+                    session.set_keepalive(None);
+                    return Err(ApiError::InvalidRequest(format!(
+                        "the request body's framing is broken ({}): send a Content-Length body or valid chunked encoding",
+                        e.etype().as_str()
+                    ))
+                    .into())
+                }
+            };
+            let total = buf.len() + chunk.len();
+            if total > limit {
+                return Err(ApiError::BodyTooLarge { limit }.into());
+            }
+            if !reservation.grow_to(total) {
+                return Err(overloaded().into());
+            }
+            buf.extend_from_slice(&chunk);
+            ctx.bytes_in = total;
+        }
+        Ok((buf.freeze(), reservation))
+    }
+}
+
+/// A limit's refusal as the 429 the client gets (and the metric label it leaves).
+pub(super) fn refusal_error(ctx: &mut RequestCtx, refusal: limits::Refusal) -> ApiError {
+    ctx.limited = Some(refusal.reason);
+    ApiError::RateLimited {
+        message: refusal.message,
+        retry_after: refusal.retry_after.as_secs_f64().ceil() as u64,
+    }
+}
+
+/// HTTP/1.1 keeps a connection unless the client says `close`; HTTP/1.0
+/// only when it asks for `keep-alive`.
+pub(super) fn client_keeps_alive(http10: bool, headers: &http::HeaderMap) -> bool {
+    let says = |word: &str| {
+        headers.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(word.as_bytes()))
+        })
+    };
+    if http10 {
+        says("keep-alive")
+    } else {
+        !says("close")
+    }
+}
+
+pub(super) fn overloaded() -> ApiError {
+    ApiError::Overloaded(
+        "the gateway is holding too many request bodies at once (limits.max_buffered_body_bytes); retry shortly".into(),
+    )
+}
