@@ -38,10 +38,10 @@ fn bench_auth(c: &mut Criterion) {
         let good = format!("Bearer sk-edge-{:064}", n - 1).into_bytes();
         let bad = format!("Bearer sk-edge-{:064}", n + 7).into_bytes();
         g.bench_with_input(BenchmarkId::new("valid", n), &good, |b, h| {
-            b.iter(|| table.authenticate(black_box(Some(h.as_slice()))).is_ok())
+            b.iter(|| table.authenticate(black_box(Some(h.as_slice()))).is_ok());
         });
         g.bench_with_input(BenchmarkId::new("wrong", n), &bad, |b, h| {
-            b.iter(|| table.authenticate(black_box(Some(h.as_slice()))).is_err())
+            b.iter(|| table.authenticate(black_box(Some(h.as_slice()))).is_err());
         });
     }
     g.finish();
@@ -71,7 +71,7 @@ fn bench_body(c: &mut Criterion) {
             g.sample_size(20);
         }
         g.bench_with_input(BenchmarkId::new("inspect", label), &body, |b, body| {
-            b.iter(|| inspect(black_box(body)).unwrap())
+            b.iter(|| inspect(black_box(body)).unwrap());
         });
         let rw = Rewrite {
             upstream_model: "/models/qwen3-30b-a3b-instruct-q4_k_m.gguf",
@@ -85,7 +85,7 @@ fn bench_body(c: &mut Criterion) {
                 b.iter(|| {
                     let info = inspect(black_box(body)).unwrap();
                     rewrite(body.clone(), &info, black_box(&rw))
-                })
+                });
             },
         );
     }
@@ -141,7 +141,7 @@ fn bench_sse(c: &mut Criterion) {
             }
             assert_eq!(n, 256);
             s
-        })
+        });
     });
     g.bench_function("16KiB reads", |b| {
         b.iter(|| {
@@ -152,7 +152,7 @@ fn bench_sse(c: &mut Criterion) {
             }
             assert_eq!(n, 256);
             s
-        })
+        });
     });
     g.finish();
 }
@@ -167,7 +167,7 @@ fn bench_routes(c: &mut Criterion) {
         ("unknown", "/v1/stream?conv_id=abc"),
     ] {
         g.bench_function(name, |b| {
-            b.iter(|| table.classify(black_box("POST"), black_box(path)).is_ok())
+            b.iter(|| table.classify(black_box("POST"), black_box(path)).is_ok());
         });
     }
     g.finish();

@@ -26,7 +26,7 @@ async fn main() {
             "--port" => port = value().parse().expect("--port N"),
             "--token-delay-ms" => {
                 opts.token_delay =
-                    Duration::from_millis(value().parse().expect("--token-delay-ms MS"))
+                    Duration::from_millis(value().parse().expect("--token-delay-ms MS"));
             }
             "--tokens" => opts.tokens = value().parse().expect("--tokens N"),
             "--alias" => opts.alias = value(),

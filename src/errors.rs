@@ -13,6 +13,7 @@ use serde_json::json;
 
 use pingora_error::Error;
 
+use crate::labels::AuthFailure;
 use crate::policy::routes::Dialect;
 
 /// A failure the gateway reports to the client itself.
@@ -140,6 +141,16 @@ impl ApiError {
         }
     }
 
+    /// The reason a key was refused, when this error is one.
+    pub fn auth_failure(&self) -> Option<AuthFailure> {
+        match self {
+            ApiError::MissingKey(_) => Some(AuthFailure::MissingKey),
+            ApiError::InvalidKey(_) => Some(AuthFailure::InvalidKey),
+            ApiError::ModelNotAllowed { .. } => Some(AuthFailure::ModelNotAllowed),
+            _ => None,
+        }
+    }
+
     /// Seconds for a `Retry-After` header, for errors worth retrying.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
@@ -160,6 +171,11 @@ impl ApiError {
 
     /// The JSON body, with the request id when one is known.
     pub fn body(&self, request_id: Option<&str>) -> Bytes {
+        Bytes::from(self.json(request_id).to_string())
+    }
+
+    /// The OpenAI error object (`{"error":{...}}`), for callers that add members.
+    pub fn json(&self, request_id: Option<&str>) -> serde_json::Value {
         let mut error = json!({
             "message": self.to_string(),
             "type": self.error_type(),
@@ -169,7 +185,7 @@ impl ApiError {
         if let Some(id) = request_id {
             error["request_id"] = json!(id);
         }
-        Bytes::from(json!({ "error": error }).to_string())
+        json!({ "error": error })
     }
 
     /// Anthropic's `error.type` for this error's status.

@@ -14,11 +14,14 @@
 //! - [`config`], [`metrics`], [`check`] (the client-side diagnostics),
 //!   [`errors`] (the one error type), [`server`] (start-up), [`cli`].
 
+#![forbid(unsafe_code)]
+
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod gateway;
+pub mod labels;
 pub mod logging;
 pub mod metrics;
 pub mod openai;

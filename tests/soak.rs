@@ -188,8 +188,7 @@ async fn run(
     let next = Arc::new(AtomicUsize::new(range.start));
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
-            let (base, next, tally, end) =
-                (base.to_string(), next.clone(), tally.clone(), range.end);
+            let (base, next, tally, end) = (base.clone(), next.clone(), tally.clone(), range.end);
             tokio::spawn(async move {
                 let c = reqwest::Client::builder()
                     .timeout(Duration::from_secs(30))

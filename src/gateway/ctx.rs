@@ -4,26 +4,13 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::errors::GatewayError;
+pub use crate::labels::DisconnectPhase;
+use crate::labels::{AuthFailure, LimitReason, UpstreamErrorKind};
 use crate::metrics::InFlightGuard;
 use crate::openai::sse::Accounting;
 use crate::policy::limits::LimitGuard;
 use crate::policy::routes::{Route, UNKNOWN_ROUTE};
 use crate::upstream::balance::Lease;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DisconnectPhase {
-    BeforeFirstToken,
-    Streaming,
-}
-
-impl DisconnectPhase {
-    pub fn label(self) -> &'static str {
-        match self {
-            DisconnectPhase::BeforeFirstToken => "before_first_token",
-            DisconnectPhase::Streaming => "streaming",
-        }
-    }
-}
 
 /// Status logged when the client went away before the response was complete.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -45,7 +32,9 @@ pub struct RequestCtx {
     pub bytes_in: usize,
     pub bytes_out: usize,
     pub error_code: Option<&'static str>,
-    pub upstream_error: Option<&'static str>,
+    pub upstream_error: Option<UpstreamErrorKind>,
+    /// Why the key was refused, if it was.
+    pub auth_failure: Option<AuthFailure>,
     pub disconnect: Option<DisconnectPhase>,
     /// Reads the response on the side for token accounting.
     pub accounting: Accounting,
@@ -61,7 +50,7 @@ pub struct RequestCtx {
     /// Servers whose connect failed for it (Pingora's proxy loop failover).
     pub tried: Vec<usize>,
     /// Which limit refused it, if one did.
-    pub limited: Option<&'static str>,
+    pub limited: Option<LimitReason>,
     /// The client's address (the peer, or per X-Forwarded-For from a trusted proxy).
     pub client_ip: Option<std::net::IpAddr>,
     /// This request's share of its IP's concurrency limit.
@@ -86,6 +75,7 @@ impl RequestCtx {
             bytes_out: 0,
             error_code: None,
             upstream_error: None,
+            auth_failure: None,
             disconnect: None,
             accounting: Accounting::Off,
             in_flight: None,
@@ -143,10 +133,10 @@ impl RequestCtx {
             let _ = write!(line, " error={code}");
         }
         if let Some(kind) = self.upstream_error {
-            let _ = write!(line, " upstream_error={kind}");
+            let _ = write!(line, " upstream_error={}", kind.as_str());
         }
         if let Some(phase) = self.disconnect {
-            let _ = write!(line, " disconnect={}", phase.label());
+            let _ = write!(line, " disconnect={}", phase.as_str());
         }
         line
     }

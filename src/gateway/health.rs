@@ -96,8 +96,7 @@ impl GatewayProxy {
         };
         let error = ApiError::UpstreamUnavailable(message);
         ctx.error_code = Some(error.code());
-        let mut body: serde_json::Value =
-            serde_json::from_slice(&error.body(ctx.request_id.as_deref())).unwrap_or_default();
+        let mut body = error.json(ctx.request_id.as_deref());
         body["status"] = json!(state);
         body["upstream"] = json!(authority);
         body["upstreams"] = json!(servers);

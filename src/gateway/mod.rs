@@ -24,6 +24,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::errors::{ApiError, GatewayError};
+use crate::labels::UpstreamErrorKind;
 use crate::metrics::RequestRecord;
 use crate::state::GatewayState;
 use ctx::{RequestCtx, CLIENT_CLOSED_REQUEST};
@@ -130,51 +131,17 @@ impl ProxyHttp for GatewayProxy {
                 can_reuse_downstream: false,
             };
         }
-        let err = match (e.esource(), e.etype()) {
-            (ErrorSource::Downstream, _) => {
-                ctx.status = Some(CLIENT_CLOSED_REQUEST);
-                return FailToProxy {
-                    error_code: CLIENT_CLOSED_REQUEST,
-                    can_reuse_downstream: false,
-                };
-            }
-            (
-                _,
-                ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectError
-                | ErrorType::ConnectNoRoute,
-            ) => {
-                ctx.upstream_error = Some(crate::upstream::client::connect_kind(e));
-                if self.state.upstream.is_single() {
-                    ApiError::UpstreamUnreachable(format!(
-                        "the upstream llama-server at {} is unreachable: check that the SSH tunnel from the GPU machine is up and llama-server is running behind it",
-                        self.upstream_server(ctx).authority
-                    ))
-                } else {
-                    ApiError::UpstreamUnavailable(format!(
-                        "no upstream server could take the request: {}; check their SSH tunnels and llama-server processes",
-                        self.state.upstream.describe(&[])
-                    ))
-                }
-            }
-            (_, ErrorType::ReadTimedout) => {
-                ctx.upstream_error = Some("timeout");
-                ApiError::UpstreamTimeout(format!(
-                    "the upstream at {} did not answer in time",
-                    self.upstream_server(ctx).authority
-                ))
-            }
-            (ErrorSource::Upstream, _) => {
-                ctx.upstream_error = Some("reset");
-                ApiError::UpstreamBroken(format!(
-                    "the upstream at {} failed ({}): check the SSH tunnel and llama-server",
-                    self.upstream_server(ctx).authority,
-                    e.etype().as_str().to_lowercase()
-                ))
-            }
-            _ => ApiError::Internal("the gateway failed to handle the request".into()),
-        };
+        // request_filter answers every request itself, so what reaches
+        // here is either a client that left (already recorded) or a failure
+        // before any answer: the gateway's own.
+        if e.esource() == &ErrorSource::Downstream {
+            ctx.status = Some(CLIENT_CLOSED_REQUEST);
+            return FailToProxy {
+                error_code: CLIENT_CLOSED_REQUEST,
+                can_reuse_downstream: false,
+            };
+        }
+        let err = ApiError::Internal("the gateway failed to handle the request".into());
         let code = err.status();
         if self.respond_error(session, ctx, &err).await.is_err() {
             ctx.status = Some(CLIENT_CLOSED_REQUEST);
@@ -209,7 +176,7 @@ impl ProxyHttp for GatewayProxy {
         // Built only when it will be written (the line costs ~6 allocations).
         if log::log_enabled!(target: "llm_edge::access", log::Level::Info) {
             let req = session.req_header();
-            let upstream = ctx.upstream.map(|_| self.upstream_name(ctx));
+            let upstream = self.upstream_server(ctx).map(|s| s.name.as_str());
             let line = ctx.access_log_line(
                 &ctx.client_ip
                     .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
@@ -225,14 +192,10 @@ impl ProxyHttp for GatewayProxy {
 }
 
 impl GatewayProxy {
-    /// The name of the server the request went to (or the first one).
-    fn upstream_name(&self, ctx: &RequestCtx) -> &str {
-        self.upstream_server(ctx).name.as_str()
-    }
-
-    fn upstream_server(&self, ctx: &RequestCtx) -> &crate::config::UpstreamServer {
-        let members = self.state.upstream.members();
-        members[ctx.upstream.unwrap_or(0).min(members.len() - 1)].server()
+    /// The server the request went to, if one was chosen.
+    fn upstream_server(&self, ctx: &RequestCtx) -> Option<&crate::config::UpstreamServer> {
+        let index = ctx.upstream?;
+        self.state.upstream.members().get(index).map(|m| m.server())
     }
 
     /// Per-request totals, recorded once when the request ends.
@@ -250,21 +213,25 @@ impl GatewayProxy {
             stats: stats.as_ref(),
         });
         if let Some(phase) = ctx.disconnect {
-            m.client_disconnect(phase.label());
+            m.client_disconnect(phase);
         }
         if let Some(reason) = ctx.limited {
             m.rate_limited(ctx.key_id.as_deref(), reason);
         }
-        let upstream = self.upstream_name(ctx);
-        if let Some(kind) = ctx.upstream_error {
-            m.upstream_error(upstream, kind);
-        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
-            m.upstream_error(upstream, "5xx");
+        // Only a server that was chosen gets an error counted against it
+        // (a request refused before that has none).
+        if let Some(server) = self.upstream_server(ctx) {
+            let kind = ctx.upstream_error.or_else(|| {
+                ctx.upstream_status
+                    .is_some_and(|s| s >= 500)
+                    .then_some(UpstreamErrorKind::Status5xx)
+            });
+            if let Some(kind) = kind {
+                m.upstream_error(&server.name, kind);
+            }
         }
-        if let Some(code @ ("missing_api_key" | "invalid_api_key" | "model_not_allowed")) =
-            ctx.error_code
-        {
-            m.auth_failure(code);
+        if let Some(reason) = ctx.auth_failure {
+            m.auth_failure(reason);
         }
     }
 }

@@ -39,6 +39,7 @@ impl GatewayProxy {
         err: &ApiError,
     ) -> Result<()> {
         ctx.error_code = Some(err.code());
+        ctx.auth_failure = err.auth_failure();
         let body_unread = !session.is_body_done();
         if body_unread {
             // Otherwise Pingora would drain the whole unread body before answering.

@@ -11,6 +11,7 @@ use super::ctx::{DisconnectPhase, RequestCtx};
 use super::respond::write_response;
 use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
+use crate::labels::AuthFailure;
 use crate::metrics::app as metrics_app;
 use crate::metrics::KEY_INVALID;
 use crate::openai::body;
@@ -141,7 +142,7 @@ impl GatewayProxy {
         match self.state.cfg.keys.authenticate_token(token) {
             Ok(key) => Ok(key),
             Err(e) => {
-                if e.code() == "invalid_api_key" {
+                if e.auth_failure() == Some(AuthFailure::InvalidKey) {
                     ctx.key_id = Some(KEY_INVALID.to_string());
                 }
                 if let Some(ip) = ctx.client_ip {

@@ -20,6 +20,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::labels::{AuthFailure, DisconnectPhase, LimitReason, UpstreamErrorKind};
 use crate::openai::sse::ResponseStats;
 
 /// Time to first token: 10 ms to 2 min.
@@ -55,16 +56,6 @@ pub struct RequestRecord<'a> {
     pub bytes_out: usize,
     pub stats: Option<&'a ResponseStats>,
 }
-
-/// `llm_edge_upstream_errors_total{kind}` values.
-pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
-    "refused",
-    "connect_timeout",
-    "reset",
-    "timeout",
-    "invalid_response",
-    "5xx",
-];
 
 pub struct Metrics {
     registry: Registry,
@@ -206,17 +197,17 @@ impl Metrics {
             route_tokens: counter(r, "llm_edge_route_tokens_total", "Tokens by route and kind (prompt, completion, cached)", &["route", "kind"]),
             streams_active,
             in_flight,
-            client_disconnects: counter(r, "llm_edge_client_disconnects_total", "Clients that left before their response was complete", &["phase"]),
-            upstream_errors: counter(r, "llm_edge_upstream_errors_total", "Failures talking to llama-server, by kind", &["upstream", "kind"]),
+            client_disconnects: counter(r, "llm_edge_client_disconnects_total", &format!("Clients that left before their response was complete, by phase ({})", DisconnectPhase::list()), &["phase"]),
+            upstream_errors: counter(r, "llm_edge_upstream_errors_total", &format!("Failures talking to llama-server, by server and kind ({})", UpstreamErrorKind::list()), &["upstream", "kind"]),
             upstream_up,
-            auth_failures: counter(r, "llm_edge_auth_failures_total", "Refused requests, by reason", &["reason"]),
+            auth_failures: counter(r, "llm_edge_auth_failures_total", &format!("Refused keys, by reason ({})", AuthFailure::list()), &["reason"]),
             request_bytes: counter(r, "llm_edge_request_bytes_total", "Request body bytes received", &["route"]),
             response_bytes: counter(r, "llm_edge_response_bytes_total", "Response body bytes sent", &["route"]),
             prompt_tps: histogram(r, "llm_edge_upstream_prompt_tokens_per_second", "llama.cpp prompt processing speed (timings.prompt_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
             generation_tps: histogram(r, "llm_edge_upstream_generation_tokens_per_second", "llama.cpp generation speed (timings.predicted_per_second)", &["model"], TOKENS_PER_SECOND_BUCKETS),
             cache_hit_ratio: histogram(r, "llm_edge_prompt_cache_hit_ratio", "Share of each prompt served from llama.cpp's prompt cache (cache_n / (cache_n + prompt_n))", &["model"], RATIO_BUCKETS),
             body_budget_used,
-            rate_limited: counter(r, "llm_edge_rate_limited_total", "Requests refused by a limit, by key id and reason (key_rate, key_concurrency, global_concurrency, queue_full, queue_timeout)", &["key", "reason"]),
+            rate_limited: counter(r, "llm_edge_rate_limited_total", &format!("Requests refused by a limit, by key id and reason ({})", LimitReason::list()), &["key", "reason"]),
             queue_depth: {
                 let g = IntGaugeVec::new(Opts::new("llm_edge_queue_depth", "Requests waiting for a slot of an upstream (max_in_flight)"), &["upstream"]).expect("gauge");
                 registry.register(Box::new(g.clone())).expect("register gauge");
@@ -240,9 +231,19 @@ impl Metrics {
             metrics.upstream_up.with_label_values(&[name]).set(0);
             metrics.queue_depth.with_label_values(&[name]).set(0);
             metrics.upstream_in_flight.with_label_values(&[name]).set(0);
-            for kind in UPSTREAM_ERROR_KINDS {
-                metrics.upstream_errors.with_label_values(&[name, kind]);
+            for kind in UpstreamErrorKind::ALL {
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[name, kind.as_str()]);
             }
+        }
+        for reason in AuthFailure::ALL {
+            metrics.auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for phase in DisconnectPhase::ALL {
+            metrics
+                .client_disconnects
+                .with_label_values(&[phase.as_str()]);
         }
         metrics
     }
@@ -331,14 +332,16 @@ impl Metrics {
         InFlightGuard(self.in_flight.clone())
     }
 
-    pub fn client_disconnect(&self, phase: &str) {
-        self.client_disconnects.with_label_values(&[phase]).inc();
+    pub fn client_disconnect(&self, phase: DisconnectPhase) {
+        self.client_disconnects
+            .with_label_values(&[phase.as_str()])
+            .inc();
     }
 
     /// `upstream` must be a configured server's name (bounded labels).
-    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+    pub fn upstream_error(&self, upstream: &str, kind: UpstreamErrorKind) {
         self.upstream_errors
-            .with_label_values(&[upstream, kind])
+            .with_label_values(&[upstream, kind.as_str()])
             .inc();
     }
 
@@ -347,13 +350,15 @@ impl Metrics {
         self.upstream_up.with_label_values(&[upstream])
     }
 
-    pub fn auth_failure(&self, reason: &str) {
-        self.auth_failures.with_label_values(&[reason]).inc();
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
-    pub fn rate_limited(&self, key: Option<&str>, reason: &str) {
+    pub fn rate_limited(&self, key: Option<&str>, reason: LimitReason) {
         self.rate_limited
-            .with_label_values(&[self.key_label(key), reason])
+            .with_label_values(&[self.key_label(key), reason.as_str()])
             .inc();
     }
 
@@ -541,7 +546,7 @@ mod tests {
                 key: Some(key),
                 status: 401,
                 ..RequestRecord::default()
-            })
+            });
         };
         record("x", "y");
         let before = m.series_count();

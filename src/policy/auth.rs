@@ -138,17 +138,14 @@ impl KeyTable {
 
     /// Authenticates a presented key (see [`presented_token`]).
     pub fn authenticate_token(&self, token: Option<&[u8]>) -> Result<&ApiKey, ApiError> {
-        let token = match token {
-            Some(token) => token,
-            None => {
-                if let Some(anon) = &self.anonymous {
-                    return Ok(anon);
-                }
-                return Err(ApiError::MissingKey(
-                    "missing API key: send it as 'Authorization: Bearer <key>' (OpenAI clients do this with api_key=...) or as 'x-api-key: <key>' (Anthropic clients)"
-                        .into(),
-                ));
+        let Some(token) = token else {
+            if let Some(anon) = &self.anonymous {
+                return Ok(anon);
             }
+            return Err(ApiError::MissingKey(
+                "missing API key: send it as 'Authorization: Bearer <key>' (OpenAI clients do this with api_key=...) or as 'x-api-key: <key>' (Anthropic clients)"
+                    .into(),
+            ));
         };
         let presented: [u8; 32] = Sha256::digest(token).into();
         // The map finds the candidate; the constant-time comparison confirms
@@ -199,7 +196,7 @@ pub fn presented_token<'a>(
 }
 
 /// The token of `Bearer <token>` (scheme case-insensitive), if well-formed.
-fn bearer_token(header: &[u8]) -> Option<&[u8]> {
+pub fn bearer_token(header: &[u8]) -> Option<&[u8]> {
     let header = header.trim_ascii();
     if header.len() < 7 || !header[..7].eq_ignore_ascii_case(b"bearer ") {
         return None;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use pingora_limits::inflight::{Guard, Inflight};
 
+use crate::labels::LimitReason;
 use crate::policy::limits::Refusal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -120,7 +121,7 @@ impl Uploads {
             guards.push(guard);
             if n > max as isize {
                 return Err(Refusal {
-                    reason: "key_uploads",
+                    reason: LimitReason::KeyUploads,
                     message: format!(
                         "the API key '{key}' is already sending {max} request bodies at once (limits.max_uploads_per_key); retry when one has arrived"
                     ),
@@ -133,7 +134,7 @@ impl Uploads {
             guards.push(guard);
             if n > max as isize {
                 return Err(Refusal {
-                    reason: "ip_uploads",
+                    reason: LimitReason::IpUploads,
                     message: format!(
                         "this address is already sending {max} request bodies at once (limits.max_uploads_per_ip); retry when one has arrived"
                     ),
@@ -174,12 +175,12 @@ mod tests {
         let _a2 = u.enter("a", ip("192.0.2.2")).unwrap();
         assert_eq!(
             u.enter("a", ip("192.0.2.3")).unwrap_err().reason,
-            "key_uploads"
+            LimitReason::KeyUploads
         );
         let _b1 = u.enter("b", ip("192.0.2.1")).unwrap();
         assert_eq!(
             u.enter("c", ip("192.0.2.1")).unwrap_err().reason,
-            "ip_uploads"
+            LimitReason::IpUploads
         );
         drop(a1);
         assert!(u.enter("a", ip("192.0.2.9")).is_ok());

@@ -13,6 +13,7 @@ use std::time::Duration;
 use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::Rate;
 
+use crate::labels::LimitReason;
 use crate::policy::limits::Refusal;
 
 /// An IP network in CIDR form (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or /128).
@@ -132,7 +133,7 @@ impl ClientGuard {
         };
         if self.auth_failures.observe(&ip, 0) >= max as isize {
             return Err(Refusal {
-                reason: "ip_auth_failures",
+                reason: LimitReason::IpAuthFailures,
                 message: format!(
                     "too many failed authentications from this address (more than {max} a minute); wait and check your API key"
                 ),
@@ -156,7 +157,7 @@ impl ClientGuard {
         let (guard, count) = self.in_flight.incr(ip, 1);
         if count > max as isize {
             return Err(Refusal {
-                reason: "ip_concurrency",
+                reason: LimitReason::IpConcurrency,
                 message: format!("too many concurrent requests from this address (limit {max})"),
                 retry_after: Duration::from_secs(1),
             });
@@ -234,7 +235,7 @@ mod tests {
         }
         assert_eq!(
             g.check_auth_throttle(a).unwrap_err().reason,
-            "ip_auth_failures"
+            LimitReason::IpAuthFailures
         );
         assert!(g.check_auth_throttle(b).is_ok());
     }

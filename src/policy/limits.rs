@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::labels::LimitReason;
+
 use crate::errors::ApiError;
 use crate::openai::body::{Multiplier, RequestBody};
 
@@ -35,7 +37,7 @@ pub struct KeyLimits {
 /// A refused request: why, and when to retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub reason: &'static str,
+    pub reason: LimitReason,
     pub message: String,
     pub retry_after: Duration,
 }
@@ -151,7 +153,7 @@ impl Limiter {
         };
         if !try_increment(&self.global_in_flight, self.global_max) {
             return Err(Refusal {
-                reason: "global_concurrency",
+                reason: LimitReason::GlobalConcurrency,
                 message: format!(
                     "the gateway is at its limit of {} concurrent requests (limits.max_concurrent_requests); retry shortly",
                     self.global_max.unwrap_or_default()
@@ -166,7 +168,7 @@ impl Limiter {
         let max_concurrent = key.limits.max_concurrent.map(|n| n as usize);
         if !try_increment(&key.in_flight, max_concurrent) {
             return Err(Refusal {
-                reason: "key_concurrency",
+                reason: LimitReason::KeyConcurrency,
                 message: format!(
                     "the API key '{key_id}' already has {} requests in progress, its limit; wait for one to finish",
                     max_concurrent.unwrap_or_default()
@@ -182,7 +184,7 @@ impl Limiter {
             };
             if let Err(wait) = taken {
                 return Err(Refusal {
-                    reason: "key_rate",
+                    reason: LimitReason::KeyRate,
                     message: format!(
                         "the API key '{key_id}' is over its limit of {} requests per minute",
                         key.limits.requests_per_minute.unwrap_or_default()
@@ -340,7 +342,7 @@ mod tests {
         assert!(l.admit("alice", t0).is_ok());
         assert!(l.admit("alice", t0).is_ok());
         let refused = l.admit("alice", t0).unwrap_err();
-        assert_eq!(refused.reason, "key_rate");
+        assert_eq!(refused.reason, LimitReason::KeyRate);
         assert!(
             (29..=30).contains(&refused.retry_after.as_secs()),
             "{refused:?}"
@@ -364,7 +366,10 @@ mod tests {
         );
         let a = l.admit("alice", t0).unwrap();
         let _b = l.admit("alice", t0).unwrap();
-        assert_eq!(l.admit("alice", t0).unwrap_err().reason, "key_concurrency");
+        assert_eq!(
+            l.admit("alice", t0).unwrap_err().reason,
+            LimitReason::KeyConcurrency
+        );
         drop(a);
         assert!(l.admit("alice", t0).is_ok());
     }
@@ -376,7 +381,7 @@ mod tests {
         let _a = l.admit("alice", t0).unwrap();
         let _b = l.admit("bob", t0).unwrap();
         let refused = l.admit("carol", t0).unwrap_err();
-        assert_eq!(refused.reason, "global_concurrency");
+        assert_eq!(refused.reason, LimitReason::GlobalConcurrency);
         assert_eq!(refused.retry_after, Duration::from_secs(1));
     }
 
@@ -633,7 +638,10 @@ mod tests {
         drop(first);
         // rate-limited now: the concurrency and global counters must come back
         for _ in 0..5 {
-            assert_eq!(l.admit("alice", t0).unwrap_err().reason, "key_rate");
+            assert_eq!(
+                l.admit("alice", t0).unwrap_err().reason,
+                LimitReason::KeyRate
+            );
         }
         assert_eq!(l.global_in_flight.load(Ordering::SeqCst), 0);
     }

@@ -158,10 +158,6 @@ impl Route {
             _ => Dialect::OpenAi,
         }
     }
-
-    pub fn needs_key(&self) -> bool {
-        !matches!(self, Route::Health | Route::HealthUpstream)
-    }
 }
 
 /// Label for requests that matched no route.
@@ -431,8 +427,5 @@ mod tests {
         assert!(Route::ChatCompletions.has_model_body());
         assert!(Route::Rerank.has_model_body());
         assert!(!Route::Passthrough.has_model_body());
-        assert!(!Route::Health.needs_key());
-        assert!(Route::ListModels.needs_key());
-        assert!(Route::Passthrough.needs_key());
     }
 }

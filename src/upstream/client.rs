@@ -28,6 +28,7 @@ use pingora_http::RequestHeader;
 
 use crate::config::{self, UpstreamServer};
 use crate::errors::ApiError;
+use crate::labels::UpstreamErrorKind;
 use crate::policy::headers;
 
 /// Why the upstream did not produce a response header.
@@ -55,12 +56,12 @@ impl UpstreamFailure {
 }
 
 impl UpstreamFailure {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> UpstreamErrorKind {
         match self {
             UpstreamFailure::Connect(e) => connect_kind(e),
-            UpstreamFailure::NoResponse(_) => "reset",
-            UpstreamFailure::FirstByteTimeout(_) => "timeout",
-            UpstreamFailure::Invalid(_) => "invalid_response",
+            UpstreamFailure::NoResponse(_) => UpstreamErrorKind::Reset,
+            UpstreamFailure::FirstByteTimeout(_) => UpstreamErrorKind::Timeout,
+            UpstreamFailure::Invalid(_) => UpstreamErrorKind::InvalidResponse,
         }
     }
 
@@ -98,11 +99,11 @@ impl UpstreamFailure {
 }
 
 /// `llm_edge_upstream_errors_total{kind}` of a failed connect.
-pub fn connect_kind(e: &Error) -> &'static str {
+pub fn connect_kind(e: &Error) -> UpstreamErrorKind {
     if matches!(e.etype(), ErrorType::ConnectTimedout) {
-        "connect_timeout"
+        UpstreamErrorKind::ConnectTimeout
     } else {
-        "refused"
+        UpstreamErrorKind::Refused
     }
 }
 
@@ -260,12 +261,8 @@ impl UpstreamClient {
         }
     }
 
-    /// Probes llama-server's own `GET /health` (public even with `--api-key`).
-    pub async fn health(&self) -> HealthReport {
-        self.probe().await.0
-    }
-
-    /// [`UpstreamClient::health`], with a few words on why it is not healthy
+    /// Probes llama-server's own `GET /health` (public even with
+    /// `--api-key`): its state, with a few words on why it is not healthy
     /// (for the list of servers' states).
     pub async fn probe(&self) -> (HealthReport, String) {
         let mut req = match RequestHeader::build("GET", b"/health", None) {

@@ -28,9 +28,9 @@ use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
-use crate::errors::ApiError;
-use crate::errors::GatewayError;
+use crate::errors::{ApiError, GatewayError};
 use crate::gateway::ctx::{DisconnectPhase, RequestCtx};
+use crate::labels::{LimitReason, UpstreamErrorKind};
 use crate::metrics::Metrics;
 use crate::openai::sse::Accounting;
 use crate::policy::budget::Reservation;
@@ -194,8 +194,8 @@ fn check_whole(
 /// Why no server took the request.
 struct NotOpened {
     upstream: Option<usize>,
-    upstream_error: Option<&'static str>,
-    limited: Option<&'static str>,
+    upstream_error: Option<UpstreamErrorKind>,
+    limited: Option<LimitReason>,
     error: ApiError,
 }
 
@@ -306,14 +306,14 @@ fn busy(set: &UpstreamSet, index: usize, denied: Denied) -> NotOpened {
     };
     let (reason, message) = match denied {
         Denied::QueueFull => (
-            "queue_full",
+            LimitReason::QueueFull,
             format!(
                 "all {} slots of llama-server{which} are busy and {} requests are already waiting (upstream.max_queued); retry shortly",
                 server.max_in_flight, cfg.max_queued
             ),
         ),
         Denied::Timeout => (
-            "queue_timeout",
+            LimitReason::QueueTimeout,
             format!(
                 "all {} slots of llama-server{which} stayed busy for {} (upstream.queue_timeout); retry shortly",
                 server.max_in_flight,
@@ -412,7 +412,7 @@ async fn forward(
                         // A non-JSON error status still counts as that
                         // status (`5xx`); a 2xx that is not JSON is invalid.
                         if (200..300).contains(&status) {
-                            ctx.upstream_error = Some("invalid_response");
+                            ctx.upstream_error = Some(UpstreamErrorKind::InvalidResponse);
                         }
                         return Err(e.into());
                     }
@@ -535,10 +535,9 @@ async fn forward(
                     // A clean end of the body (e.g. a close-delimited stream
                     // whose connection closed) without `[DONE]`: the reply is
                     // incomplete, and the client must not take it as whole.
-                    ctx.upstream_error = Some("reset");
+                    ctx.upstream_error = Some(UpstreamErrorKind::Reset);
                     let err = ApiError::UpstreamBroken(format!(
-                        "the upstream at {} ended the stream before its end-of-stream event: the SSH tunnel or llama-server went away; the reply is incomplete",
-                        authority
+                        "the upstream at {authority} ended the stream before its end-of-stream event: the SSH tunnel or llama-server went away; the reply is incomplete"
                     ));
                     return end_broken_response(session, ctx, is_sse, err, stall).await;
                 }
@@ -567,14 +566,14 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 let err = if is_protocol_error(&e) {
-                    ctx.upstream_error = Some("invalid_response");
+                    ctx.upstream_error = Some(UpstreamErrorKind::InvalidResponse);
                     ApiError::UpstreamBroken(format!(
                         "the upstream at {} sent a malformed response body ({}); the reply is incomplete",
                         authority,
                         e.etype().as_str().to_lowercase()
                     ))
                 } else {
-                    ctx.upstream_error = Some("reset");
+                    ctx.upstream_error = Some(UpstreamErrorKind::Reset);
                     ApiError::UpstreamBroken(format!(
                         "the connection to the upstream at {} broke during the response ({}): the SSH tunnel or llama-server went away; the reply is incomplete",
                         authority,
@@ -584,7 +583,7 @@ async fn forward(
                 return end_broken_response(session, ctx, is_sse, err, stall).await;
             }
             Err(_) => {
-                ctx.upstream_error = Some("timeout");
+                ctx.upstream_error = Some(UpstreamErrorKind::Timeout);
                 let err = ApiError::UpstreamTimeout(format!(
                     "the upstream at {} sent nothing for {} during the response (upstream.idle_timeout); the reply is incomplete",
                     authority,
@@ -670,9 +669,9 @@ async fn read_whole(
             Ok(Err(e)) => {
                 let protocol = is_protocol_error(&e);
                 ctx.upstream_error = Some(if protocol {
-                    "invalid_response"
+                    UpstreamErrorKind::InvalidResponse
                 } else {
-                    "reset"
+                    UpstreamErrorKind::Reset
                 });
                 return Err(ApiError::UpstreamBroken(format!(
                     "the upstream failed while sending its response ({}): check the SSH tunnel and llama-server",
@@ -681,7 +680,7 @@ async fn read_whole(
                 .into());
             }
             Err(_) => {
-                ctx.upstream_error = Some("timeout");
+                ctx.upstream_error = Some(UpstreamErrorKind::Timeout);
                 return Err(ApiError::UpstreamTimeout(format!(
                     "the upstream sent nothing for {} during its response (upstream.idle_timeout)",
                     humantime::format_duration(cfg.idle_timeout)

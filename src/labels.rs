@@ -1,0 +1,106 @@
+//! Typed labels: every bounded value that names something in a metric or a
+//! log line. Each is an enum with `as_str()` and an `ALL` list, so metrics
+//! can create their series up front and write their HELP text from the same
+//! list the code emits, and a new variant cannot be forgotten in either.
+//!
+//! Pure data: imports nothing from the crate.
+
+/// Defines a label enum with its `as_str`, `ALL` and a `", "`-joined list.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// Every value, for HELP texts.
+            pub fn list() -> String {
+                Self::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// `llm_edge_upstream_errors_total{kind}`: how talking to llama-server failed.
+    UpstreamErrorKind {
+        /// Nothing listens at the tunnel's end.
+        Refused => "refused",
+        ConnectTimeout => "connect_timeout",
+        /// The connection closed or broke before or during the response.
+        Reset => "reset",
+        /// No response (or no next chunk) in time.
+        Timeout => "timeout",
+        /// Something answered, but not with valid HTTP or the route's format.
+        InvalidResponse => "invalid_response",
+        /// llama-server answered with a 5xx status.
+        Status5xx => "5xx",
+    }
+}
+
+label_enum! {
+    /// `llm_edge_rate_limited_total{reason}`: which limit refused a request.
+    LimitReason {
+        KeyRate => "key_rate",
+        KeyConcurrency => "key_concurrency",
+        GlobalConcurrency => "global_concurrency",
+        QueueFull => "queue_full",
+        QueueTimeout => "queue_timeout",
+        IpAuthFailures => "ip_auth_failures",
+        IpConcurrency => "ip_concurrency",
+        KeyUploads => "key_uploads",
+        IpUploads => "ip_uploads",
+    }
+}
+
+label_enum! {
+    /// `llm_edge_auth_failures_total{reason}`: why a key was refused.
+    AuthFailure {
+        MissingKey => "missing_api_key",
+        InvalidKey => "invalid_api_key",
+        ModelNotAllowed => "model_not_allowed",
+    }
+}
+
+label_enum! {
+    /// `llm_edge_client_disconnects_total{phase}`: when the client left.
+    DisconnectPhase {
+        BeforeFirstToken => "before_first_token",
+        Streaming => "streaming",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_distinct_and_listed() {
+        for list in [
+            UpstreamErrorKind::ALL
+                .iter()
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>(),
+            LimitReason::ALL.iter().map(|v| v.as_str()).collect(),
+            AuthFailure::ALL.iter().map(|v| v.as_str()).collect(),
+            DisconnectPhase::ALL.iter().map(|v| v.as_str()).collect(),
+        ] {
+            let mut sorted = list.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), list.len(), "{list:?}");
+        }
+        assert_eq!(LimitReason::ALL.len(), 9);
+        assert!(LimitReason::list().contains("ip_uploads"));
+    }
+}
