@@ -4,6 +4,8 @@
 
 use serde_json::Value;
 
+use crate::errors::code;
+
 pub(super) const TUNNEL_HINT: &str = "the gateway is up but cannot reach llama-server behind it: the SSH tunnel on the edge (Machine B) is down or llama-server is not running";
 pub(super) const LOADING_HINT: &str =
     "model still loading: llama-server is still loading its model; retry in a minute";
@@ -85,34 +87,59 @@ fn model_list(models: &[String]) -> String {
 
 /// The hint for an error answer (`status` None: an error event in a stream).
 pub fn api_error_hint(status: Option<u16>, err: &ErrorInfo, ctx: &HintCtx) -> String {
+    gateway_code_hint(status, err, ctx).unwrap_or_else(|| status_hint(status, err, ctx))
+}
+
+/// The hint for one of the gateway's own error codes ([`code::ALL`]); None
+/// for any other code (llama-server's, passed through, or none at all).
+/// Every gateway code has an arm: the unit tests fail when one has none.
+pub(super) fn gateway_code_hint(
+    status: Option<u16>,
+    err: &ErrorInfo,
+    ctx: &HintCtx,
+) -> Option<String> {
+    let model = ctx.model.unwrap_or("?");
+    Some(match err.code.as_str() {
+        code::MISSING_API_KEY | code::INVALID_API_KEY => key_hint(ctx.key_source),
+        code::MODEL_NOT_ALLOWED => format!(
+            "this key may not use the model '{model}'; models it may use: {} (pick one with --model or LLM_MODEL)",
+            model_list(ctx.models)
+        ),
+        code::MODEL_NOT_FOUND => format!(
+            "the model '{model}' does not exist on this gateway; available models: {} (pass --model or set LLM_MODEL)",
+            model_list(ctx.models)
+        ),
+        code::NOT_FOUND | code::METHOD_NOT_ALLOWED => path_hint(),
+        code::UPSTREAM_UNREACHABLE => TUNNEL_HINT.into(),
+        code::UPSTREAM_ERROR => {
+            "llama-server broke off the exchange: check the SSH tunnel on the edge (Machine B) and llama-server's log on the GPU machine".into()
+        }
+        code::UPSTREAM_TIMEOUT => timeout_upstream_hint(),
+        code::GATEWAY_OVERLOADED => {
+            "the gateway is at its concurrency limit: retry later, or raise its limits on the edge".into()
+        }
+        // Each of these always comes with the same status, which names the
+        // cause (or the message says llama-server is loading).
+        code::INVALID_REQUEST
+        | code::INVALID_PARAMETER
+        | code::REQUEST_TOO_LARGE
+        | code::REQUEST_TIMEOUT
+        | code::HEADERS_TOO_LARGE
+        | code::RATE_LIMIT_EXCEEDED
+        | code::UPSTREAM_BUSY
+        | code::UPSTREAM_UNAVAILABLE
+        | code::INVALID_RESPONSE
+        | code::INTERNAL_ERROR => status_hint(status, err, ctx),
+        _ => return None,
+    })
+}
+
+/// The hint from the HTTP status (and a "loading" message), for codes that
+/// do not name a cause of their own.
+fn status_hint(status: Option<u16>, err: &ErrorInfo, ctx: &HintCtx) -> String {
     let model = ctx.model.unwrap_or("?");
     let loading = err.message.to_ascii_lowercase().contains("loading")
         || err.code.eq_ignore_ascii_case("loading");
-    match err.code.as_str() {
-        "missing_api_key" | "invalid_api_key" => return key_hint(ctx.key_source),
-        "model_not_allowed" => {
-            return format!(
-                "this key may not use the model '{model}'; models it may use: {} (pick one with --model or LLM_MODEL)",
-                model_list(ctx.models)
-            )
-        }
-        "model_not_found" => {
-            return format!(
-                "the model '{model}' does not exist on this gateway; available models: {} (pass --model or set LLM_MODEL)",
-                model_list(ctx.models)
-            )
-        }
-        "not_found" | "method_not_allowed" => return path_hint(),
-        "upstream_unreachable" => return TUNNEL_HINT.into(),
-        "upstream_error" => {
-            return "llama-server broke off the exchange: check the SSH tunnel on the edge (Machine B) and llama-server's log on the GPU machine".into()
-        }
-        "upstream_timeout" => return timeout_upstream_hint(),
-        "gateway_overloaded" => {
-            return "the gateway is at its concurrency limit: retry later, or raise its limits on the edge".into()
-        }
-        _ => {}
-    }
     if loading {
         return LOADING_HINT.into();
     }

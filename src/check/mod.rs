@@ -24,7 +24,8 @@
 //! This file runs the steps in order.
 //!
 //! A client of the gateway: must not import `gateway`, `policy`, `upstream`
-//! or `openai`; only `cli` for its arguments.
+//! or `openai`; only `cli` for its arguments and `errors::code` for the
+//! gateway's error codes (matched through those constants, never re-typed).
 
 use std::io::Write as _;
 use std::process::ExitCode;
