@@ -108,7 +108,7 @@ pub fn transport_hint(kind: TransportKind, base: &BaseUrl, timeout: Duration) ->
             "DNS failure: the name '{host}' does not resolve; check its spelling in the base URL, or use the edge's IP address"
         ),
         TransportKind::Tls => format!(
-            "TLS error talking to https://{host}:{port}: check the certificate (name, expiry, issuer), or use http:// if nothing terminates TLS in front of the gateway (llm-edge itself speaks plain HTTP)"
+            "TLS error talking to https://{host}:{port}: check the certificate (name, expiry, issuer), or use http:// if this port is not a TLS one (llm-edge speaks TLS only on its tls.listen port, when configured; its listen port is plain HTTP)"
         ),
         TransportKind::Closed => format!(
             "{host}:{port} accepted the connection but closed it without an HTTP answer: a wrong port, a proxy in the way, or http:// to a TLS port (try https://)"
