@@ -1,6 +1,8 @@
 //! The report: one [`Check`] per step (PASS/WARN/FAIL/SKIP with a detail, a
-//! hint and extra JSON fields), and the [`Report`] that sums them up as text
-//! lines, JSON and the exit code. Pure.
+//! hint and extra JSON fields), and the [`Report`] that sums them up as JSON
+//! and the exit code. Pure. The text output is each check's [`Check::line`],
+//! printed by `run` as the step completes, then [`Report::summary`]: there is
+//! no whole-report text renderer.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -159,15 +161,6 @@ impl Report {
             parts.join(", "),
             self.base.api
         )
-    }
-
-    pub fn render_text(&self) -> String {
-        let mut out = String::new();
-        for check in &self.checks {
-            let _ = writeln!(out, "{}", check.line());
-        }
-        let _ = writeln!(out, "{}", self.summary());
-        out
     }
 
     pub fn exit_code(&self) -> ExitCode {
