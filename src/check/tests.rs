@@ -453,7 +453,10 @@ fn the_tls_hint_knows_llm_edge_has_a_tls_listener() {
     // must not say it only speaks plain HTTP.
     let base = normalize_base_url("https://edge.example:8443/v1").unwrap();
     let hint = transport_hint(TransportKind::Tls, &base, Duration::from_secs(5));
-    assert!(hint.starts_with("TLS error talking to https://edge.example:8443"), "{hint}");
+    assert!(
+        hint.starts_with("TLS error talking to https://edge.example:8443"),
+        "{hint}"
+    );
     assert!(!hint.contains("speaks plain HTTP"), "{hint}");
     assert!(hint.contains("tls.listen"), "{hint}");
     assert!(hint.contains("http://"), "{hint}");
