@@ -283,6 +283,56 @@ impl From<Box<Error>> for GatewayError {
     }
 }
 
+/// The values [`ApiError::code`] returns, for the clients of the gateway
+/// (`llm-edge check`) to match without re-typing them. `ALL` lists every one;
+/// `check`'s unit tests fail when a variant's code is missing here.
+pub mod code {
+    pub const MISSING_API_KEY: &str = "missing_api_key";
+    pub const INVALID_API_KEY: &str = "invalid_api_key";
+    pub const MODEL_NOT_ALLOWED: &str = "model_not_allowed";
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    pub const INVALID_PARAMETER: &str = "invalid_parameter";
+    pub const MODEL_NOT_FOUND: &str = "model_not_found";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    pub const REQUEST_TOO_LARGE: &str = "request_too_large";
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    pub const HEADERS_TOO_LARGE: &str = "headers_too_large";
+    pub const GATEWAY_OVERLOADED: &str = "gateway_overloaded";
+    pub const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
+    pub const UPSTREAM_BUSY: &str = "upstream_busy";
+    pub const UPSTREAM_UNREACHABLE: &str = "upstream_unreachable";
+    pub const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+    pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
+    pub const UPSTREAM_ERROR: &str = "upstream_error";
+    pub const INVALID_RESPONSE: &str = "invalid_response";
+    pub const INTERNAL_ERROR: &str = "internal_error";
+
+    /// Every code, in the order of [`super::ApiError`]'s variants.
+    pub const ALL: &[&str] = &[
+        MISSING_API_KEY,
+        INVALID_API_KEY,
+        MODEL_NOT_ALLOWED,
+        INVALID_REQUEST,
+        INVALID_PARAMETER,
+        MODEL_NOT_FOUND,
+        NOT_FOUND,
+        METHOD_NOT_ALLOWED,
+        REQUEST_TOO_LARGE,
+        REQUEST_TIMEOUT,
+        HEADERS_TOO_LARGE,
+        GATEWAY_OVERLOADED,
+        RATE_LIMIT_EXCEEDED,
+        UPSTREAM_BUSY,
+        UPSTREAM_UNREACHABLE,
+        UPSTREAM_TIMEOUT,
+        UPSTREAM_UNAVAILABLE,
+        UPSTREAM_ERROR,
+        INVALID_RESPONSE,
+        INTERNAL_ERROR,
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
