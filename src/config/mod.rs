@@ -13,6 +13,7 @@
 //! - [`validate`]: the file turned into the runtime types, or an error naming
 //!   the path;
 //! - [`runtime`]: the validated types the rest of the gateway reads.
+//! - [`secret`]: [`Secret`], the credentials' wrapper that never prints.
 //!
 //! This module only assembles them ([`Config::load`]) and re-exports them, so
 //! the rest of the crate says `crate::config::Config`,
@@ -27,6 +28,7 @@ use validate::validate_listen;
 mod env;
 mod runtime;
 mod schema;
+mod secret;
 mod validate;
 
 #[cfg(test)]
@@ -39,6 +41,7 @@ pub use schema::{
     LimitsSection, MetricsSection, ModelSection, RoutesSection, ServerSection, TlsSection,
     UpstreamSection, UpstreamServerSection,
 };
+pub use secret::Secret;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8080";

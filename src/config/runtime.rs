@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::schema::ServerSection;
+use super::secret::Secret;
 use crate::openai::models::Catalogue;
 use crate::policy::auth::KeyTable;
 use crate::policy::clients::ClientPolicy;
@@ -25,7 +26,7 @@ pub struct UpstreamServer {
     /// `host:port` as configured, for messages and the `Host` header.
     pub authority: String,
     pub addr: SocketAddr,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Requests allowed at this server at once (its slots); 0: no limit.
     pub max_in_flight: usize,
 }
@@ -70,7 +71,7 @@ pub struct MetricsConfig {
     /// Its own listener (`None`: none).
     pub listen: Option<String>,
     pub path: String,
-    pub bearer_token: Option<String>,
+    pub bearer_token: Option<Secret>,
     /// Also served on the public listener (still behind the token, if any).
     pub on_public_listener: bool,
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{err, ConfigError, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN};
+use super::{err, ConfigError, Secret, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN};
 use crate::policy::limits::OverMaxTokens;
 
 #[derive(Debug, Deserialize)]
@@ -96,7 +96,7 @@ impl Default for FileConfig {
 pub struct UpstreamSection {
     /// One llama-server (the default, `http://127.0.0.1:8080`); or `servers`.
     pub url: Option<String>,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Several llama-servers (GPU machines, each behind its own tunnel port).
     pub servers: Vec<UpstreamServerSection>,
     #[serde(with = "humantime_serde")]
@@ -146,7 +146,7 @@ impl Default for UpstreamSection {
 pub struct UpstreamServerSection {
     pub name: Option<String>,
     pub url: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     pub max_in_flight: Option<usize>,
 }
 
@@ -241,7 +241,7 @@ impl Default for DownstreamSection {
 pub struct MetricsSection {
     pub listen: Option<String>,
     pub path: String,
-    pub bearer_token: Option<String>,
+    pub bearer_token: Option<Secret>,
     pub on_public_listener: bool,
 }
 

@@ -201,13 +201,13 @@ fn several_upstream_servers() {
     let s = &c.upstream.servers;
     assert_eq!(s.len(), 2);
     assert_eq!((s[0].name.as_str(), s[0].addr.port()), ("gpu-a", 8081));
-    assert_eq!(s[0].api_key.as_deref(), Some("shared"));
+    assert_eq!(s[0].api_key.as_ref().map(Secret::expose), Some("shared"));
     assert_eq!(s[0].max_in_flight, 2);
     assert_eq!(
         s[1].name, "127.0.0.1:8082",
         "unnamed servers are named by address"
     );
-    assert_eq!(s[1].api_key.as_deref(), Some("own"));
+    assert_eq!(s[1].api_key.as_ref().map(Secret::expose), Some("own"));
     assert_eq!(s[1].max_in_flight, 4);
     assert_eq!(c.catalogue.resolve(Some("big")).unwrap().upstreams, vec![0]);
     assert!(c
@@ -279,4 +279,42 @@ fn key_limits() {
 fn empty_file_means_defaults() {
     let c = load_str("").unwrap();
     assert_eq!(c.listen, DEFAULT_LISTEN);
+}
+
+#[test]
+fn secrets_never_print() {
+    let (shared, own, token) = (
+        "sk-shared-upstream-7f3a",
+        "sk-own-server-9c1e",
+        "scrape-token-4b2d",
+    );
+    let yaml = format!(
+        "upstream:\n  api_key: {shared}\n  servers:\n    - url: http://127.0.0.1:8081\n      api_key: {own}\n    - url: http://127.0.0.1:8082\nmetrics:\n  bearer_token: {token}\n"
+    );
+    let file = parse_yaml(&yaml).unwrap();
+    let file_debug = format!("{file:?}");
+    let c = apply_env(file, &no_env).validate().unwrap();
+    let s = &c.upstream.servers;
+    assert_eq!(s[0].api_key.as_ref().map(Secret::expose), Some(own));
+    assert_eq!(s[1].api_key.as_ref().map(Secret::expose), Some(shared));
+    assert_eq!(
+        c.metrics.bearer_token.as_ref().map(Secret::expose),
+        Some(token)
+    );
+    for shown in [
+        file_debug,
+        format!("{c:?}"),
+        format!("{c:#?}"),
+        format!("{:?}", c.upstream),
+        format!("{:?}", c.metrics),
+    ] {
+        for secret in [shared, own, token] {
+            assert!(!shown.contains(secret), "{secret} printed in {shown}");
+        }
+        assert!(shown.contains("Secret(\"***\")"), "{shown}");
+    }
+    let secret = Secret::new(own);
+    assert_eq!(format!("{secret}"), "***");
+    assert_eq!(format!("{secret:?}"), "Secret(\"***\")");
+    assert_eq!(secret.expose(), own);
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::runtime::{Config, Downstream, Limits, MetricsConfig, TlsConfig};
 use super::schema::{CorsSection, FileConfig, MetricsSection, RoutesSection, TlsSection};
-use super::{err, ConfigError};
+use super::{err, ConfigError, Secret};
 use crate::policy::clients::{ClientPolicy, IpNet};
 use crate::policy::cors::CorsPolicy;
 use crate::policy::routes::RouteTable;
@@ -203,7 +203,7 @@ fn validate_metrics(m: MetricsSection, public_listen: &str) -> Result<MetricsCon
             ),
         ));
     }
-    if let Some(token) = &m.bearer_token {
+    if let Some(token) = m.bearer_token.as_ref().map(Secret::expose) {
         if token.is_empty() || token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return Err(err(
                 "metrics.bearer_token",

@@ -16,6 +16,7 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use subtle::ConstantTimeEq;
 
+use crate::config::Secret;
 use crate::errors::ApiError;
 use crate::state::GatewayState;
 
@@ -38,7 +39,10 @@ fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
 /// Status and body of one scrape (also used on the public listener when configured).
 pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16, Vec<u8>) {
     let metrics = &state.metrics;
-    if !token_ok(state.cfg.metrics.bearer_token.as_deref(), authorization) {
+    if !token_ok(
+        state.cfg.metrics.bearer_token.as_ref().map(Secret::expose),
+        authorization,
+    ) {
         let err = ApiError::InvalidKey(
             "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
                 .into(),

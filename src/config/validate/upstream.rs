@@ -10,10 +10,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use super::nonzero;
 use crate::config::runtime::{Upstream, UpstreamServer};
 use crate::config::schema::UpstreamSection;
-use crate::config::{err, ConfigError, DEFAULT_UPSTREAM};
+use crate::config::{err, ConfigError, Secret, DEFAULT_UPSTREAM};
 
 pub(super) fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigError> {
-    validate_upstream_key("upstream.api_key", s.api_key.as_deref())?;
+    validate_upstream_key("upstream.api_key", s.api_key.as_ref().map(Secret::expose))?;
     let servers = match (s.url, s.servers.is_empty()) {
         (Some(_), false) => {
             return Err(err(
@@ -56,7 +56,7 @@ pub(super) fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigEr
                         format!("'{name}' is already the name of the server at {}", other.authority),
                     ));
                 }
-                validate_upstream_key(&at("api_key"), srv.api_key.as_deref())?;
+                validate_upstream_key(&at("api_key"), srv.api_key.as_ref().map(Secret::expose))?;
                 servers.push(UpstreamServer {
                     name,
                     authority,
