@@ -30,9 +30,12 @@ fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
     let Some(expected) = expected else {
         return true;
     };
+    // As `policy::auth` reads API keys: the scheme in any case, the token
+    // trimmed.
     let presented = authorization
-        .and_then(|h| h.strip_prefix(b"Bearer "))
-        .unwrap_or(b"");
+        .map(<[u8]>::trim_ascii)
+        .filter(|h| h.len() >= 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
+        .map_or(&b""[..], |h| h[7..].trim_ascii());
     presented.len() == expected.len() && bool::from(presented.ct_eq(expected.as_bytes()))
 }
 
@@ -126,5 +129,28 @@ mod tests {
         assert!(!token_ok(Some("t0k"), Some(b"Bearer t0")));
         assert!(!token_ok(Some("t0k"), Some(b"t0k")));
         assert!(!token_ok(Some("t0k"), None));
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_like_api_keys() {
+        for header in [
+            &b"bearer t0k"[..],
+            b"BEARER t0k",
+            b"BeArEr t0k",
+            b"Bearer  t0k ",
+        ] {
+            assert!(
+                token_ok(Some("t0k"), Some(header)),
+                "{}",
+                String::from_utf8_lossy(header)
+            );
+        }
+        for header in [&b"bearer t0"[..], b"bearert0k", b"Basic t0k", b"bearer "] {
+            assert!(
+                !token_ok(Some("t0k"), Some(header)),
+                "{}",
+                String::from_utf8_lossy(header)
+            );
+        }
     }
 }
