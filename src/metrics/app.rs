@@ -16,6 +16,7 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use subtle::ConstantTimeEq;
 
+use crate::config::Secret;
 use crate::errors::ApiError;
 use crate::state::GatewayState;
 
@@ -29,16 +30,22 @@ fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
     let Some(expected) = expected else {
         return true;
     };
+    // As `policy::auth` reads API keys: the scheme in any case, the token
+    // trimmed.
     let presented = authorization
-        .and_then(|h| h.strip_prefix(b"Bearer "))
-        .unwrap_or(b"");
+        .map(<[u8]>::trim_ascii)
+        .filter(|h| h.len() >= 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
+        .map_or(&b""[..], |h| h[7..].trim_ascii());
     presented.len() == expected.len() && bool::from(presented.ct_eq(expected.as_bytes()))
 }
 
 /// Status and body of one scrape (also used on the public listener when configured).
 pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16, Vec<u8>) {
     let metrics = &state.metrics;
-    if !token_ok(state.cfg.metrics.bearer_token.as_deref(), authorization) {
+    if !token_ok(
+        state.cfg.metrics.bearer_token.as_ref().map(Secret::expose),
+        authorization,
+    ) {
         let err = ApiError::InvalidKey(
             "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
                 .into(),
@@ -122,5 +129,28 @@ mod tests {
         assert!(!token_ok(Some("t0k"), Some(b"Bearer t0")));
         assert!(!token_ok(Some("t0k"), Some(b"t0k")));
         assert!(!token_ok(Some("t0k"), None));
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_like_api_keys() {
+        for header in [
+            &b"bearer t0k"[..],
+            b"BEARER t0k",
+            b"BeArEr t0k",
+            b"Bearer  t0k ",
+        ] {
+            assert!(
+                token_ok(Some("t0k"), Some(header)),
+                "{}",
+                String::from_utf8_lossy(header)
+            );
+        }
+        for header in [&b"bearer t0"[..], b"bearert0k", b"Basic t0k", b"bearer "] {
+            assert!(
+                !token_ok(Some("t0k"), Some(header)),
+                "{}",
+                String::from_utf8_lossy(header)
+            );
+        }
     }
 }

@@ -160,7 +160,7 @@ fn percent_decode_lower(name: &str) -> String {
 pub fn address_to(req: &mut RequestHeader, server: &UpstreamServer) -> Result<()> {
     req.insert_header("Host", server.authority.as_str())?;
     if let Some(key) = &server.api_key {
-        req.insert_header("Authorization", format!("Bearer {key}"))?;
+        req.insert_header("Authorization", format!("Bearer {}", key.expose()))?;
     }
     Ok(())
 }
@@ -226,13 +226,14 @@ pub fn finish_client_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
 
     fn upstream(key: Option<&str>) -> UpstreamServer {
         UpstreamServer {
             name: "gpu".into(),
             authority: "127.0.0.1:8080".into(),
             addr: "127.0.0.1:8080".parse().unwrap(),
-            api_key: key.map(str::to_string),
+            api_key: key.map(Secret::from),
             max_in_flight: 0,
         }
     }

@@ -1,0 +1,320 @@
+//! The configuration's unit tests: the file, the environment and validation
+//! end to end (`load_str` parses, applies an empty environment, validates).
+
+use std::time::Duration;
+
+use super::*;
+use crate::policy::auth;
+use crate::policy::limits::OverMaxTokens;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn load_str(yaml: &str) -> Result<Config, ConfigError> {
+    apply_env(parse_yaml(yaml)?, &no_env).validate()
+}
+
+#[test]
+fn defaults_listen_on_8000_and_forward_to_8080() {
+    let c = Config::load(None, &no_env).unwrap();
+    assert_eq!(c.listen, "0.0.0.0:8000");
+    assert_eq!(
+        c.upstream.servers[0].addr,
+        "127.0.0.1:8080".parse().unwrap()
+    );
+    assert_eq!(c.catalogue.default_route().name, "local");
+    assert!(c.keys.is_empty());
+    assert_eq!(c.limits.max_body_bytes, 32 << 20);
+    assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+    assert!(!c.metrics.on_public_listener);
+}
+
+#[test]
+fn tls_files_must_be_regular_files() {
+    for (cert, key, path) in [
+        ("/dev/zero", "/dev/null", "tls.cert"),
+        ("/", "/dev/null", "tls.cert"),
+        ("/nonexistent.pem", "/dev/null", "tls.cert"),
+    ] {
+        let e = load_str(&format!(
+            "tls:\n  listen: 127.0.0.1:8443\n  cert: {cert}\n  key: {key}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, path, "{cert}: {e}");
+    }
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let text = include_str!("../../conf/llm-edge.yaml");
+    let c = load_str(text).unwrap();
+    assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
+}
+
+#[test]
+fn full_file() {
+    let key = auth::digest_hex("sk-test");
+    let c = load_str(&format!(
+        r#"
+listen: 127.0.0.1:9000
+upstream:
+  url: http://localhost:8081/
+  api_key: upstream-secret
+  connect_timeout: 2s
+  first_byte_timeout: 3m
+  idle_timeout: 1m
+  total_timeout: 1h
+default_model: qwen
+models:
+  - name: qwen3
+    aliases: [qwen]
+    upstream_name: /models/qwen3.gguf
+  - name: small
+keys:
+  - id: alice
+    sha256: {key}
+    models: [qwen]
+server:
+  grace_period_seconds: 3
+"#
+    ))
+    .unwrap();
+    assert_eq!(c.listen, "127.0.0.1:9000");
+    assert_eq!(c.upstream.servers[0].addr.port(), 8081);
+    assert_eq!(c.upstream.first_byte_timeout, Duration::from_secs(180));
+    assert_eq!(c.upstream.total_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(c.catalogue.default_route().name, "qwen3");
+    let alice = c.keys.authenticate(Some(b"Bearer sk-test")).unwrap();
+    assert!(alice.allows("qwen3"));
+    assert!(!alice.allows("small"));
+    assert_eq!(c.server.grace_period_seconds, 3);
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_path() {
+    let e = load_str("upstream:\n  urll: http://x:1\n").unwrap_err();
+    assert_eq!(e.path, "upstream.urll");
+    assert!(e.message.contains("urll"), "{e}");
+    let e = load_str("models:\n  - name: a\n    alias: [b]\n").unwrap_err();
+    assert!(e.path.starts_with("models[0]"), "{e}");
+    let e = load_str("listn: 1.2.3.4:5\n").unwrap_err();
+    assert!(e.message.contains("listn"));
+}
+
+#[test]
+fn type_errors_name_the_path() {
+    let e = load_str("upstream:\n  connect_timeout: soon\n").unwrap_err();
+    assert_eq!(e.path, "upstream.connect_timeout");
+    let e = load_str("limits:\n  max_body_bytes: lots\n").unwrap_err();
+    assert_eq!(e.path, "limits.max_body_bytes");
+}
+
+#[test]
+fn semantic_errors_name_the_path() {
+    let cases = [
+        ("listen: nowhere\n", "listen"),
+        ("upstream:\n  url: https://x:1\n", "upstream.url"),
+        (
+            "upstream:\n  url: http://127.0.0.1:8080/api\n",
+            "upstream.url",
+        ),
+        (
+            "upstream:\n  connect_timeout: 0s\n",
+            "upstream.connect_timeout",
+        ),
+        ("models:\n  - name: a\n  - name: a\n", "models[1].name"),
+        (
+            "models:\n  - name: a\n    aliases: [a]\n",
+            "models[0].aliases[0]",
+        ),
+        ("models:\n  - name: a\ndefault_model: b\n", "default_model"),
+        ("keys:\n  - id: k\n    sha256: abc\n", "keys[0].sha256"),
+        ("keys:\n  - id: 'bad id'\n    sha256: abc\n", "keys[0].id"),
+        ("server:\n  pid_file: relative.pid\n", "server.pid_file"),
+        ("limits:\n  max_body_bytes: 0\n", "limits.max_body_bytes"),
+        ("server:\n  threads: 0\n", "server.threads"),
+        ("metrics:\n  listen: nowhere\n", "metrics.listen"),
+        ("metrics:\n  path: /v1/metrics\n", "metrics.path"),
+        ("metrics:\n  bearer_token: 'a b'\n", "metrics.bearer_token"),
+        ("keys:\n  - id: invalid\n    sha256: abc\n", "keys[0].id"),
+        (
+            "cors:\n  allowed_origins: ['https://a.example/path']\n",
+            "cors.allowed_origins[0]",
+        ),
+    ];
+    for (yaml, path) in cases {
+        let e = load_str(yaml).unwrap_err();
+        assert_eq!(e.path, path, "{yaml}: {e}");
+    }
+    let key = auth::digest_hex("x");
+    let e = load_str(&format!(
+        "keys:\n  - id: k\n    sha256: {key}\n    models: [nope]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.path, "keys[0].models[0]");
+    let e = load_str(&format!(
+        "keys:\n  - id: a\n    sha256: {key}\n  - id: b\n    sha256: {key}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.path, "keys[1].sha256");
+}
+
+#[test]
+fn seed_environment_works_without_a_file() {
+    let env = |name: &str| match name {
+        "LLAMA_BASE_URL" => Some("http://127.0.0.1:18080".to_string()),
+        "DEFAULT_MODEL" => Some("qwen3-30b-a3b-instruct".to_string()),
+        "API_KEYS" => Some("sk-local-abc, sk-two,".to_string()),
+        _ => None,
+    };
+    let c = Config::load(None, &env).unwrap();
+    assert_eq!(c.upstream.servers[0].addr.port(), 18080);
+    assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
+    assert_eq!(
+        c.keys
+            .authenticate(Some(b"Bearer sk-local-abc"))
+            .unwrap()
+            .id,
+        "env-1"
+    );
+    let two = c.keys.authenticate(Some(b"Bearer sk-two")).unwrap();
+    assert_eq!(two.id, "env-2");
+    assert!(two.allows("qwen3-30b-a3b-instruct"));
+}
+
+#[test]
+fn default_model_env_reuses_a_listed_alias() {
+    let env = |name: &str| (name == "DEFAULT_MODEL").then(|| "q".to_string());
+    let file = parse_yaml("models:\n  - name: qwen\n    aliases: [q]\n").unwrap();
+    let c = apply_env(file, &env).validate().unwrap();
+    assert_eq!(c.catalogue.routes().len(), 1);
+    assert_eq!(c.catalogue.default_route().name, "qwen");
+}
+
+#[test]
+fn several_upstream_servers() {
+    let c = load_str(
+        "upstream:\n  api_key: shared\n  max_in_flight: 2\n  servers:\n    - name: gpu-a\n      url: http://127.0.0.1:8081\n    - url: http://127.0.0.1:8082\n      api_key: own\n      max_in_flight: 4\nmodels:\n  - name: big\n    upstreams: [gpu-a]\n  - name: small\n",
+    )
+    .unwrap();
+    let s = &c.upstream.servers;
+    assert_eq!(s.len(), 2);
+    assert_eq!((s[0].name.as_str(), s[0].addr.port()), ("gpu-a", 8081));
+    assert_eq!(s[0].api_key.as_ref().map(Secret::expose), Some("shared"));
+    assert_eq!(s[0].max_in_flight, 2);
+    assert_eq!(
+        s[1].name, "127.0.0.1:8082",
+        "unnamed servers are named by address"
+    );
+    assert_eq!(s[1].api_key.as_ref().map(Secret::expose), Some("own"));
+    assert_eq!(s[1].max_in_flight, 4);
+    assert_eq!(c.catalogue.resolve(Some("big")).unwrap().upstreams, vec![0]);
+    assert!(c
+        .catalogue
+        .resolve(Some("small"))
+        .unwrap()
+        .upstreams
+        .is_empty());
+}
+
+#[test]
+fn bad_upstream_servers_name_their_path() {
+    for (yaml, path) in [
+        (
+            "upstream:\n  url: http://127.0.0.1:1\n  servers:\n    - url: http://127.0.0.1:2\n",
+            "upstream.url",
+        ),
+        (
+            "upstream:\n  servers:\n    - url: http://127.0.0.1:2\n    - url: https://127.0.0.1:3\n",
+            "upstream.servers[1].url",
+        ),
+        (
+            "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2'}\n    - {name: a, url: 'http://127.0.0.1:3'}\n",
+            "upstream.servers[1].name",
+        ),
+        (
+            "upstream:\n  servers:\n    - url: http://127.0.0.1:2\n    - url: http://127.0.0.1:2/\n",
+            "upstream.servers[1].url",
+        ),
+        (
+            "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2', port: 3}\n",
+            "upstream.servers[0].port",
+        ),
+        (
+            "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2'}\nmodels:\n  - name: m\n    upstreams: [b]\n",
+            "models[0].upstreams[0]",
+        ),
+        ("upstream:\n  health_interval: 0s\n", "upstream.health_interval"),
+    ] {
+        let e = load_str(yaml).unwrap_err();
+        assert_eq!(e.path, path, "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn key_limits() {
+    let key = auth::digest_hex("k");
+    let c = load_str(&format!(
+        "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      requests_per_minute: 60\n      max_tokens: 512\n      over_max_tokens: reject\nupstream:\n  max_in_flight: 4\n"
+    ))
+    .unwrap();
+    assert_eq!(c.key_limits[0].0, "a");
+    assert_eq!(c.key_limits[0].1.requests_per_minute, Some(60));
+    assert_eq!(c.key_limits[0].1.over_max_tokens, OverMaxTokens::Reject);
+    assert_eq!(c.upstream.servers[0].max_in_flight, 4);
+    let e = load_str(&format!(
+        "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      max_tokens: 0\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.path, "keys[0].limits.max_tokens");
+    let e = load_str(&format!(
+        "keys:\n  - id: a\n    sha256: {key}\n    limits:\n      over_max_tokens: truncate\n"
+    ))
+    .unwrap_err();
+    assert!(e.path.starts_with("keys[0].limits"), "{e}");
+}
+
+#[test]
+fn empty_file_means_defaults() {
+    let c = load_str("").unwrap();
+    assert_eq!(c.listen, DEFAULT_LISTEN);
+}
+
+#[test]
+fn secrets_never_print() {
+    let (shared, own, token) = (
+        "sk-shared-upstream-7f3a",
+        "sk-own-server-9c1e",
+        "scrape-token-4b2d",
+    );
+    let yaml = format!(
+        "upstream:\n  api_key: {shared}\n  servers:\n    - url: http://127.0.0.1:8081\n      api_key: {own}\n    - url: http://127.0.0.1:8082\nmetrics:\n  bearer_token: {token}\n"
+    );
+    let file = parse_yaml(&yaml).unwrap();
+    let file_debug = format!("{file:?}");
+    let c = apply_env(file, &no_env).validate().unwrap();
+    let s = &c.upstream.servers;
+    assert_eq!(s[0].api_key.as_ref().map(Secret::expose), Some(own));
+    assert_eq!(s[1].api_key.as_ref().map(Secret::expose), Some(shared));
+    assert_eq!(
+        c.metrics.bearer_token.as_ref().map(Secret::expose),
+        Some(token)
+    );
+    for shown in [
+        file_debug,
+        format!("{c:?}"),
+        format!("{c:#?}"),
+        format!("{:?}", c.upstream),
+        format!("{:?}", c.metrics),
+    ] {
+        for secret in [shared, own, token] {
+            assert!(!shown.contains(secret), "{secret} printed in {shown}");
+        }
+        assert!(shown.contains("Secret(\"***\")"), "{shown}");
+    }
+    let secret = Secret::new(own);
+    assert_eq!(format!("{secret}"), "***");
+    assert_eq!(format!("{secret:?}"), "Secret(\"***\")");
+    assert_eq!(secret.expose(), own);
+}
