@@ -5,59 +5,25 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use mock_llama::{reply_text, MockLlama, MockOptions};
+use serde_json::Value;
+use support::gateway::setup;
 use support::gateway::{standard_config, Gateway, KEY, KEY_LIMITED};
-use support::mock_llama::{reply_text, MockLlama, MockOptions};
+use support::http::{chat, client, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-async fn setup(extra: &str) -> (MockLlama, Gateway) {
-    let mock = MockLlama::start(MockOptions::default()).await;
-    let gw = Gateway::start(&standard_config(&mock.url(), extra));
-    (mock, gw)
-}
-
-async fn post(
-    gw: &Gateway,
-    path: &str,
-    key: Option<&str>,
-    body: impl Into<reqwest::Body>,
-) -> reqwest::Response {
-    let mut req = client()
-        .post(format!("{}{path}", gw.url()))
-        .header("Content-Type", "application/json")
-        .body(body);
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    req.send().await.unwrap()
-}
-
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.expect("error body is JSON");
+    let (status, body) = support::http::error_of(resp).await;
     let err = &body["error"];
     assert!(
         err["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{body}"
     );
-    assert!(err["type"].is_string(), "{body}");
     assert!(
         err.get("param").is_some() && err.get("code").is_some(),
         "{body}"
     );
     (status, body)
-}
-
-fn chat(model: &str, stream: bool) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": stream})
-        .to_string()
 }
 
 #[tokio::test]

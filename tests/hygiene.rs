@@ -4,9 +4,10 @@ mod support;
 
 use std::time::Duration;
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{standard_config, Gateway, KEY};
-use support::mock_llama::{MockLlama, MockOptions};
+use support::http::status_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends raw bytes and returns what comes back within a few seconds.
@@ -34,14 +35,6 @@ async fn raw(gw: &Gateway, request: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(response: &str) -> u16 {
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]
