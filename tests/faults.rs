@@ -134,6 +134,13 @@ async fn settled(gw: &Gateway) {
     }
 }
 
+/// Once [`settled`], asserts that exactly one `name` sample with `labels` was counted.
+async fn settled_counted_once(gw: &Gateway, name: &str, labels: &[&str]) {
+    settled(gw).await;
+    let m = gw.scrape().await;
+    assert_eq!(metric(&m, name, labels), 1.0, "{name} {labels:?} in:\n{m}");
+}
+
 fn rss_kb(pid: u32) -> u64 {
     proc_status_kb(pid, "VmRSS:")
 }
@@ -347,17 +354,12 @@ async fn broken_chunked_encoding_cuts_the_stream_promptly() {
     })
     .await;
 
-    settled(&gw).await;
-    let m = gw.scrape().await;
-    assert_eq!(
-        metric(
-            &m,
-            "llm_edge_upstream_errors_total",
-            &[r#"kind="invalid_response""#]
-        ),
-        1.0,
-        "{m}"
-    );
+    settled_counted_once(
+        &gw,
+        "llm_edge_upstream_errors_total",
+        &[r#"kind="invalid_response""#],
+    )
+    .await;
     still_serving(&gw).await;
 }
 
@@ -679,17 +681,12 @@ async fn a_client_that_never_reads_gets_backpressure_not_buffering() {
         mock.aborted() == 1
     })
     .await;
-    settled(&gw).await;
-    let m = gw.scrape().await;
-    assert_eq!(
-        metric(
-            &m,
-            "llm_edge_client_disconnects_total",
-            &[r#"phase="streaming""#]
-        ),
-        1.0,
-        "{m}"
-    );
+    settled_counted_once(
+        &gw,
+        "llm_edge_client_disconnects_total",
+        &[r#"phase="streaming""#],
+    )
+    .await;
     assert_eq!(
         mock.completed(),
         4,
@@ -709,17 +706,12 @@ async fn a_client_that_stops_reading_frees_the_upstream_after_the_idle_timeout()
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     let closed = closed_by_gateway(&mut reader, PROMPT).await;
     assert!(closed.is_some(), "the gateway kept the stalled client");
-    settled(&gw).await;
-    let m = gw.scrape().await;
-    assert_eq!(
-        metric(
-            &m,
-            "llm_edge_client_disconnects_total",
-            &[r#"phase="streaming""#]
-        ),
-        1.0,
-        "{m}"
-    );
+    settled_counted_once(
+        &gw,
+        "llm_edge_client_disconnects_total",
+        &[r#"phase="streaming""#],
+    )
+    .await;
     still_serving(&gw).await;
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{standard_config, Gateway, KEY};
+use support::http::get;
 use support::http::status_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -111,30 +112,15 @@ async fn failed_authentications_are_throttled_per_ip() {
     ));
     let c = reqwest::Client::new();
     for _ in 0..5 {
-        let r = c
-            .get(format!("{}/v1/models", gw.url()))
-            .bearer_auth("sk-guess")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&gw, "/v1/models", "sk-guess").await;
         assert_eq!(r.status(), 401);
     }
-    let r = c
-        .get(format!("{}/v1/models", gw.url()))
-        .bearer_auth("sk-guess")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&gw, "/v1/models", "sk-guess").await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "60");
     // a valid key from the same address (a NAT, an office) is never locked
     // out by someone else's failures: only failing keys are throttled
-    let r = c
-        .get(format!("{}/v1/models", gw.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = get(&gw, "/v1/models", KEY).await;
     assert_eq!(r.status(), 200);
     let r = c
         .post(format!("{}/v1/chat/completions", gw.url()))

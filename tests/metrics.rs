@@ -13,6 +13,7 @@ use serde_json::Value;
 use support::gateway::{free_port, standard_config, Gateway, KEY, KEY_LIMITED};
 use support::http::chat;
 use support::http::eventually_async;
+use support::http::get;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -257,11 +258,7 @@ async fn cardinality_is_bounded() {
         .send()
         .await
         .unwrap();
-    c.get(format!("{}/v1/models/warm", gw.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    get(&gw, "/v1/models/warm", KEY).await;
     let before = series_count(&gw.scrape().await);
     for i in 0..1000 {
         let r = send(
@@ -284,11 +281,7 @@ async fn cardinality_is_bounded() {
             .send()
             .await
             .unwrap();
-        c.get(format!("{}/v1/models/m{i}", gw.url()))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap();
+        get(&gw, &format!("/v1/models/m{i}"), KEY).await;
     }
     let scrape = gw.scrape().await;
     assert_eq!(
@@ -317,19 +310,9 @@ async fn metrics_token_and_public_listener() {
         .as_str()
         .unwrap()
         .contains("metrics token"));
-    let wrong = c
-        .get(format!("{}/metrics", gw.url()))
-        .bearer_auth("nope")
-        .send()
-        .await
-        .unwrap();
+    let wrong = get(&gw, "/metrics", "nope").await;
     assert_eq!(wrong.status(), 401);
-    let ok = c
-        .get(format!("{}/metrics", gw.url()))
-        .bearer_auth("scrape-secret")
-        .send()
-        .await
-        .unwrap();
+    let ok = get(&gw, "/metrics", "scrape-secret").await;
     assert_eq!(ok.status(), 200);
     assert!(ok.text().await.unwrap().contains("llm_edge_build_info"));
 }

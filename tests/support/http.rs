@@ -142,3 +142,21 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap()
         .count()
 }
+
+/// `POST /v1/chat/completions` with `key` as bearer token, `body` as is, and
+/// the extra `headers` (e.g. the mock's `x-mock-*` controls).
+pub async fn post_chat(
+    gw: &Gateway,
+    key: &str,
+    body: impl Into<reqwest::Body>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(key)
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
