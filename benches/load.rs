@@ -1,7 +1,7 @@
 //! Load benchmark: llm-edge against the upstream directly, and against nginx, in one run.
 //!
 //! `cargo bench --bench load` builds the release binary, starts the fast mock
-//! llama-server (`tests/support/mock_llama.rs`, on its own thread and runtime,
+//! llama-server (crate `mock-llama`, `crates/mock-llama`, on its own thread and runtime,
 //! away from the load generator), llm-edge in front of it, and nginx with an
 //! equivalent streaming config when an `nginx` binary is installed (the nginx
 //! column is skipped otherwise). Lightweight raw-TCP HTTP/1.1 clients (tokio)
@@ -25,9 +25,6 @@
 //! (`none` to skip nginx), `LLM_EDGE_BIN` (another llm-edge binary) and
 //! `LLM_EDGE_WRAP` (a command prefix such as
 //! `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p`).
-
-#[path = "../tests/support/mock_llama.rs"]
-mod mock_llama;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};

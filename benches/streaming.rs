@@ -7,9 +7,6 @@
 //! send stamp), with the gateway's added time. Loopback only; every loop is
 //! bounded. `STREAMS` and `CONCURRENCY` environment variables scale it.
 
-#[path = "../tests/support/mock_llama.rs"]
-mod mock_llama;
-
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

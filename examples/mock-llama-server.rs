@@ -1,12 +1,9 @@
-//! The mock llama-server from the test suite as a standalone process, for the
+//! The mock llama-server (crate `mock-llama`, `crates/mock-llama`) as a standalone process, for the
 //! Python/Node client tests and for trying llm-edge without a GPU.
 //!
 //! Usage: mock-llama-server [--port N] [--token-delay-ms MS] [--tokens N]
 //!                          [--alias NAME] [--api-key KEY] [--parallel N]
 //! Prints `listening on 127.0.0.1:PORT` once ready.
-
-#[path = "../tests/support/mock_llama.rs"]
-mod mock_llama;
 
 use std::time::Duration;
 

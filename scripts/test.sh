@@ -8,7 +8,9 @@ scripts/install-test-deps.sh
 
 echo "== cargo test"
 cargo build --bins --examples
-cargo test --all-targets
+# --include-ignored: also the tests `cargo test` alone skips (root, sshd, systemd,
+# promtool, minutes-long soak).
+cargo test --all-targets -- --include-ignored
 
 echo "== fuzzing the parsers briefly on their seed corpus (scripts/fuzz.sh SECONDS for longer)"
 scripts/fuzz.sh 10

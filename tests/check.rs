@@ -7,9 +7,9 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{standard_config, Gateway, KEY, KEY_LIMITED};
-use support::mock_llama::{MockLlama, MockOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

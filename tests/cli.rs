@@ -6,9 +6,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::Value;
 use support::gateway::{free_port, Gateway};
-use support::mock_llama::{MockLlama, MockOptions};
 
 fn llm_edge() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-edge"));

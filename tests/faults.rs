@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use mock_llama::{reply_text, token_text, MockLlama, MockOptions, MALFORMED_SSE_FRAMES};
 use serde_json::{json, Value};
 use support::gateway::{standard_config, Gateway, KEY};
-use support::mock_llama::{reply_text, token_text, MockLlama, MockOptions, MALFORMED_SSE_FRAMES};
+use support::http::{client, error_of, eventually_within, fd_count, metric, proc_status_kb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -26,16 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// test shortens one), yet generous for a busy machine.
 const PROMPT: Duration = Duration::from_secs(10);
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
 fn chat(stream: bool) -> String {
-    json!({"model": "qwen", "messages": [{"role": "user", "content": "hello"}], "stream": stream})
-        .to_string()
+    support::http::chat("qwen", stream)
 }
 
 async fn setup(replace: &[(&str, &str)], extra: &str) -> (MockLlama, Gateway) {
@@ -108,38 +101,6 @@ fn assert_cut_with_error_event(text: &str) -> Value {
     event
 }
 
-/// An OpenAI error written before the first byte.
-async fn error_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.expect("error body is JSON");
-    assert!(body["error"]["message"].is_string(), "{body}");
-    assert!(body["error"]["type"].is_string(), "{body}");
-    (status, body)
-}
-
-/// The sum of every sample of `name` whose labels contain all of `labels`.
-fn metric(scrape: &str, name: &str, labels: &[&str]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |sum, v| sum + v)
-}
-
-/// Polls `check` (bounded) until it holds.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PROMPT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The gateway still serves: a normal reply and a normal stream.
 async fn still_serving(gw: &Gateway) {
     let r = post(gw, false, &[]).await;
@@ -173,23 +134,15 @@ async fn settled(gw: &Gateway) {
     }
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+/// Once [`settled`], asserts that exactly one `name` sample with `labels` was counted.
+async fn settled_counted_once(gw: &Gateway, name: &str, labels: &[&str]) {
+    settled(gw).await;
+    let m = gw.scrape().await;
+    assert_eq!(metric(&m, name, labels), 1.0, "{name} {labels:?} in:\n{m}");
 }
 
 fn rss_kb(pid: u32) -> u64 {
     proc_status_kb(pid, "VmRSS:")
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 /// Stands in for the SSH tunnel's listening end on the gateway's machine:
@@ -325,7 +278,10 @@ async fn upstream_hang_after_headers_hits_the_idle_timeout() {
         "{event}"
     );
     // The stuck generation is cancelled upstream (its connection dropped).
-    eventually("the upstream sees the cancel", || mock.aborted() == 1).await;
+    eventually_within(PROMPT, "the upstream sees the cancel", || {
+        mock.aborted() == 1
+    })
+    .await;
 
     settled(&gw).await;
     let m = gw.scrape().await;
@@ -393,19 +349,17 @@ async fn broken_chunked_encoding_cuts_the_stream_promptly() {
     let event = assert_cut_with_error_event(&text);
     assert_eq!(event["error"]["code"], "upstream_error");
     // The connection with broken framing is closed, never pooled.
-    eventually("the upstream connection is closed", || mock.aborted() == 1).await;
+    eventually_within(PROMPT, "the upstream connection is closed", || {
+        mock.aborted() == 1
+    })
+    .await;
 
-    settled(&gw).await;
-    let m = gw.scrape().await;
-    assert_eq!(
-        metric(
-            &m,
-            "llm_edge_upstream_errors_total",
-            &[r#"kind="invalid_response""#]
-        ),
-        1.0,
-        "{m}"
-    );
+    settled_counted_once(
+        &gw,
+        "llm_edge_upstream_errors_total",
+        &[r#"kind="invalid_response""#],
+    )
+    .await;
     still_serving(&gw).await;
 }
 
@@ -723,18 +677,16 @@ async fn a_client_that_never_reads_gets_backpressure_not_buffering() {
 
     // The client finally leaves: the generation is cancelled upstream.
     drop(reader);
-    eventually("the upstream sees the cancel", || mock.aborted() == 1).await;
-    settled(&gw).await;
-    let m = gw.scrape().await;
-    assert_eq!(
-        metric(
-            &m,
-            "llm_edge_client_disconnects_total",
-            &[r#"phase="streaming""#]
-        ),
-        1.0,
-        "{m}"
-    );
+    eventually_within(PROMPT, "the upstream sees the cancel", || {
+        mock.aborted() == 1
+    })
+    .await;
+    settled_counted_once(
+        &gw,
+        "llm_edge_client_disconnects_total",
+        &[r#"phase="streaming""#],
+    )
+    .await;
     assert_eq!(
         mock.completed(),
         4,
@@ -749,22 +701,17 @@ async fn a_client_that_stops_reading_frees_the_upstream_after_the_idle_timeout()
     let opened = Instant::now();
     // The client keeps its socket open but reads nothing: after 2 s without
     // progress the gateway gives up on it and frees the upstream slot.
-    eventually("the upstream is released", || mock.aborted() == 1).await;
+    eventually_within(PROMPT, "the upstream is released", || mock.aborted() == 1).await;
     let took = opened.elapsed();
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     let closed = closed_by_gateway(&mut reader, PROMPT).await;
     assert!(closed.is_some(), "the gateway kept the stalled client");
-    settled(&gw).await;
-    let m = gw.scrape().await;
-    assert_eq!(
-        metric(
-            &m,
-            "llm_edge_client_disconnects_total",
-            &[r#"phase="streaming""#]
-        ),
-        1.0,
-        "{m}"
-    );
+    settled_counted_once(
+        &gw,
+        "llm_edge_client_disconnects_total",
+        &[r#"phase="streaming""#],
+    )
+    .await;
     still_serving(&gw).await;
 }
 

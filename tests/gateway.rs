@@ -5,59 +5,30 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use mock_llama::{reply_text, MockLlama, MockOptions};
+use serde_json::Value;
+use support::gateway::setup;
 use support::gateway::{standard_config, Gateway, KEY, KEY_LIMITED};
-use support::mock_llama::{reply_text, MockLlama, MockOptions};
+use support::http::{chat, client, eventually, eventually_within, post, post_chat};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-async fn setup(extra: &str) -> (MockLlama, Gateway) {
-    let mock = MockLlama::start(MockOptions::default()).await;
-    let gw = Gateway::start(&standard_config(&mock.url(), extra));
-    (mock, gw)
-}
-
-async fn post(
-    gw: &Gateway,
-    path: &str,
-    key: Option<&str>,
-    body: impl Into<reqwest::Body>,
-) -> reqwest::Response {
-    let mut req = client()
-        .post(format!("{}{path}", gw.url()))
-        .header("Content-Type", "application/json")
-        .body(body);
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    req.send().await.unwrap()
+/// The error answer to a chat `body` sent with `key` (see [`error_of`]).
+async fn chat_error(gw: &Gateway, key: Option<&str>, body: String) -> (u16, Value) {
+    error_of(post(gw, "/v1/chat/completions", key, body).await).await
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.expect("error body is JSON");
+    let (status, body) = support::http::error_of(resp).await;
     let err = &body["error"];
     assert!(
         err["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{body}"
     );
-    assert!(err["type"].is_string(), "{body}");
     assert!(
         err.get("param").is_some() && err.get("code").is_some(),
         "{body}"
     );
     (status, body)
-}
-
-fn chat(model: &str, stream: bool) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": stream})
-        .to_string()
 }
 
 #[tokio::test]
@@ -127,32 +98,14 @@ async fn keys_are_required_and_never_forwarded() {
         (401, Some("missing_api_key"))
     );
 
-    let (status, body) = error_of(
-        post(
-            &gw,
-            "/v1/chat/completions",
-            Some("sk-wrong"),
-            chat("qwen", false),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = chat_error(&gw, Some("sk-wrong"), chat("qwen", false)).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (401, Some("invalid_api_key"))
     );
     assert_eq!(body["error"]["type"], "authentication_error");
 
-    let (status, body) = error_of(
-        post(
-            &gw,
-            "/v1/chat/completions",
-            Some(KEY_LIMITED),
-            chat("qwen", false),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = chat_error(&gw, Some(KEY_LIMITED), chat("qwen", false)).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (403, Some("model_not_allowed"))
@@ -268,16 +221,7 @@ async fn bad_bodies_get_clear_400s_and_never_reach_the_upstream() {
             "{body:?}: {err}"
         );
     }
-    let (status, err) = error_of(
-        post(
-            &gw,
-            "/v1/chat/completions",
-            Some(KEY),
-            chat("gpt-4o", false),
-        )
-        .await,
-    )
-    .await;
+    let (status, err) = chat_error(&gw, Some(KEY), chat("gpt-4o", false)).await;
     assert_eq!(
         (status, err["error"]["code"].as_str()),
         (404, Some("model_not_found"))
@@ -546,25 +490,25 @@ async fn streams_arrive_token_by_token() {
 #[tokio::test]
 async fn client_disconnect_mid_stream_cancels_the_upstream() {
     let (mock, gw) = setup("").await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("x-mock-delay-ms", "100")
-        .header("x-mock-tokens", "500")
-        .body(chat("qwen", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(
+        &gw,
+        KEY,
+        chat("qwen", true),
+        &[("x-mock-delay-ms", "100"), ("x-mock-tokens", "500")],
+    )
+    .await;
     let mut stream = resp.bytes_stream();
     for _ in 0..3 {
         stream.next().await.unwrap().unwrap();
     }
     let dropped_at = Instant::now();
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mock.aborted() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(
+        Duration::from_secs(5),
+        "the upstream sees the abort",
+        || mock.aborted() != 0,
+    )
+    .await;
     assert_eq!(mock.aborted(), 1, "the upstream did not see the abort");
     let seen_after = mock.abort_times()[0] - dropped_at;
     assert!(
@@ -593,12 +537,17 @@ async fn client_disconnect_before_the_first_token_cancels_the_upstream() {
         .body(chat("qwen", false))
         .send();
     let _ = tokio::time::timeout(Duration::from_millis(500), req).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mock.aborted() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(
+        Duration::from_secs(5),
+        "the upstream sees the abort",
+        || mock.aborted() != 0,
+    )
+    .await;
     assert_eq!(mock.aborted(), 1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the access log line", || {
+        gw.log().contains("disconnect=before_first_token")
+    })
+    .await;
     assert!(
         gw.log().contains("disconnect=before_first_token"),
         "{}",
@@ -681,14 +630,13 @@ async fn slow_first_byte_is_a_504() {
     let yaml = standard_config(&mock.url(), "")
         .replace("first_byte_timeout: 20s", "first_byte_timeout: 1s");
     let gw = Gateway::start(&yaml);
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("x-mock-first-token-delay-ms", "4000")
-        .body(chat("qwen", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(
+        &gw,
+        KEY,
+        chat("qwen", true),
+        &[("x-mock-first-token-delay-ms", "4000")],
+    )
+    .await;
     let (status, body) = error_of(resp).await;
     assert_eq!(status, 504);
     assert_eq!(body["error"]["code"], "upstream_timeout");
@@ -712,15 +660,13 @@ async fn upstream_errors_pass_through_unchanged() {
 #[tokio::test]
 async fn upstream_stream_cut_ends_with_an_sse_error_and_no_done() {
     let (_mock, gw) = setup("").await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("x-mock-fault", "cut-mid-stream")
-        .header("x-mock-tokens", "10")
-        .body(chat("qwen", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(
+        &gw,
+        KEY,
+        chat("qwen", true),
+        &[("x-mock-fault", "cut-mid-stream"), ("x-mock-tokens", "10")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let text = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
     assert!(!text.contains("[DONE]"), "{text}");
@@ -902,15 +848,13 @@ async fn total_timeout_caps_a_long_stream() {
         "  pool_idle_timeout: 4s",
         "  pool_idle_timeout: 4s\n  total_timeout: 1s",
     ));
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("x-mock-delay-ms", "100")
-        .header("x-mock-tokens", "100")
-        .body(chat("qwen", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(
+        &gw,
+        KEY,
+        chat("qwen", true),
+        &[("x-mock-delay-ms", "100"), ("x-mock-tokens", "100")],
+    )
+    .await;
     let text = resp.text().await.unwrap();
     assert!(!text.contains("[DONE]"));
     assert!(text.contains("upstream.total_timeout"), "{text}");
@@ -1037,14 +981,13 @@ async fn cors_preflight_and_responses() {
 #[tokio::test]
 async fn request_ids_are_kept_or_generated() {
     let (mock, gw) = setup("").await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("X-Request-Id", "trace-abc.123")
-        .body(chat("qwen", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(
+        &gw,
+        KEY,
+        chat("qwen", false),
+        &[("X-Request-Id", "trace-abc.123")],
+    )
+    .await;
     assert_eq!(resp.headers()["x-request-id"], "trace-abc.123");
     assert_eq!(
         mock.last_request().unwrap().header("x-request-id"),

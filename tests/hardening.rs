@@ -8,16 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::gateway::{standard_config, Gateway, KEY, KEY_LIMITED};
-use support::mock_llama::{MockLlama, MockOptions};
+use support::gateway::setup;
+use support::gateway::{Gateway, KEY, KEY_LIMITED};
+use support::http::status_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-async fn setup(extra: &str) -> (MockLlama, Gateway) {
-    let mock = MockLlama::start(MockOptions::default()).await;
-    let gw = Gateway::start(&standard_config(&mock.url(), extra));
-    (mock, gw)
-}
 
 fn chat_body(model: &str, stream: bool) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
@@ -34,14 +29,6 @@ async fn exchange(gw: &Gateway, request: &[u8], limit: Duration) -> (String, boo
         .await
         .is_ok();
     (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
-fn status_of(reply: &str) -> u16 {
-    reply
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
 }
 
 fn head_of(reply: &str) -> String {

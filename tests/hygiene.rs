@@ -4,9 +4,11 @@ mod support;
 
 use std::time::Duration;
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{standard_config, Gateway, KEY};
-use support::mock_llama::{MockLlama, MockOptions};
+use support::http::get;
+use support::http::status_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends raw bytes and returns what comes back within a few seconds.
@@ -34,14 +36,6 @@ async fn raw(gw: &Gateway, request: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(response: &str) -> u16 {
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -118,30 +112,15 @@ async fn failed_authentications_are_throttled_per_ip() {
     ));
     let c = reqwest::Client::new();
     for _ in 0..5 {
-        let r = c
-            .get(format!("{}/v1/models", gw.url()))
-            .bearer_auth("sk-guess")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&gw, "/v1/models", "sk-guess").await;
         assert_eq!(r.status(), 401);
     }
-    let r = c
-        .get(format!("{}/v1/models", gw.url()))
-        .bearer_auth("sk-guess")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&gw, "/v1/models", "sk-guess").await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "60");
     // a valid key from the same address (a NAT, an office) is never locked
     // out by someone else's failures: only failing keys are throttled
-    let r = c
-        .get(format!("{}/v1/models", gw.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = get(&gw, "/v1/models", KEY).await;
     assert_eq!(r.status(), 200);
     let r = c
         .post(format!("{}/v1/chat/completions", gw.url()))

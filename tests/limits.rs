@@ -5,9 +5,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{sha256_hex, Gateway};
-use support::mock_llama::{MockLlama, MockOptions};
 
 const A: &str = "sk-limits-a";
 const B: &str = "sk-limits-b";

@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::json;
+use mock_llama::{reply_text, MockLlama, MockOptions};
 use support::gateway::{free_port, sha256_hex, KEY};
-use support::mock_llama::{reply_text, MockLlama, MockOptions};
 use support::unit::{commands, read_unit, run_sequence, UNIT_BINARY, UNIT_CONFIG};
 
 /// A gateway run the way systemd runs it: daemonized, followed through its pid file.
@@ -143,8 +142,7 @@ async fn wait_for_exit(pid: i32, what: &str) {
 }
 
 fn chat(stream: bool) -> String {
-    json!({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
-        .to_string()
+    support::http::chat_saying("qwen", "hi", stream)
 }
 
 /// Sends a request every 20 ms on a fresh connection until stopped; counts failures.

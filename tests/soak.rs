@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use mock_llama::{reply_text, MockLlama, MockOptions};
+use serde_json::Value;
 use support::gateway::{standard_config, Gateway, KEY};
-use support::mock_llama::{reply_text, MockLlama, MockOptions};
+use support::http::{chat_saying, fd_count, metric, proc_status_kb};
 
 const CONCURRENCY: usize = 32;
 const WARM_UP: usize = 10_000;
@@ -37,15 +38,6 @@ struct Tally {
     refused: AtomicUsize,
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
 fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -56,29 +48,8 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks / 100.0
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-/// The sum of every sample of `name` whose labels contain all of `labels`.
-fn metric(scrape: &str, name: &str, labels: &[&str]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |sum, v| sum + v)
-}
-
 fn chat(stream: bool) -> String {
-    json!({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
-        .to_string()
+    chat_saying("qwen", "hi", stream)
 }
 
 /// One request of the mix, chosen by `i`; panics on any wrong reply.
@@ -238,6 +209,7 @@ async fn quiesce(gw: &Gateway, floor: Option<usize>) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs for about 6 minutes; scripts/test.sh runs it"]
 async fn soak_mixed_requests() {
     let total: usize = std::env::var("SOAK_REQUESTS")
         .ok()

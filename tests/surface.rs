@@ -5,10 +5,10 @@
 
 mod support;
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{sha256_hex, Gateway};
-use support::mock_llama::{MockLlama, MockOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::http::{raw_to_close, status_of};
 
 const A: &str = "sk-surface-a";
 const B: &str = "sk-surface-b";
@@ -101,20 +101,11 @@ async fn post(gw: &Gateway, path: &str, key: &str, body: &Value) -> (u16, Value)
 
 /// Sends raw HTTP/1.1 and returns the status line's code and the whole reply.
 async fn raw(gw: &Gateway, request: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
+    let text = raw_to_close(gw, request.as_bytes()).await;
+    (status_of(&text), text)
 }
 
-fn model_requests(mock: &MockLlama) -> Vec<support::mock_llama::Received> {
+fn model_requests(mock: &MockLlama) -> Vec<mock_llama::Received> {
     mock.requests()
         .into_iter()
         .filter(|r| r.path != "/health")

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use mock_llama::{reply_text, MockLlama, MockOptions};
+use serde_json::Value;
 use support::gateway::{free_port, standard_config, Gateway, KEY};
-use support::mock_llama::{reply_text, MockLlama, MockOptions};
 
 struct Killed(Child);
 
@@ -111,8 +111,7 @@ fn open_tunnel(dir: &Path, sshd_port: u16, forward: u16, llama: u16) -> Killed {
 }
 
 fn chat(stream: bool) -> String {
-    json!({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
-        .to_string()
+    support::http::chat_saying("qwen", "hi", stream)
 }
 
 async fn post(gw: &Gateway, stream: bool, headers: &[(&str, &str)]) -> reqwest::Response {
@@ -183,6 +182,7 @@ async fn assert_502_with_hint(gw: &Gateway) {
 }
 
 #[tokio::test]
+#[ignore = "needs sshd and ssh (and root to run sshd); scripts/test.sh runs it"]
 async fn through_a_real_ssh_reverse_tunnel() {
     let dir = tempfile::tempdir().unwrap();
     let mut mock = MockLlama::start(MockOptions::default()).await;

@@ -7,9 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use mock_llama::{MockLlama, MockOptions};
 use serde_json::{json, Value};
 use support::gateway::{sha256_hex, Gateway, KEY};
-use support::mock_llama::{MockLlama, MockOptions};
 
 /// `servers`: (name, url); `server_extra`: fields added to each server;
 /// `models`: YAML for `models:`. Health checks every 200 ms.

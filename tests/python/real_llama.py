@@ -464,3 +464,26 @@ class RecordingRelay:
     def close(self):
         self._closed = True
         self._sock.close()
+
+
+# Module-scoped fixtures shared by the real-llama test modules (import them
+# by name into a test module to use them there).
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    return llama_server_bin(), tiny_model()
+
+
+@pytest.fixture(scope="module")
+def reply(artifacts):
+    """(sentence, its token count)"""
+    return model_reply(artifacts[1])
+
+
+@pytest.fixture(scope="module")
+def llama(artifacts, tmp_path_factory):
+    """Two slots of 4096 tokens, behind --api-key."""
+    server = LlamaServer(*artifacts, tmp_path_factory.mktemp("llama"), parallel=2, ctx=8192)
+    yield server
+    server.kill()

@@ -24,14 +24,13 @@ from real_llama import (
     UPSTREAM_KEY,
     UPSTREAM_MODEL,
     Gateway,
-    LlamaServer,
     RecordingRelay,
+    artifacts,  # noqa: F401 (fixture)
     http,
-    llama_server_bin,
+    llama,  # noqa: F401 (fixture)
     metric,
-    model_reply,
+    reply,  # noqa: F401 (fixture)
     sha256,
-    tiny_model,
 )
 
 # a key allowed only the second model, which the first is not
@@ -43,24 +42,6 @@ EXTRA_KEYS = f"  - id: bob\n    sha256: {sha256(LIMITED_KEY)}\n    models: [{OTH
 
 HELLO = [{"role": "user", "content": "Hello"}]
 MAX_TOKENS = 64  # far above the sentence: every reply ends with the model's own stop
-
-
-@pytest.fixture(scope="module")
-def artifacts():
-    return llama_server_bin(), tiny_model()
-
-
-@pytest.fixture(scope="module")
-def reply(artifacts):
-    """(sentence, its token count)"""
-    return model_reply(artifacts[1])
-
-
-@pytest.fixture(scope="module")
-def llama(artifacts, tmp_path_factory):
-    server = LlamaServer(*artifacts, tmp_path_factory.mktemp("llama"), parallel=2, ctx=8192)
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from real_llama import (
     Gateway,
     LlamaServer,
     RawRequest,
+    artifacts,  # noqa: F401 (fixture)
     gateway_connections_to,
     http,
-    llama_server_bin,
+    llama,  # noqa: F401 (fixture)
     metric,
-    model_reply,
-    tiny_model,
+    reply,  # noqa: F401 (fixture)
     wait_until,
 )
 
@@ -34,25 +34,6 @@ HELLO = [{"role": "user", "content": "Hello"}]
 # generous bounds for a loaded 2-core machine; what is measured is printed
 SLOT_FREE_BOUND_S = 5.0
 GAP_502_BOUND_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def artifacts():
-    return llama_server_bin(), tiny_model()
-
-
-@pytest.fixture(scope="module")
-def reply(artifacts):
-    """(sentence, its token count)"""
-    return model_reply(artifacts[1])
-
-
-@pytest.fixture(scope="module")
-def llama(artifacts, tmp_path_factory):
-    """Two slots of 4096 tokens, behind --api-key."""
-    server = LlamaServer(*artifacts, tmp_path_factory.mktemp("llama"), parallel=2, ctx=8192)
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -195,3 +195,11 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// A mock llama-server and a gateway in front of it with [`standard_config`]
+/// plus `extra`.
+pub async fn setup(extra: &str) -> (mock_llama::MockLlama, Gateway) {
+    let mock = mock_llama::MockLlama::start(mock_llama::MockOptions::default()).await;
+    let gw = Gateway::start(&standard_config(&mock.url(), extra));
+    (mock, gw)
+}

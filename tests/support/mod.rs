@@ -1,3 +1,3 @@
 pub mod gateway;
-pub mod mock_llama;
+pub mod http;
 pub mod unit;

@@ -71,7 +71,6 @@
 //! `x-mock-bulk-bytes: N` streams about N bytes of large (chat-shaped)
 //! content events as fast as the reader takes them (see
 //! [`MockLlama::streamed_bytes`]).
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1227,11 +1226,6 @@ pub fn token_text(i: usize) -> String {
 /// The full reply of `tokens` tokens.
 pub fn reply_text(tokens: usize) -> String {
     (0..tokens).map(token_text).collect()
-}
-
-fn prompt_tokens(body: &Value) -> usize {
-    let text = body.to_string();
-    (text.len() / 4).max(1)
 }
 
 fn timings(prompt_n: usize, predicted_n: usize) -> Value {
