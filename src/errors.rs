@@ -334,6 +334,81 @@ pub mod code {
 }
 
 #[cfg(test)]
+/// One of each [`ApiError`] variant. The `match` stops compiling when a
+/// variant is added: add a sample for it below, and its code to `code::ALL`.
+pub(crate) fn every_api_error() -> Vec<ApiError> {
+    let all = vec![
+        ApiError::MissingKey("m".into()),
+        ApiError::InvalidKey("m".into()),
+        ApiError::ModelNotAllowed {
+            key_id: "k".into(),
+            model: "m".into(),
+        },
+        ApiError::InvalidRequest("m".into()),
+        ApiError::InvalidParam {
+            param: "model".into(),
+            message: "m".into(),
+        },
+        ApiError::ModelNotFound("m".into()),
+        ApiError::NotFound {
+            method: "GET".into(),
+            path: "/x".into(),
+        },
+        ApiError::MethodNotAllowed {
+            method: "GET".into(),
+            path: "/v1/chat/completions".into(),
+            allowed: "POST",
+        },
+        ApiError::BodyTooLarge { limit: 10 },
+        ApiError::BodyTimeout("m".into()),
+        ApiError::HeadersTooLarge { limit: 10 },
+        ApiError::Overloaded("m".into()),
+        ApiError::RateLimited {
+            message: "m".into(),
+            retry_after: 3,
+        },
+        ApiError::UpstreamBusy {
+            message: "m".into(),
+            retry_after: 3,
+        },
+        ApiError::UpstreamUnreachable("m".into()),
+        ApiError::UpstreamTimeout("m".into()),
+        ApiError::UpstreamUnavailable("m".into()),
+        ApiError::UpstreamBroken("m".into()),
+        ApiError::UpstreamInvalid {
+            status: 502,
+            message: "m".into(),
+        },
+        ApiError::Internal("m".into()),
+    ];
+    for e in &all {
+        match e {
+            ApiError::MissingKey(_)
+            | ApiError::InvalidKey(_)
+            | ApiError::ModelNotAllowed { .. }
+            | ApiError::InvalidRequest(_)
+            | ApiError::InvalidParam { .. }
+            | ApiError::ModelNotFound(_)
+            | ApiError::NotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::BodyTooLarge { .. }
+            | ApiError::BodyTimeout(_)
+            | ApiError::HeadersTooLarge { .. }
+            | ApiError::Overloaded(_)
+            | ApiError::RateLimited { .. }
+            | ApiError::UpstreamBusy { .. }
+            | ApiError::UpstreamUnreachable(_)
+            | ApiError::UpstreamTimeout(_)
+            | ApiError::UpstreamUnavailable(_)
+            | ApiError::UpstreamBroken(_)
+            | ApiError::UpstreamInvalid { .. }
+            | ApiError::Internal(_) => {}
+        }
+    }
+    all
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Value;
@@ -344,50 +419,7 @@ mod tests {
 
     #[test]
     fn every_error_has_the_openai_shape() {
-        let all = [
-            ApiError::MissingKey("m".into()),
-            ApiError::InvalidKey("m".into()),
-            ApiError::ModelNotAllowed {
-                key_id: "k".into(),
-                model: "m".into(),
-            },
-            ApiError::InvalidRequest("m".into()),
-            ApiError::InvalidParam {
-                param: "model".into(),
-                message: "m".into(),
-            },
-            ApiError::ModelNotFound("m".into()),
-            ApiError::NotFound {
-                method: "GET".into(),
-                path: "/x".into(),
-            },
-            ApiError::MethodNotAllowed {
-                method: "GET".into(),
-                path: "/v1/chat/completions".into(),
-                allowed: "POST",
-            },
-            ApiError::BodyTooLarge { limit: 10 },
-            ApiError::HeadersTooLarge { limit: 10 },
-            ApiError::Overloaded("m".into()),
-            ApiError::RateLimited {
-                message: "m".into(),
-                retry_after: 3,
-            },
-            ApiError::UpstreamBusy {
-                message: "m".into(),
-                retry_after: 3,
-            },
-            ApiError::UpstreamUnreachable("m".into()),
-            ApiError::UpstreamTimeout("m".into()),
-            ApiError::UpstreamUnavailable("m".into()),
-            ApiError::UpstreamBroken("m".into()),
-            ApiError::UpstreamInvalid {
-                status: 502,
-                message: "m".into(),
-            },
-            ApiError::BodyTimeout("m".into()),
-            ApiError::Internal("m".into()),
-        ];
+        let all = super::every_api_error();
         for e in all {
             let v = parse(&e);
             let err = v["error"].as_object().unwrap();

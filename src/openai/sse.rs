@@ -237,15 +237,25 @@ impl ResponseStats {
         choices.has_content
     }
 
+    /// `payload` as a `T`, or `None` after counting it malformed (an
+    /// `event:` line still says how the stream ends).
+    fn parse_event<'a, T: Deserialize<'a>>(
+        &mut self,
+        line_type: Option<EventType>,
+        payload: &'a [u8],
+    ) -> Option<T> {
+        let parsed = serde_json::from_slice(payload).ok();
+        if parsed.is_none() {
+            self.malformed += 1;
+            self.end_by_type(line_type);
+        }
+        parsed
+    }
+
     /// One Responses API event (or a whole non-streamed response).
     fn absorb_responses(&mut self, line_type: Option<EventType>, payload: &[u8]) -> bool {
-        let event: ResponsesEvent = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            Err(_) => {
-                self.malformed += 1;
-                self.end_by_type(line_type);
-                return false;
-            }
+        let Some(event) = self.parse_event::<ResponsesEvent>(line_type, payload) else {
+            return false;
         };
         let kind = EventType::effective(line_type, event.kind.as_deref());
         self.end_by_type(kind);
@@ -270,13 +280,8 @@ impl ResponseStats {
 
     /// One Anthropic Messages event (or a whole non-streamed message).
     fn absorb_anthropic(&mut self, line_type: Option<EventType>, payload: &[u8]) -> bool {
-        let event: AnthropicEvent = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            Err(_) => {
-                self.malformed += 1;
-                self.end_by_type(line_type);
-                return false;
-            }
+        let Some(event) = self.parse_event::<AnthropicEvent>(line_type, payload) else {
+            return false;
         };
         let kind = EventType::effective(line_type, event.kind.as_deref());
         self.end_by_type(kind);
@@ -673,9 +678,7 @@ fn quick_content(payload: &[u8]) -> Option<bool> {
     while let Some(key) = q.next_key(&mut first, true)? {
         match key {
             b"choices" => {
-                if std::mem::replace(&mut seen_choices, true) {
-                    return None;
-                }
+                first_time(&mut seen_choices)?;
                 has_content = q.choices()?;
             }
             b"usage" | b"timings" | b"error" => return None,
@@ -686,6 +689,12 @@ fn quick_content(payload: &[u8]) -> Option<bool> {
         return None; // trailing characters
     }
     Some(has_content)
+}
+
+/// `Some` the first time a key is seen in an object, `None` after: a
+/// duplicate known key is a serde error, which the fast path leaves to it.
+fn first_time(seen: &mut bool) -> Option<()> {
+    (!std::mem::replace(seen, true)).then_some(())
 }
 
 /// A cursor over one JSON payload. Every method returns `None` as soon as the
@@ -944,21 +953,15 @@ impl<'a> Quick<'a> {
         while let Some(key) = self.next_key(&mut first, true)? {
             match key {
                 b"delta" => {
-                    if std::mem::replace(&mut seen_delta, true) {
-                        return None;
-                    }
+                    first_time(&mut seen_delta)?;
                     delta = self.delta()?;
                 }
                 b"text" => {
-                    if std::mem::replace(&mut seen_text, true) {
-                        return None;
-                    }
+                    first_time(&mut seen_text)?;
                     text = self.raw_content()?;
                 }
                 b"finish_reason" => {
-                    if std::mem::replace(&mut seen_finish, true) {
-                        return None;
-                    }
+                    first_time(&mut seen_finish)?;
                     if self.peek()? != b'n' {
                         return None; // a reason: the full parse records it
                     }
@@ -989,21 +992,15 @@ impl<'a> Quick<'a> {
         while let Some(key) = self.next_key(&mut first, true)? {
             match key {
                 b"content" => {
-                    if std::mem::replace(&mut seen_content, true) {
-                        return None;
-                    }
+                    first_time(&mut seen_content)?;
                     content = self.raw_content()?;
                 }
                 b"reasoning_content" => {
-                    if std::mem::replace(&mut seen_reasoning, true) {
-                        return None;
-                    }
+                    first_time(&mut seen_reasoning)?;
                     reasoning = self.raw_content()? == Some(true);
                 }
                 b"tool_calls" => {
-                    if std::mem::replace(&mut seen_tools, true) {
-                        return None;
-                    }
+                    first_time(&mut seen_tools)?;
                     if self.peek()? != b'n' {
                         return None; // tool-call deltas: the full parse reads them
                     }

@@ -114,7 +114,7 @@ pub async fn eventually_within(within: Duration, what: &str, mut check: impl FnM
 
 /// Polls `check` until it holds; fails the test after [`EVENTUALLY`].
 pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
-    eventually_within(EVENTUALLY, what, check).await
+    eventually_within(EVENTUALLY, what, check).await;
 }
 
 /// Like [`eventually`], for a check that has to await (a scrape, a request).
