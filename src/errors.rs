@@ -141,6 +141,38 @@ impl ApiError {
         }
     }
 
+    /// What an operator should check when llama-server cannot be reached.
+    pub const TUNNEL_HINT: &'static str = "check that the SSH tunnel from the GPU machine is up (ssh -R ...) and that llama-server is running behind it";
+
+    /// The connection to llama-server broke after the response started.
+    pub fn stream_cut(authority: &str, why: &str) -> ApiError {
+        ApiError::UpstreamBroken(format!(
+            "the connection to the upstream at {authority} broke during the response ({why}): the SSH tunnel or llama-server went away; the reply is incomplete"
+        ))
+    }
+
+    /// llama-server sent something that is not HTTP (or not the route's format).
+    pub fn upstream_malformed(authority: &str, why: &str) -> ApiError {
+        ApiError::UpstreamBroken(format!(
+            "the upstream at {authority} sent a malformed response ({why}); the reply is incomplete"
+        ))
+    }
+
+    /// No server is up for a model (or at all).
+    pub fn all_down(what: &str, states: &str) -> ApiError {
+        ApiError::UpstreamUnavailable(format!(
+            "{what} are down or loading: {states}; check their SSH tunnels and llama-server processes"
+        ))
+    }
+
+    /// llama-server sent no (further) bytes within `limit` (the setting named).
+    pub fn upstream_silent(authority: &str, limit: std::time::Duration, setting: &str) -> ApiError {
+        ApiError::UpstreamTimeout(format!(
+            "the upstream at {authority} sent nothing for {} ({setting}); the reply is incomplete",
+            humantime::format_duration(limit)
+        ))
+    }
+
     /// The reason a key was refused, when this error is one.
     pub fn auth_failure(&self) -> Option<AuthFailure> {
         match self {
@@ -271,15 +303,21 @@ pub enum GatewayError {
     Aborted(Box<Error>),
 }
 
-impl From<ApiError> for GatewayError {
-    fn from(e: ApiError) -> Self {
-        GatewayError::Api(e)
+/// A Pingora error while preparing an answer (building a header): nothing
+/// was written yet, so the client gets a 500 it can read. After the response
+/// started, a relay ends it with [`GatewayError::Aborted`] explicitly.
+impl From<Box<Error>> for GatewayError {
+    fn from(e: Box<Error>) -> Self {
+        GatewayError::Api(ApiError::Internal(format!(
+            "the gateway could not prepare its answer ({})",
+            e.etype().as_str()
+        )))
     }
 }
 
-impl From<Box<Error>> for GatewayError {
-    fn from(e: Box<Error>) -> Self {
-        GatewayError::Aborted(e)
+impl From<ApiError> for GatewayError {
+    fn from(e: ApiError) -> Self {
+        GatewayError::Api(e)
     }
 }
 
@@ -409,102 +447,4 @@ pub(crate) fn every_api_error() -> Vec<ApiError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::Value;
-
-    fn parse(e: &ApiError) -> Value {
-        serde_json::from_slice(&e.body(None)).unwrap()
-    }
-
-    #[test]
-    fn every_error_has_the_openai_shape() {
-        let all = super::every_api_error();
-        for e in all {
-            let v = parse(&e);
-            let err = v["error"].as_object().unwrap();
-            assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
-            assert_eq!(err["type"], e.error_type());
-            assert_eq!(err["code"], e.code());
-            assert!(err.contains_key("param"));
-            assert!((400..600).contains(&e.status()));
-        }
-    }
-
-    #[test]
-    fn statuses_match_the_contract() {
-        assert_eq!(ApiError::MissingKey(String::new()).status(), 401);
-        assert_eq!(
-            ApiError::ModelNotAllowed {
-                key_id: "a".into(),
-                model: "b".into()
-            }
-            .status(),
-            403
-        );
-        assert_eq!(ApiError::ModelNotFound("x".into()).status(), 404);
-        assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), 413);
-        assert_eq!(ApiError::UpstreamTimeout(String::new()).status(), 504);
-        let limited = ApiError::RateLimited {
-            message: String::new(),
-            retry_after: 0,
-        };
-        assert_eq!(
-            (limited.status(), limited.code(), limited.retry_after()),
-            (429, "rate_limit_exceeded", Some(1))
-        );
-        assert_eq!(ApiError::UpstreamUnreachable(String::new()).status(), 502);
-    }
-
-    #[test]
-    fn model_errors_name_the_param() {
-        let v = parse(&ApiError::ModelNotFound("gpt-9".into()));
-        assert_eq!(v["error"]["param"], "model");
-        assert_eq!(v["error"]["code"], "model_not_found");
-        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
-    }
-
-    #[test]
-    fn request_id_is_included_when_known() {
-        let e = ApiError::InvalidRequest("bad".into());
-        let v: Value = serde_json::from_slice(&e.body(Some("req-1"))).unwrap();
-        assert_eq!(v["error"]["request_id"], "req-1");
-    }
-
-    #[test]
-    fn anthropic_shape() {
-        let e = ApiError::ModelNotAllowed {
-            key_id: "k".into(),
-            model: "m".into(),
-        };
-        let v: Value = serde_json::from_slice(&e.body_in(Dialect::Anthropic, Some("r"))).unwrap();
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["error"]["type"], "permission_error");
-        assert!(v["error"]["message"].as_str().unwrap().contains("'m'"));
-        assert_eq!(v["request_id"], "r");
-        let limited = ApiError::RateLimited {
-            message: "slow".into(),
-            retry_after: 1,
-        };
-        assert_eq!(limited.anthropic_type(), "rate_limit_error");
-        let ev = ApiError::UpstreamBroken("cut".into()).sse_event_in(Dialect::Anthropic, None);
-        assert!(ev.starts_with(b"event: error\ndata: {"));
-        let json: Value = serde_json::from_slice(&ev[19..ev.len() - 2]).unwrap();
-        assert_eq!(json["error"]["type"], "api_error");
-        let ev = ApiError::UpstreamBroken("cut".into()).sse_event_in(Dialect::Responses, None);
-        let json: Value = serde_json::from_slice(&ev[19..ev.len() - 2]).unwrap();
-        assert_eq!(
-            (json["type"].as_str(), json["error"]["code"].as_str()),
-            (Some("error"), Some("upstream_error"))
-        );
-    }
-
-    #[test]
-    fn sse_event_is_one_data_frame() {
-        let ev = ApiError::UpstreamBroken("cut".into()).sse_event(None);
-        assert!(ev.starts_with(b"data: {\"error\":"));
-        assert!(ev.ends_with(b"\n\n"));
-        let json: Value = serde_json::from_slice(&ev[6..ev.len() - 2]).unwrap();
-        assert_eq!(json["error"]["code"], "upstream_error");
-    }
-}
+mod tests;

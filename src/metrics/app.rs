@@ -30,12 +30,10 @@ fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
     let Some(expected) = expected else {
         return true;
     };
-    // As `policy::auth` reads API keys: the scheme in any case, the token
-    // trimmed.
+    // Read as API keys are: the scheme in any case, the token trimmed.
     let presented = authorization
-        .map(<[u8]>::trim_ascii)
-        .filter(|h| h.len() >= 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
-        .map_or(&b""[..], |h| h[7..].trim_ascii());
+        .and_then(crate::policy::auth::bearer_token)
+        .unwrap_or_default();
     presented.len() == expected.len() && bool::from(presented.ct_eq(expected.as_bytes()))
 }
 

@@ -76,7 +76,7 @@ impl UpstreamFailure {
     }
 
     pub fn into_api_error(self, authority: &str) -> ApiError {
-        let hint = "check that the SSH tunnel from the GPU machine is up (ssh -R ...) and that llama-server is running behind it";
+        let hint = ApiError::TUNNEL_HINT;
         match self {
             UpstreamFailure::Connect(e) => ApiError::UpstreamUnreachable(format!(
                 "the upstream llama-server at {authority} is unreachable ({}): {hint}",

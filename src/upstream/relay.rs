@@ -18,6 +18,10 @@
 //! sends it at the end of the generation anyway) and checked before anything
 //! is written, so an HTML page, an empty 502 or broken JSON from upstream
 //! becomes a gateway error with the same status and an excerpt.
+//!
+//! One cohesive thing, longer than most files: opening the exchange (server
+//! choice, slot, failover) and relaying its answer share the same timeouts,
+//! client watch and error endings.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,11 +291,13 @@ fn no_server_left(relay: &Relay<'_>, failed: Option<(usize, UpstreamFailure)>) -
             upstream: failed.as_ref().map(|(i, _)| *i),
             upstream_error: failed.as_ref().map(|(_, f)| f.kind()),
             limited: None,
-            error: ApiError::UpstreamUnavailable(format!(
-                "all {candidates} upstream servers for model '{}' are down or loading: {}; check their SSH tunnels and llama-server processes",
-                relay.model,
-                set.describe(relay.allowed)
-            )),
+            error: ApiError::all_down(
+                &format!(
+                    "all {candidates} upstream servers for model '{}'",
+                    relay.model
+                ),
+                &set.describe(relay.allowed),
+            ),
         },
     }
 }
@@ -400,7 +406,7 @@ async fn forward(
     let mut prefix = None;
     if relay.expects_json && !is_sse {
         let status = resp.status.as_u16();
-        match read_whole(session, ctx, &mut exchange, relay, deadline).await? {
+        match read_whole(session, ctx, &mut exchange, relay, authority, deadline).await? {
             Whole::Complete(body) => {
                 let body = match check_whole(relay.dialect, status, &body, authority) {
                     Ok(None) => body,
@@ -536,9 +542,8 @@ async fn forward(
                     // whose connection closed) without `[DONE]`: the reply is
                     // incomplete, and the client must not take it as whole.
                     ctx.upstream_error = Some(UpstreamErrorKind::Reset);
-                    let err = ApiError::UpstreamBroken(format!(
-                        "the upstream at {authority} ended the stream before its end-of-stream event: the SSH tunnel or llama-server went away; the reply is incomplete"
-                    ));
+                    let err =
+                        ApiError::stream_cut(authority, "it ended before its end-of-stream event");
                     return end_broken_response(session, ctx, is_sse, err, stall).await;
                 }
                 return match write_body(session, None, true, stall, deadline).await {
@@ -567,28 +572,17 @@ async fn forward(
             Ok(Err(e)) => {
                 let err = if is_protocol_error(&e) {
                     ctx.upstream_error = Some(UpstreamErrorKind::InvalidResponse);
-                    ApiError::UpstreamBroken(format!(
-                        "the upstream at {} sent a malformed response body ({}); the reply is incomplete",
-                        authority,
-                        e.etype().as_str().to_lowercase()
-                    ))
+                    ApiError::upstream_malformed(authority, &e.etype().as_str().to_lowercase())
                 } else {
                     ctx.upstream_error = Some(UpstreamErrorKind::Reset);
-                    ApiError::UpstreamBroken(format!(
-                        "the connection to the upstream at {} broke during the response ({}): the SSH tunnel or llama-server went away; the reply is incomplete",
-                        authority,
-                        e.etype().as_str().to_lowercase()
-                    ))
+                    ApiError::stream_cut(authority, &e.etype().as_str().to_lowercase())
                 };
                 return end_broken_response(session, ctx, is_sse, err, stall).await;
             }
             Err(_) => {
                 ctx.upstream_error = Some(UpstreamErrorKind::Timeout);
-                let err = ApiError::UpstreamTimeout(format!(
-                    "the upstream at {} sent nothing for {} during the response (upstream.idle_timeout); the reply is incomplete",
-                    authority,
-                    humantime::format_duration(cfg.idle_timeout)
-                ));
+                let err =
+                    ApiError::upstream_silent(authority, cfg.idle_timeout, "upstream.idle_timeout");
                 return end_broken_response(session, ctx, is_sse, err, stall).await;
             }
         }
@@ -641,6 +635,7 @@ async fn read_whole(
     ctx: &mut RequestCtx,
     exchange: &mut Exchange,
     relay: &Relay<'_>,
+    authority: &str,
     deadline: Option<Instant>,
 ) -> Result<Whole, GatewayError> {
     let cfg = relay.upstream.config();
@@ -673,18 +668,21 @@ async fn read_whole(
                 } else {
                     UpstreamErrorKind::Reset
                 });
-                return Err(ApiError::UpstreamBroken(format!(
-                    "the upstream failed while sending its response ({}): check the SSH tunnel and llama-server",
-                    e.etype().as_str().to_lowercase()
-                ))
+                let why = e.etype().as_str().to_lowercase();
+                return Err(if protocol {
+                    ApiError::upstream_malformed(authority, &why)
+                } else {
+                    ApiError::stream_cut(authority, &why)
+                }
                 .into());
             }
             Err(_) => {
                 ctx.upstream_error = Some(UpstreamErrorKind::Timeout);
-                return Err(ApiError::UpstreamTimeout(format!(
-                    "the upstream sent nothing for {} during its response (upstream.idle_timeout)",
-                    humantime::format_duration(cfg.idle_timeout)
-                ))
+                return Err(ApiError::upstream_silent(
+                    authority,
+                    cfg.idle_timeout,
+                    "upstream.idle_timeout",
+                )
                 .into());
             }
         }
@@ -692,48 +690,4 @@ async fn read_whole(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn non_json_answers_become_errors_with_their_status() {
-        let e = check_whole(Dialect::OpenAi, 500, b"<html><h1>500</h1></html>", "up").unwrap_err();
-        assert_eq!((e.status(), e.code()), (500, "invalid_response"));
-        assert!(e.to_string().contains("<html><h1>500</h1></html>"), "{e}");
-        let e = check_whole(Dialect::OpenAi, 502, b"", "up").unwrap_err();
-        assert_eq!(e.status(), 502);
-        assert!(e.to_string().contains("an empty body"), "{e}");
-        let e = check_whole(Dialect::OpenAi, 200, b"not json", "up").unwrap_err();
-        assert_eq!((e.status(), e.code()), (502, "invalid_response"));
-        let e = check_whole(Dialect::OpenAi, 200, br#"{"choices": ["#, "up").unwrap_err();
-        assert_eq!(e.status(), 502);
-        let long = "x".repeat(10_000);
-        let e = check_whole(Dialect::OpenAi, 503, long.as_bytes(), "up").unwrap_err();
-        assert!(e.to_string().len() < 400);
-    }
-
-    #[test]
-    fn json_passes_and_anthropic_errors_are_reshaped() {
-        assert_eq!(
-            check_whole(Dialect::OpenAi, 200, br#"{"a":1}"#, "up"),
-            Ok(None)
-        );
-        assert_eq!(
-            check_whole(Dialect::OpenAi, 400, br#"{"error":{}}"#, "up"),
-            Ok(None)
-        );
-        let llama = br#"{"error":{"code":400,"message":"the prompt is too long","type":"invalid_request_error"}}"#;
-        let out = check_whole(Dialect::Anthropic, 400, llama, "up")
-            .unwrap()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert_eq!(v["error"]["message"], "the prompt is too long");
-        let anthropic = br#"{"type":"error","error":{"type":"x","message":"y"}}"#;
-        assert_eq!(
-            check_whole(Dialect::Anthropic, 400, anthropic, "up"),
-            Ok(None)
-        );
-    }
-}
+mod tests;
