@@ -89,3 +89,38 @@ fn unknown_values_do_not_add_series() {
     }
     assert_eq!(m.series_count(), before);
 }
+
+#[test]
+fn help_texts_list_every_label_the_code_emits() {
+    let m = Metrics::new(["qwen"], ["alice"], ["gpu"]);
+    for reason in LimitReason::ALL {
+        m.rate_limited(Some("alice"), *reason);
+    }
+    let text = String::from_utf8(m.render()).unwrap();
+    let help = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("# HELP {name} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    for reason in LimitReason::ALL {
+        assert!(
+            help("llm_edge_rate_limited_total").contains(reason.as_str()),
+            "{reason:?}"
+        );
+    }
+    for kind in UpstreamErrorKind::ALL {
+        assert!(help("llm_edge_upstream_errors_total").contains(kind.as_str()));
+        // created at 0 for every configured server
+        assert!(text.contains(&format!(
+            "llm_edge_upstream_errors_total{{kind=\"{}\",upstream=\"gpu\"}} 0",
+            kind.as_str()
+        )));
+    }
+    for reason in AuthFailure::ALL {
+        assert!(text.contains(&format!(
+            "llm_edge_auth_failures_total{{reason=\"{}\"}} 0",
+            reason.as_str()
+        )));
+    }
+}
