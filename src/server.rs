@@ -1,4 +1,8 @@
-//! Builds and runs the Pingora server from a validated [`Config`].
+//! Builds and runs the Pingora server from a validated [`Config`], and keeps
+//! "a running process" meaning "a serving gateway": a listener that cannot be
+//! bound ends the process with its address and reason, a stop or hand-over
+//! ends it as soon as nothing is in flight (the grace period is only the upper
+//! bound for streams still running), and SIGHUP is logged, not fatal.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +37,23 @@ fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
 
 /// Serves until stopped (SIGTERM/SIGINT) or upgraded away (SIGQUIT); never returns.
 pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
+    // On an upgrade the old process still holds the ports and hands them over.
+    if !upgrade {
+        let mut addrs = vec![("listen", cfg.listen.as_str())];
+        if let Some(tls) = &cfg.tls {
+            addrs.push(("tls.listen", tls.listen.as_str()));
+        }
+        if let Some(m) = &cfg.metrics.listen {
+            addrs.push(("metrics.listen", m.as_str()));
+        }
+        for (what, addr) in addrs {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                log::error!("cannot listen on {addr} ({what}): {e}; is another process (an older llm-edge?) using it?");
+                eprintln!("llm-edge: cannot listen on {addr} ({what}): {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let opt = Opt {
         upgrade,
         daemon,
@@ -102,6 +123,12 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
         service.add_tls_with_settings(&tls.listen, None, settings);
     }
     server.add_service(service);
+    server.add_service(pingora_core::services::background::background_service(
+        "lifecycle",
+        Lifecycle {
+            state: state.clone(),
+        },
+    ));
     if !state.upstream.is_single() {
         server.add_service(pingora_core::services::background::background_service(
             "upstream health checks",
@@ -124,6 +151,54 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
         server.add_service(metrics_service);
     }
     server.run_forever()
+}
+
+/// Logs SIGHUP instead of dying of it, and ends the process as soon as a
+/// stop (SIGTERM, SIGINT) or a hand-over (SIGQUIT, after the sockets went to
+/// the new process) leaves no request in flight. Pingora alone would sleep
+/// the whole `grace_period_seconds` first, refusing connections all along.
+struct Lifecycle {
+    state: Arc<GatewayState>,
+}
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for Lifecycle {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).ok();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    log::warn!("SIGHUP ignored: to reload, run `systemctl reload llm-edge` (validates the config, then hands the sockets to a new process with --upgrade); see the README");
+                }
+            }
+        }
+        // Two quiet readings in a row: a request between accept and its
+        // first phase is not counted yet, so give it a moment to show up.
+        let mut quiet = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.state.metrics.requests_in_flight() > 0 {
+                quiet = 0;
+                continue;
+            }
+            quiet += 1;
+            if quiet >= 2 {
+                log::info!("stopping: no request in flight");
+                // Only our own: after a hand-over the new process has
+                // written its pid to the same file.
+                let pid_file = &self.state.cfg.server.pid_file;
+                let ours = std::fs::read_to_string(pid_file)
+                    .is_ok_and(|p| p.trim() == std::process::id().to_string());
+                if ours {
+                    let _ = std::fs::remove_file(pid_file);
+                }
+                log::logger().flush();
+                std::process::exit(0);
+            }
+        }
+    }
 }
 
 /// Pingora's proxy app, with `downstream.read_timeout` applied while the

@@ -327,6 +327,11 @@ impl Metrics {
         StreamGuard(gauge)
     }
 
+    /// Requests between their first phase and their logging, now.
+    pub fn requests_in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
     pub fn request_started(&self) -> InFlightGuard {
         self.in_flight.inc();
         InFlightGuard(self.in_flight.clone())
