@@ -271,15 +271,11 @@ impl ApiError {
                 Bytes::from(self.anthropic_json(request_id).to_string()),
             ),
             Dialect::Responses => {
-                let openai: serde_json::Value =
-                    serde_json::from_slice(&self.body(request_id)).unwrap_or_default();
-                let v = json!({
-                    "type": "error",
-                    "code": self.code(),
-                    "message": self.to_string(),
-                    "param": self.param(),
-                    "error": openai["error"],
-                });
+                let mut v = self.json(request_id);
+                v["type"] = json!("error");
+                v["code"] = json!(self.code());
+                v["message"] = json!(self.to_string());
+                v["param"] = json!(self.param());
                 (b"event: error\ndata: ", Bytes::from(v.to_string()))
             }
         };

@@ -28,7 +28,6 @@ use crate::labels::UpstreamErrorKind;
 use crate::metrics::RequestRecord;
 use crate::state::GatewayState;
 use ctx::{RequestCtx, CLIENT_CLOSED_REQUEST};
-use serve::client_keeps_alive;
 
 pub mod ctx;
 mod health;
@@ -63,7 +62,7 @@ impl ProxyHttp for GatewayProxy {
         session.set_read_timeout(Some(self.state.cfg.downstream.read_timeout));
         let req = session.req_header();
         ctx.http10 = !session.is_http2() && req.version == http::Version::HTTP_10;
-        if client_keeps_alive(ctx.http10, &req.headers) {
+        if crate::policy::headers::client_keeps_alive(ctx.http10, &req.headers) {
             session.set_keepalive(Some(
                 self.state.cfg.downstream.keepalive_timeout.as_secs().max(1),
             ));

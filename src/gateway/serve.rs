@@ -128,17 +128,9 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<&'k ApiKey, GatewayError> {
         let headers = &session.req_header().headers;
-        let authorization: Vec<&[u8]> = headers
-            .get_all("authorization")
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        let x_api_key: Vec<&[u8]> = headers
-            .get_all("x-api-key")
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        let token = crate::policy::auth::presented_token(&authorization, &x_api_key)?;
+        let values = |name| headers.get_all(name).into_iter().map(|v| v.as_bytes());
+        let token =
+            crate::policy::auth::presented_token(values("authorization"), values("x-api-key"))?;
         match self.state.cfg.keys.authenticate_token(token) {
             Ok(key) => Ok(key),
             Err(e) => {
@@ -189,12 +181,7 @@ impl GatewayProxy {
             .into());
         }
         // Only generations have a token ceiling; each dialect inserts its own field.
-        let insert_as = match api_route {
-            Route::Messages => Some(body::InsertAs::AnthropicMaxTokens),
-            Route::Responses => Some(body::InsertAs::MaxOutputTokens),
-            Route::ChatCompletions | Route::Completions => Some(body::InsertAs::MaxTokens),
-            _ => None,
-        };
+        let insert_as = api_route.ceiling_field();
         let max_tokens = match insert_as {
             Some(_) => limits::max_tokens_to_send(&self.state.limiter.key_limits(&key.id), &info)?,
             None => None,
@@ -337,23 +324,6 @@ pub(super) fn refusal_error(ctx: &mut RequestCtx, refusal: limits::Refusal) -> A
     ApiError::RateLimited {
         message: refusal.message,
         retry_after: refusal.retry_after.as_secs_f64().ceil() as u64,
-    }
-}
-
-/// HTTP/1.1 keeps a connection unless the client says `close`; HTTP/1.0
-/// only when it asks for `keep-alive`.
-pub(super) fn client_keeps_alive(http10: bool, headers: &http::HeaderMap) -> bool {
-    let says = |word: &str| {
-        headers.get_all(http::header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(word.as_bytes()))
-        })
-    };
-    if http10 {
-        says("keep-alive")
-    } else {
-        !says("close")
     }
 }
 

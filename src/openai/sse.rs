@@ -802,11 +802,6 @@ pub enum Accounting {
 }
 
 impl Accounting {
-    /// [`Accounting::for_dialect`] for the OpenAI dialect.
-    pub fn for_response(is_sse: bool, content_type: &str) -> Accounting {
-        Accounting::for_dialect(Dialect::OpenAi, is_sse, content_type)
-    }
-
     /// The reader for a response of a route that speaks `dialect`: an SSE
     /// stream, a JSON body, or nothing to read.
     pub fn for_dialect(dialect: Dialect, is_sse: bool, content_type: &str) -> Accounting {

@@ -174,18 +174,12 @@ impl KeyTable {
 /// different keys, is ambiguous (a proxy on the way may read another one
 /// than we do) and refused with 400.
 pub fn presented_token<'a>(
-    authorization: &[&'a [u8]],
-    x_api_key: &[&'a [u8]],
+    authorization: impl IntoIterator<Item = &'a [u8]>,
+    x_api_key: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Option<&'a [u8]>, ApiError> {
-    if authorization.len() > 1 || x_api_key.len() > 1 {
-        return Err(ApiError::InvalidRequest(
-            "the request carries more than one Authorization or x-api-key header; send the key exactly once".into(),
-        ));
-    }
-    let bearer = authorization.first().and_then(|v| bearer_token(v));
-    let x_key = x_api_key
-        .first()
-        .map(|v| v.trim_ascii())
+    let bearer = only_one(authorization)?.and_then(bearer_token);
+    let x_key = only_one(x_api_key)?
+        .map(<[u8]>::trim_ascii)
         .filter(|v| !v.is_empty());
     match (bearer, x_key) {
         (Some(a), Some(b)) if a != b => Err(ApiError::InvalidRequest(
@@ -193,6 +187,18 @@ pub fn presented_token<'a>(
         )),
         (a, b) => Ok(a.or(b)),
     }
+}
+
+/// The single value of a header, if any (no allocation: this runs per request).
+fn only_one<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Result<Option<&'a [u8]>, ApiError> {
+    let mut values = values.into_iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "the request carries more than one Authorization or x-api-key header; send the key exactly once".into(),
+        ));
+    }
+    Ok(first)
 }
 
 /// The token of `Bearer <token>` (scheme case-insensitive), if well-formed.
@@ -211,6 +217,9 @@ mod tests {
 
     #[test]
     fn one_credential_only() {
+        let presented_token = |a: &[&'static [u8]], x: &[&'static [u8]]| {
+            super::presented_token(a.iter().copied(), x.iter().copied())
+        };
         let (a, b): (&[u8], &[u8]) = (b"Bearer sk-a", b"Bearer sk-b");
         assert_eq!(presented_token(&[a], &[]).unwrap(), Some(&b"sk-a"[..]));
         assert_eq!(

@@ -94,6 +94,16 @@ pub struct Uploads {
     ips: Inflight,
 }
 
+fn too_many(reason: LimitReason, who: &str, max: u32, setting: &str) -> Refusal {
+    Refusal {
+        reason,
+        message: format!(
+            "{who} is already sending {max} request bodies at once (limits.{setting}); retry when one has arrived"
+        ),
+        retry_after: Duration::from_secs(1),
+    }
+}
+
 /// One body being received; released when dropped.
 pub struct UploadSlot(#[allow(dead_code)] Vec<Guard>);
 
@@ -120,26 +130,25 @@ impl Uploads {
             let (guard, n) = self.keys.incr(key, 1);
             guards.push(guard);
             if n > max as isize {
-                return Err(Refusal {
-                    reason: LimitReason::KeyUploads,
-                    message: format!(
-                        "the API key '{key}' is already sending {max} request bodies at once (limits.max_uploads_per_key); retry when one has arrived"
-                    ),
-                    retry_after: Duration::from_secs(1),
-                });
+                let who = format!("the API key '{key}'");
+                return Err(too_many(
+                    LimitReason::KeyUploads,
+                    &who,
+                    max,
+                    "max_uploads_per_key",
+                ));
             }
         }
         if let (Some(max), Some(ip)) = (self.per_ip, ip) {
             let (guard, n) = self.ips.incr(ip, 1);
             guards.push(guard);
             if n > max as isize {
-                return Err(Refusal {
-                    reason: LimitReason::IpUploads,
-                    message: format!(
-                        "this address is already sending {max} request bodies at once (limits.max_uploads_per_ip); retry when one has arrived"
-                    ),
-                    retry_after: Duration::from_secs(1),
-                });
+                return Err(too_many(
+                    LimitReason::IpUploads,
+                    "this address",
+                    max,
+                    "max_uploads_per_ip",
+                ));
             }
         }
         Ok(UploadSlot(guards))

@@ -60,12 +60,26 @@ const KEY_PARAMS: &[&str] = &[
 
 /// Whether `name` is hop-by-hop: always, or because `Connection` names it.
 fn hop_by_hop(name: &str, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(&name)
-        || headers.get_all(http::header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-        })
+    HOP_BY_HOP.contains(&name) || connection_has(headers, name)
+}
+
+/// Whether a `Connection` header lists `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(http::header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// HTTP/1.1 keeps a connection unless the client says `close`; HTTP/1.0
+/// only when it asks for `keep-alive`.
+pub fn client_keeps_alive(http10: bool, headers: &HeaderMap) -> bool {
+    if http10 {
+        connection_has(headers, "keep-alive")
+    } else {
+        !connection_has(headers, "close")
+    }
 }
 
 /// What goes upstream besides the client's end-to-end headers.

@@ -19,6 +19,7 @@
 //! Pingora types.
 
 use crate::errors::ApiError;
+use crate::openai::body::InsertAs;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -137,10 +138,18 @@ impl Route {
     /// Routes that make llama-server generate tokens: the key's token
     /// ceiling applies, and their responses are read for token accounting.
     pub fn generates(&self) -> bool {
-        matches!(
-            self,
-            Route::ChatCompletions | Route::Completions | Route::Responses | Route::Messages
-        )
+        self.ceiling_field().is_some()
+    }
+
+    /// How a generating route writes the key's token ceiling into a body
+    /// that has none (each dialect has its own field); `None` for the rest.
+    pub fn ceiling_field(&self) -> Option<InsertAs> {
+        match self {
+            Route::Messages => Some(InsertAs::AnthropicMaxTokens),
+            Route::Responses => Some(InsertAs::MaxOutputTokens),
+            Route::ChatCompletions | Route::Completions => Some(InsertAs::MaxTokens),
+            _ => None,
+        }
     }
 
     /// Token-counting routes: requests, never generations.
@@ -172,10 +181,6 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(passthrough: Vec<String>) -> RouteTable {
         RouteTable { passthrough }
-    }
-
-    pub fn passthrough(&self) -> &[String] {
-        &self.passthrough
     }
 
     /// Classifies a request by method and path (the query, if any, is

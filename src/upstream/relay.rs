@@ -85,6 +85,26 @@ async fn write_body(
     }
 }
 
+/// Writes the client's response header (with the request id and CORS policy).
+async fn write_header(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    cors: &CorsPolicy,
+    mut resp: pingora_http::ResponseHeader,
+) -> Result<(), GatewayError> {
+    headers::finish_client_response(
+        &mut resp,
+        ctx.request_id.as_deref(),
+        cors,
+        ctx.cors_origin.as_deref(),
+    )?;
+    ctx.status = Some(resp.status.as_u16());
+    session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))
+}
+
 /// Whether an SSE stream already told the client how it ends: llama-server's
 /// `data: [DONE]`, or an error event of its own.
 fn stream_ended(accounting: &Accounting) -> bool {
@@ -159,8 +179,10 @@ fn check_whole(
     body: &[u8],
     authority: &str,
 ) -> Result<Option<Bytes>, ApiError> {
-    let parsed = serde_json::from_slice::<serde_json::Value>(body);
-    let Ok(value) = parsed else {
+    // Only checked (no tree built): the accounting parses the body anyway,
+    // and most answers are passed on as they are.
+    let valid = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    if !valid {
         let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]);
         let excerpt = text.split_whitespace().collect::<Vec<_>>().join(" ");
         let said = if excerpt.is_empty() {
@@ -181,8 +203,12 @@ fn check_whole(
                 message: format!("the upstream at {authority} answered {status} with {said}"),
             }
         });
-    };
-    if dialect == Dialect::Anthropic && status >= 400 && value.get("type").is_none() {
+    }
+    if dialect != Dialect::Anthropic || status < 400 {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    if value.get("type").is_none() {
         // llama-server writes its own (OpenAI-like) error shape on every
         // route; Anthropic clients read `{"type":"error","error":{...}}`.
         let message = value["error"]["message"]
@@ -426,18 +452,8 @@ async fn forward(
                 ctx.accounting.feed(&body);
                 resp.remove_header("transfer-encoding");
                 resp.insert_header("Content-Length", body.len().to_string())?;
-                headers::finish_client_response(
-                    &mut resp,
-                    ctx.request_id.as_deref(),
-                    relay.cors,
-                    ctx.cors_origin.as_deref(),
-                )?;
-                ctx.status = Some(resp.status.as_u16());
                 ctx.bytes_out += body.len();
-                session
-                    .write_response_header(Box::new(resp), false)
-                    .await
-                    .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
+                write_header(session, ctx, relay.cors, resp).await?;
                 return match write_body(session, Some(body), true, cfg.idle_timeout, deadline).await
                 {
                     Ok(()) => {
@@ -460,17 +476,7 @@ async fn forward(
         // No chunked coding for HTTP/1.0: the close ends the body.
         session.set_keepalive(None);
     }
-    headers::finish_client_response(
-        &mut resp,
-        ctx.request_id.as_deref(),
-        relay.cors,
-        ctx.cors_origin.as_deref(),
-    )?;
-    ctx.status = Some(resp.status.as_u16());
-    session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
+    write_header(session, ctx, relay.cors, resp).await?;
     if let Some(start) = prefix {
         ctx.bytes_out += start.len();
         ctx.accounting.feed(&start);

@@ -668,7 +668,7 @@ fn accounting_follows_the_dialect() {
         ));
     }
     assert!(matches!(
-        Accounting::for_response(true, ""),
+        Accounting::for_dialect(Dialect::OpenAi, true, ""),
         Accounting::Sse(SseScanner {
             dialect: Dialect::OpenAi,
             ..
