@@ -10,14 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::gateway::setup;
 use support::gateway::{Gateway, KEY, KEY_LIMITED};
-use support::http::status_of;
+use support::http::{chat, post_chat, status_of};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn chat_body(model: &str, stream: bool) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
-        .to_string()
-}
 
 /// Writes `request` and reads until the gateway closes the connection (or
 /// `limit` passes): the whole reply, and whether it was closed.
@@ -61,13 +56,7 @@ async fn slow_uploads_cannot_exhaust_the_body_budget() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // another key's chat is served while they trickle
     let started = Instant::now();
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY_LIMITED)
-        .body(chat_body("small", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw, KEY_LIMITED, chat("small", false), &[]).await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     // and the uploads do not live forever: the whole-body deadline ends them
     for mut s in attackers {
@@ -106,14 +95,7 @@ async fn bodies_being_received_at_once_are_capped_per_key() {
         held.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c = reqwest::Client::new();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .body(chat_body("qwen", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw, KEY, chat("qwen", false), &[]).await;
     assert_eq!(resp.status(), 429);
     let body: Value = resp.json().await.unwrap();
     assert!(body["error"]["message"]
@@ -121,13 +103,7 @@ async fn bodies_being_received_at_once_are_capped_per_key() {
         .unwrap()
         .contains("max_uploads_per_key"));
     // another key is not affected
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY_LIMITED)
-        .body(chat_body("small", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw, KEY_LIMITED, chat("small", false), &[]).await;
     assert_eq!(resp.status(), 200);
     drop(held);
 }
@@ -136,7 +112,7 @@ async fn bodies_being_received_at_once_are_capped_per_key() {
 async fn http10_clients_get_no_chunked_coding_and_a_closed_connection() {
     let (_mock, gw) = setup("routes:\n  passthrough: [/props]\n").await;
     for stream in [true, false] {
-        let body = chat_body("qwen", stream);
+        let body = chat("qwen", stream);
         let req = format!(
             "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -181,14 +157,7 @@ async fn non_json_upstream_answers_become_json_errors_in_the_clients_dialect() {
         ("broken-json-500", 500, "invalid_response"),
         ("html-500", 500, "invalid_response"),
     ] {
-        let resp = c
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .bearer_auth(KEY)
-            .header("x-mock-fault", fault)
-            .body(chat_body("qwen", false))
-            .send()
-            .await
-            .unwrap();
+        let resp = post_chat(&gw, KEY, chat("qwen", false), &[("x-mock-fault", fault)]).await;
         assert_eq!(resp.status().as_u16(), status, "{fault}");
         assert!(resp.headers()["content-type"]
             .to_str()
@@ -241,7 +210,7 @@ async fn broken_request_framing_gets_a_400_on_every_route() {
 #[tokio::test]
 async fn credentials_must_be_unambiguous_and_never_travel_on() {
     let (mock, gw) = setup("").await;
-    let body = chat_body("qwen", false);
+    let body = chat("qwen", false);
     for extra in [
         format!("Authorization: Bearer {KEY}\r\nAuthorization: Bearer sk-other\r\n"),
         format!("Authorization: Bearer {KEY}\r\nx-api-key: sk-other\r\n"),
@@ -274,20 +243,15 @@ async fn credentials_must_be_unambiguous_and_never_travel_on() {
 #[tokio::test]
 async fn forwarding_and_hop_by_hop_headers_are_scrubbed_both_ways() {
     let (mock, gw) = setup("").await;
-    let c = reqwest::Client::new();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("X-Forwarded-For", "6.6.6.6")
-        .header("Forwarded", "for=6.6.6.6")
-        .header("X-Real-IP", "6.6.6.6")
-        .header("Connection", "keep-alive, X-Secret-Hop")
-        .header("X-Secret-Hop", "1")
-        .header("x-mock-fault", "hop-headers")
-        .body(chat_body("qwen", false))
-        .send()
-        .await
-        .unwrap();
+    let headers = [
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("Connection", "keep-alive, X-Secret-Hop"),
+        ("X-Secret-Hop", "1"),
+        ("x-mock-fault", "hop-headers"),
+    ];
+    let resp = post_chat(&gw, KEY, chat("qwen", false), &headers).await;
     assert_eq!(resp.status(), 200);
     for gone in ["x-hop-secret", "keep-alive"] {
         assert!(
@@ -311,25 +275,12 @@ async fn forwarding_and_hop_by_hop_headers_are_scrubbed_both_ways() {
 #[tokio::test]
 async fn a_request_written_whole_is_never_sent_twice() {
     let (mock, gw) = setup("").await;
-    let c = reqwest::Client::new();
     // pool a connection first
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .body(chat_body("qwen", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw, KEY, chat("qwen", false), &[]).await;
     assert_eq!(resp.status(), 200);
     let before = mock.requests().len();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .bearer_auth(KEY)
-        .header("x-mock-fault", "close-after-request")
-        .body(chat_body("qwen", false))
-        .send()
-        .await
-        .unwrap();
+    let fault = [("x-mock-fault", "close-after-request")];
+    let resp = post_chat(&gw, KEY, chat("qwen", false), &fault).await;
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
