@@ -11,7 +11,6 @@ use super::ctx::{DisconnectPhase, RequestCtx};
 use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
 use crate::policy::cors::CorsPolicy;
-use crate::policy::headers;
 use crate::policy::routes::{Dialect, Route};
 
 /// How long, after answering 413, we keep reading (and discarding) what the
@@ -88,22 +87,13 @@ pub(super) async fn write_response(
     session: &mut Session,
     ctx: &mut RequestCtx,
     cors: &CorsPolicy,
-    mut resp: ResponseHeader,
+    resp: ResponseHeader,
     body: Bytes,
 ) -> Result<(), GatewayError> {
-    headers::finish_client_response(
-        &mut resp,
-        ctx.request_id.as_deref(),
-        cors,
-        ctx.cors_origin.as_deref(),
-    )?;
-    ctx.status = Some(resp.status.as_u16());
     ctx.bytes_out += body.len();
-    let written = async {
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
-    };
-    written
+    crate::upstream::relay::write_header(session, ctx, cors, resp).await?;
+    session
+        .write_response_body(Some(body), true)
         .await
         .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))
 }

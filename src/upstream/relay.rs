@@ -85,8 +85,10 @@ async fn write_body(
     }
 }
 
-/// Writes the client's response header (with the request id and CORS policy).
-async fn write_header(
+/// Writes the client's response header, with what every response carries
+/// whoever wrote it (the request id, the gateway's CORS policy), and records
+/// its status.
+pub async fn write_header(
     session: &mut Session,
     ctx: &mut RequestCtx,
     cors: &CorsPolicy,
