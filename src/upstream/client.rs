@@ -186,6 +186,16 @@ impl UpstreamClient {
                         "pooled upstream connection was stale ({e}); retrying on a new one"
                     );
                 }
+                Err((failure @ UpstreamFailure::NoResponse(_), Stage::Written)) => {
+                    // Not re-sent (it may be running); said at info so a 502
+                    // from a pooled connection can be told from a fresh one's.
+                    log::info!(
+                        "a pooled connection to {} closed after the request was written, without answering ({}); not re-sent",
+                        self.server.authority,
+                        failure.short_reason()
+                    );
+                    return Err(failure);
+                }
                 Err((other, _)) => return Err(other),
             }
         }
