@@ -39,6 +39,9 @@ fn main() -> ExitCode {
         }
     }
     if cli.validate {
+        for warning in cfg.startup_warnings() {
+            eprintln!("llm-edge: warning: {warning}");
+        }
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }

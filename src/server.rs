@@ -62,8 +62,8 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&cfg, daemon));
     server.bootstrap();
     let listen = cfg.listen.clone();
-    if cfg.keys.is_empty() && !cfg.keys.allows_anonymous() {
-        log::warn!("no API keys are configured: every /v1 request will be refused with 401; set API_KEYS or add keys to the config");
+    for warning in cfg.startup_warnings() {
+        log::warn!("{warning}");
     }
     let upstreams: Vec<String> = cfg
         .upstream

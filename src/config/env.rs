@@ -1,5 +1,5 @@
 //! The environment: the seed's variables (`LLAMA_BASE_URL`, `DEFAULT_MODEL`,
-//! `API_KEYS`) laid over the file before validation.
+//! `API_KEYS`) and `LISTEN` laid over the file before validation.
 //!
 //! It only edits the file schema; it must not import the runtime types or the
 //! validation, and it reads the process environment only through
@@ -15,8 +15,12 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// The seed's variables: `LLAMA_BASE_URL`, `DEFAULT_MODEL`, `API_KEYS`.
+/// The seed's variables (`LLAMA_BASE_URL`, `DEFAULT_MODEL`, `API_KEYS`)
+/// and `LISTEN`.
 pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
+    if let Some(listen) = env("LISTEN") {
+        file.listen = listen.trim().to_string();
+    }
     if let Some(url) = env("LLAMA_BASE_URL") {
         file.upstream.url = Some(url.trim().to_string());
     }
@@ -49,4 +53,25 @@ pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
         }
     }
     file
+}
+
+/// Warnings about `API_KEYS` values that look like placeholders. Only the
+/// key's log id is named, never its value.
+pub fn env_warnings(env: Env) -> Vec<String> {
+    let Some(keys) = env("API_KEYS") else {
+        return Vec::new();
+    };
+    keys.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .enumerate()
+        .filter_map(|(i, secret)| {
+            auth::placeholder_reason(secret).map(|why| {
+                format!(
+                    "API_KEYS: key env-{} looks like a placeholder ({why}); anyone may guess it: make a real one with `llm-edge gen-key`",
+                    i + 1
+                )
+            })
+        })
+        .collect()
 }

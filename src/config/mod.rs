@@ -34,7 +34,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use env::{apply_env, process_env, Env};
+pub use env::{apply_env, env_warnings, process_env, Env};
 pub use runtime::{Config, Downstream, Limits, MetricsConfig, TlsConfig, Upstream, UpstreamServer};
 pub use schema::{
     parse_yaml, CorsSection, DownstreamSection, FileConfig, KeyLimitsSection, KeySection,
@@ -43,7 +43,9 @@ pub use schema::{
 };
 pub use secret::Secret;
 
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+/// Loopback: a first run is not on the internet until the operator says so
+/// (`listen`, `LISTEN` or `--listen`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8080";
 pub const DEFAULT_MODEL: &str = "local";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
@@ -74,8 +76,34 @@ impl Config {
                 parse_yaml(&text)?
             }
         };
-        apply_env(file, env).validate()
+        let mut cfg = apply_env(file, env).validate()?;
+        cfg.warnings = env_warnings(env);
+        Ok(cfg)
     }
+
+    /// What the operator should hear about at start-up: placeholder keys, no
+    /// keys at all, anonymous access on a listener other hosts can reach.
+    pub fn startup_warnings(&self) -> Vec<String> {
+        let mut out = self.warnings.clone();
+        if self.keys.is_empty() && !self.keys.allows_anonymous() {
+            out.push("no API keys are configured: every /v1 request will be refused with 401; set API_KEYS or add keys to the config".into());
+        }
+        if self.keys.allows_anonymous() {
+            let listeners = std::iter::once(("listen", &self.listen))
+                .chain(self.tls.as_ref().map(|t| ("tls.listen", &t.listen)));
+            for (what, addr) in listeners {
+                if !is_loopback(addr) {
+                    out.push(format!("allow_anonymous is on and {what} {addr} is not a loopback address: anyone who can reach it may use the models without a key"));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 impl Config {

@@ -91,6 +91,9 @@ pub struct Config {
     pub cors: CorsPolicy,
     pub tls: Option<TlsConfig>,
     pub routes: RouteTable,
+    /// Found while loading (the environment's keys); logged at start-up
+    /// with [`Config::startup_warnings`].
+    pub warnings: Vec<String>,
 }
 
 /// The optional TLS listener (rustls; HTTP/2 over ALPN when `http2`).

@@ -16,9 +16,9 @@ fn load_str(yaml: &str) -> Result<Config, ConfigError> {
 }
 
 #[test]
-fn defaults_listen_on_8000_and_forward_to_8080() {
+fn defaults_listen_on_loopback_8000_and_forward_to_8080() {
     let c = Config::load(None, &no_env).unwrap();
-    assert_eq!(c.listen, "0.0.0.0:8000");
+    assert_eq!(c.listen, "127.0.0.1:8000");
     assert_eq!(
         c.upstream.servers[0].addr,
         "127.0.0.1:8080".parse().unwrap()
@@ -317,4 +317,61 @@ fn secrets_never_print() {
     assert_eq!(format!("{secret}"), "***");
     assert_eq!(format!("{secret:?}"), "Secret(\"***\")");
     assert_eq!(secret.expose(), own);
+}
+
+#[test]
+fn documented_example_keys_are_refused_naming_the_key() {
+    for example in auth::EXAMPLE_KEYS {
+        let e = load_str(&format!(
+            "keys:\n  - id: mine\n    sha256: {}\n",
+            auth::digest_hex(example)
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "keys[0].sha256");
+        assert!(
+            e.message.contains("'mine'") && e.message.contains("gen-key"),
+            "{e}"
+        );
+    }
+    let env = |name: &str| (name == "API_KEYS").then(|| "sk-change-me".to_string());
+    let e = Config::load(None, &env).unwrap_err();
+    assert!(e.message.contains("'env-1'"), "{e}");
+}
+
+#[test]
+fn placeholder_keys_from_the_environment_are_warned_about_by_id() {
+    let keys =
+        "sk-edge-0123456789abcdef0123456789abcdef, short, sk-please-CHANGE-ME-before-production";
+    let env = |name: &str| (name == "API_KEYS").then(|| keys.to_string());
+    let c = Config::load(None, &env).unwrap();
+    let warnings = c.startup_warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("env-2") && warnings[0].contains("shorter than 24"));
+    assert!(warnings[1].contains("env-3") && warnings[1].contains("placeholder word"));
+    assert!(!warnings
+        .iter()
+        .any(|w| w.contains("short,") || w.contains("CHANGE")));
+}
+
+#[test]
+fn listen_comes_from_the_environment_and_anonymous_on_it_is_warned_about() {
+    let env = |name: &str| (name == "LISTEN").then(|| " 0.0.0.0:9000 ".to_string());
+    let file = parse_yaml("allow_anonymous: true\n").unwrap();
+    let mut c = apply_env(file, &env).validate().unwrap();
+    assert_eq!(c.listen, "0.0.0.0:9000");
+    let warnings = c.startup_warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("allow_anonymous") && w.contains("0.0.0.0:9000")),
+        "{warnings:?}"
+    );
+    c.set_listen("[::1]:9000").unwrap();
+    assert!(
+        c.startup_warnings().is_empty(),
+        "{:?}",
+        c.startup_warnings()
+    );
+    let none = load_str("").unwrap();
+    assert!(none.startup_warnings()[0].contains("no API keys"));
 }

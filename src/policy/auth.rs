@@ -76,6 +76,40 @@ pub fn digest_hex(secret: &str) -> String {
     hex::encode(digest(secret))
 }
 
+/// Keys printed in llm-edge's own documentation and example config: anyone
+/// can read them, so a configured key with one of these digests is refused.
+pub const EXAMPLE_KEYS: &[&str] = &[
+    "sk-example-change-me",
+    "sk-change-me",
+    "sk-your-secret",
+    "change-me",
+];
+
+/// The documented example key whose digest this is, if any.
+pub fn example_key_for(digest: &[u8; 32]) -> Option<&'static str> {
+    EXAMPLE_KEYS
+        .iter()
+        .copied()
+        .find(|k| self::digest(k) == *digest)
+}
+
+/// Why a secret looks like a placeholder rather than a real key, if it does.
+/// Keys from `gen-key` are 72 characters of which 64 are random hex.
+pub fn placeholder_reason(secret: &str) -> Option<&'static str> {
+    const MIN_LEN: usize = 24;
+    let lower = secret.to_ascii_lowercase();
+    if ["change-me", "changeme", "example", "placeholder", "secret"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        Some("it contains a placeholder word")
+    } else if secret.len() < MIN_LEN {
+        Some("it is shorter than 24 characters")
+    } else {
+        None
+    }
+}
+
 /// A new random key: `sk-edge-` and 256 bits from the OS, hex-encoded.
 pub fn generate_key() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];

@@ -118,6 +118,7 @@ impl Gateway {
             .arg(addr.to_string())
             .env("RUST_LOG", "info")
             .env_remove("API_KEYS")
+            .env_remove("LISTEN")
             .env_remove("LLAMA_BASE_URL")
             .env_remove("DEFAULT_MODEL")
             .stdin(Stdio::null())

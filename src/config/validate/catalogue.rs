@@ -13,7 +13,7 @@ use crate::config::runtime::UpstreamServer;
 use crate::config::schema::{KeySection, ModelSection};
 use crate::config::{err, ConfigError, DEFAULT_MODEL};
 use crate::openai::models::{Catalogue, ModelRoute};
-use crate::policy::auth::{ApiKey, KeyTable};
+use crate::policy::auth::{self, ApiKey, KeyTable};
 use crate::policy::limits::KeyLimits;
 
 pub(super) fn validate_models(
@@ -156,6 +156,12 @@ pub(super) fn validate_keys(
                 "must be 64 hex characters: the SHA-256 of the key, as printed by `llm-edge hash-key`",
             )
         })?;
+        if let Some(example) = auth::example_key_for(&digest) {
+            return Err(err(
+                format!("keys[{i}].sha256"),
+                format!("key '{}' is the example key \"{example}\" from llm-edge's documentation, which anyone can read; make a key of your own with `llm-edge gen-key --id {}`", k.id, k.id),
+            ));
+        }
         if !digests.insert(digest) {
             return Err(err(
                 format!("keys[{i}].sha256"),
