@@ -50,6 +50,25 @@ pub enum Command {
     },
     /// Diagnose a gateway from a client machine: connection, auth, models, chat, streaming.
     Check(CheckArgs),
+    /// Print the usage ledger (from the config's state_dir): requests and
+    /// tokens per key, model or day.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UsageArgs {
+    /// How far back (e.g. 24h, 7d, 30d).
+    #[arg(long, default_value = "7d")]
+    pub since: String,
+    /// Only this key id.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Group by key, model or day.
+    #[arg(long, default_value = "key", value_parser = ["key", "model", "day"])]
+    pub by: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]

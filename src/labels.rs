@@ -60,6 +60,9 @@ label_enum! {
         IpConcurrency => "ip_concurrency",
         KeyUploads => "key_uploads",
         IpUploads => "ip_uploads",
+        KeyTokensPerMinute => "key_tokens_per_minute",
+        KeyTokensPerDay => "key_tokens_per_day",
+        KeyTokensPerMonth => "key_tokens_per_month",
     }
 }
 
@@ -100,7 +103,7 @@ mod tests {
             sorted.dedup();
             assert_eq!(sorted.len(), list.len(), "{list:?}");
         }
-        assert_eq!(LimitReason::ALL.len(), 9);
+        assert_eq!(LimitReason::ALL.len(), 12);
         assert!(LimitReason::list().contains("ip_uploads"));
     }
 }

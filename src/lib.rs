@@ -22,6 +22,7 @@ pub mod config;
 pub mod errors;
 pub mod gateway;
 pub mod labels;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod openai;

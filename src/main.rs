@@ -22,6 +22,9 @@ fn main() -> ExitCode {
         Some(Command::HashKey) => return hash_key(),
         Some(Command::GenKey { id }) => return gen_key(&id),
         Some(Command::Check(args)) => return llm_edge::check::run(&args),
+        Some(Command::Usage(args)) => {
+            return llm_edge::ledger::command::run(cli.config.as_deref(), &args)
+        }
         None => {}
     }
     llm_edge::logging::init();

@@ -77,7 +77,18 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
         upstreams.join(", ")
     );
     let metrics_listen = cfg.metrics.listen.clone();
-    let state = GatewayState::new(cfg);
+    let state = match GatewayState::new(cfg) {
+        Ok(state) => state,
+        Err(e) => {
+            log::error!("usage ledger: {e}");
+            eprintln!("llm-edge: usage ledger: {e}");
+            std::process::exit(1);
+        }
+    };
+    match state.ledger.path() {
+        Some(path) => log::info!("usage ledger in {}", path.display()),
+        None => log::info!("usage ledger in memory only (no state_dir): usage and quotas start from zero on every start"),
+    }
     let proxy = GatewayProxy::new(state.clone());
     let app = EdgeApp {
         proxy: Arc::new(pingora_proxy::http_proxy(&server.configuration, proxy)),
@@ -126,6 +137,12 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
     server.add_service(pingora_core::services::background::background_service(
         "lifecycle",
         Lifecycle {
+            state: state.clone(),
+        },
+    ));
+    server.add_service(pingora_core::services::background::background_service(
+        "usage ledger",
+        LedgerFlusher {
             state: state.clone(),
         },
     ));
@@ -186,6 +203,9 @@ impl pingora_core::services::background::BackgroundService for Lifecycle {
             quiet += 1;
             if quiet >= 2 {
                 log::info!("stopping: no request in flight");
+                if let Err(e) = self.state.ledger.flush() {
+                    log::error!("usage ledger: the last flush failed ({e}); up to one flush interval of usage is lost");
+                }
                 // Only our own: after a hand-over the new process has
                 // written its pid to the same file.
                 let pid_file = &self.state.cfg.server.pid_file;
@@ -196,6 +216,44 @@ impl pingora_core::services::background::BackgroundService for Lifecycle {
                 }
                 log::logger().flush();
                 std::process::exit(0);
+            }
+        }
+    }
+}
+
+/// Writes the usage ledger every `ledger.flush_interval` (the request path
+/// only adds to memory). The lifecycle flushes once more at exit.
+struct LedgerFlusher {
+    state: Arc<GatewayState>,
+}
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for LedgerFlusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut interval = self.state.cfg.ledger_flush_interval;
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                // Stopping: the process may end at any moment once the grace
+                // period is over (Pingora exits on its own), so flush often.
+                _ = shutdown.changed(), if !stopping => {
+                    stopping = true;
+                    interval = interval.min(Duration::from_millis(250));
+                }
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let state = self.state.clone();
+            let flushed = tokio::task::spawn_blocking(move || {
+                let flushed = state.ledger.flush();
+                state.publish_quota_use();
+                flushed
+            })
+            .await;
+            if let Ok(Err(e)) = flushed {
+                log::warn!(
+                    "usage ledger: cannot write ({e}); kept in memory, retrying in {}",
+                    humantime::format_duration(interval)
+                );
             }
         }
     }

@@ -4,10 +4,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::Config;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::policy::budget::{BodyBudget, Uploads};
 use crate::policy::clients::ClientGuard;
 use crate::policy::limits::Limiter;
+use crate::policy::tokens::{self, TokenBudget};
 use crate::upstream::balance::UpstreamSet;
 
 pub struct GatewayState {
@@ -21,10 +23,14 @@ pub struct GatewayState {
     pub limiter: Arc<Limiter>,
     /// Per-client-IP protections, before authentication.
     pub clients: ClientGuard,
+    /// Per-key token limits and quotas (reserve, then settle).
+    pub tokens: Arc<TokenBudget>,
+    pub ledger: Arc<Ledger>,
 }
 
 impl GatewayState {
-    pub fn new(cfg: Config) -> Arc<GatewayState> {
+    /// Fails only when the usage ledger in `state_dir` cannot be opened.
+    pub fn new(cfg: Config) -> Result<Arc<GatewayState>, String> {
         let cfg = Arc::new(cfg);
         let metrics = Metrics::new(
             cfg.catalogue.routes().iter().map(|m| m.name.as_str()),
@@ -36,7 +42,12 @@ impl GatewayState {
             cfg.limits.max_concurrent_requests,
             Instant::now(),
         );
-        Arc::new(GatewayState {
+        let tokens = Arc::new(TokenBudget::new(
+            cfg.key_limits.iter().map(|(id, l)| (id.clone(), l.tokens)),
+            tokens::now_ms(),
+        ));
+        let ledger = Arc::new(Ledger::open(cfg.state_dir.as_deref(), tokens.clone())?);
+        Ok(Arc::new(GatewayState {
             upstream: Arc::new(UpstreamSet::new(&cfg.upstream, &metrics)),
             metrics: Arc::new(metrics),
             budget: BodyBudget::new(cfg.limits.max_buffered_body_bytes),
@@ -46,7 +57,25 @@ impl GatewayState {
             ),
             limiter: Arc::new(limiter),
             clients: ClientGuard::new(cfg.downstream.clients.clone()),
+            tokens,
+            ledger,
             cfg,
-        })
+        }))
+    }
+
+    /// Sets the quota-use gauges (used / quota per key and period).
+    pub fn publish_quota_use(&self) {
+        let now = tokens::now_ms();
+        for key in self.tokens.keys() {
+            let Some(state) = self.tokens.state(key, now) else {
+                continue;
+            };
+            for (period, used) in [("day", state.day), ("month", state.month)] {
+                if let Some((used, quota)) = used {
+                    self.metrics
+                        .quota_used(key, period, used as f64 / quota as f64);
+                }
+            }
+        }
     }
 }

@@ -94,6 +94,9 @@ pub struct Config {
     /// Found while loading (the environment's keys); logged at start-up
     /// with [`Config::startup_warnings`].
     pub warnings: Vec<String>,
+    /// The usage ledger's directory (none: usage lives in memory only).
+    pub state_dir: Option<std::path::PathBuf>,
+    pub ledger_flush_interval: std::time::Duration,
 }
 
 /// The optional TLS listener (rustls; HTTP/2 over ALPN when `http2`).

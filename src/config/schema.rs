@@ -29,6 +29,26 @@ pub struct FileConfig {
     pub cors: CorsSection,
     pub tls: Option<TlsSection>,
     pub routes: RoutesSection,
+    /// Where the usage ledger lives (`usage.sqlite3`); none: in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
+    pub ledger: LedgerSection,
+}
+
+/// The usage ledger's write-behind: aggregated in memory, written every
+/// `flush_interval` and at shutdown.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            flush_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Paths beyond the built-in route table that the operator opens on purpose.
@@ -87,6 +107,8 @@ impl Default for FileConfig {
             cors: CorsSection::default(),
             tls: None,
             routes: RoutesSection::default(),
+            state_dir: None,
+            ledger: LedgerSection::default(),
         }
     }
 }
@@ -180,6 +202,11 @@ pub struct KeyLimitsSection {
     pub max_concurrent: Option<u32>,
     pub max_tokens: Option<u64>,
     pub over_max_tokens: OverMaxTokens,
+    /// Prompt and completion tokens per minute (reserved, then settled).
+    pub tokens_per_minute: Option<u64>,
+    /// Quotas per UTC calendar day and month.
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -128,6 +128,24 @@ impl FileConfig {
             None => None,
             Some(t) => Some(validate_tls(t, &listen, metrics.listen.as_deref())?),
         };
+        let state_dir = match self.state_dir {
+            Some(dir) if !dir.is_absolute() => {
+                return Err(err(
+                    "state_dir",
+                    format!("'{}' must be an absolute path", dir.display()),
+                ))
+            }
+            other => other,
+        };
+        let ledger_flush_interval = self.ledger.flush_interval;
+        if ledger_flush_interval < Duration::from_millis(100)
+            || ledger_flush_interval > Duration::from_secs(300)
+        {
+            return Err(err(
+                "ledger.flush_interval",
+                "must be between 100ms and 5m: it is how much usage a crash may lose",
+            ));
+        }
         Ok(Config {
             listen,
             upstream,
@@ -142,6 +160,8 @@ impl FileConfig {
             tls,
             routes,
             warnings: Vec::new(),
+            state_dir,
+            ledger_flush_interval,
         })
     }
 }

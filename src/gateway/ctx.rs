@@ -9,7 +9,9 @@ use crate::labels::{AuthFailure, LimitReason, UpstreamErrorKind};
 use crate::metrics::InFlightGuard;
 use crate::openai::sse::Accounting;
 use crate::policy::limits::LimitGuard;
+use crate::policy::ratelimit::RateLimitState;
 use crate::policy::routes::{Route, UNKNOWN_ROUTE};
+use crate::policy::tokens::TokenReservation;
 use crate::upstream::balance::Lease;
 
 /// Status logged when the client went away before the response was complete.
@@ -57,6 +59,12 @@ pub struct RequestCtx {
     pub ip_slot: Option<crate::policy::clients::IpSlot>,
     /// An HTTP/1.0 client: no chunked coding in its responses.
     pub http10: bool,
+    /// Its key's token reservation, settled when it ends.
+    pub tokens: Option<TokenReservation>,
+    /// Its prompt's estimated tokens (what a cut stream is charged for).
+    pub prompt_estimate: u64,
+    /// Its key's limits for the rate-limit response headers.
+    pub ratelimit: RateLimitState,
 }
 
 impl RequestCtx {
@@ -87,6 +95,9 @@ impl RequestCtx {
             client_ip: None,
             ip_slot: None,
             http10: false,
+            tokens: None,
+            prompt_estimate: 0,
+            ratelimit: RateLimitState::default(),
         }
     }
 

@@ -25,7 +25,10 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::errors::{ApiError, GatewayError};
 use crate::labels::UpstreamErrorKind;
+use crate::ledger::Counts;
 use crate::metrics::RequestRecord;
+use crate::openai::sse::ResponseStats;
+use crate::policy::tokens;
 use crate::state::GatewayState;
 use ctx::{RequestCtx, CLIENT_CLOSED_REQUEST};
 
@@ -191,6 +194,55 @@ impl ProxyHttp for GatewayProxy {
 }
 
 impl GatewayProxy {
+    /// Replaces the request's token reservation with what it used, and adds
+    /// it to the usage ledger. A stream cut before its usage arrived is
+    /// charged its prompt estimate plus the tokens it streamed; a request
+    /// that got no answer from a server, nothing.
+    fn settle_usage(&self, ctx: &mut RequestCtx, status: u16, stats: Option<&ResponseStats>) {
+        let now = tokens::now_ms();
+        let counts = stats.map(ResponseStats::tokens).unwrap_or_default();
+        let reported = stats.is_some_and(|s| s.usage.is_some() || s.timings.is_some());
+        let answered = ctx.upstream_status.is_some_and(|s| s < 400);
+        let prompt = if !reported && answered && counts.prompt == 0 {
+            ctx.prompt_estimate
+        } else {
+            counts.prompt
+        };
+        let (prompt, completion) = if ctx.upstream_status.is_some() {
+            (prompt, counts.completion)
+        } else {
+            (0, 0)
+        };
+        if let Some(reservation) = ctx.tokens.take() {
+            reservation.settle(prompt + completion, now);
+        }
+        let (Some(key), Some(model)) = (ctx.key_id.as_deref(), ctx.model.as_deref()) else {
+            return;
+        };
+        let gpu_ms = stats
+            .and_then(|s| s.timings)
+            .map_or(0.0, |t| t.prompt_ms + t.predicted_ms);
+        let cancelled = status == CLIENT_CLOSED_REQUEST;
+        self.state.ledger.record(
+            key,
+            model,
+            now,
+            &Counts {
+                requests: 1,
+                prompt_tokens: prompt,
+                cached_tokens: counts.cached.min(prompt),
+                completion_tokens: completion,
+                errors: u64::from(status >= 400 && !cancelled),
+                cancelled: u64::from(cancelled),
+                gpu_ms: if gpu_ms.is_finite() && gpu_ms > 0.0 {
+                    gpu_ms.round() as u64
+                } else {
+                    0
+                },
+            },
+        );
+    }
+
     /// The server the request went to, if one was chosen.
     fn upstream_server(&self, ctx: &RequestCtx) -> Option<&crate::config::UpstreamServer> {
         let index = ctx.upstream?;
@@ -200,6 +252,7 @@ impl GatewayProxy {
     /// Per-request totals, recorded once when the request ends.
     fn record_metrics(&self, ctx: &mut RequestCtx, status: u16) {
         let stats = ctx.accounting.finish();
+        self.settle_usage(ctx, status, stats.as_ref());
         let m = &self.state.metrics;
         m.record_request(&RequestRecord {
             route: ctx.route_label(),

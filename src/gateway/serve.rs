@@ -17,8 +17,9 @@ use crate::metrics::KEY_INVALID;
 use crate::openai::body;
 use crate::policy::auth::ApiKey;
 use crate::policy::budget::Reservation;
+use crate::policy::ratelimit::Window;
 use crate::policy::routes::Route;
-use crate::policy::{headers, hygiene, limits};
+use crate::policy::{headers, hygiene, limits, tokens};
 use crate::upstream::relay::Relay;
 
 impl GatewayProxy {
@@ -152,9 +153,76 @@ impl GatewayProxy {
     /// Limits first: a refused request costs no body read and never
     /// reaches the upstream.
     pub(super) fn admit(&self, ctx: &mut RequestCtx, key: &ApiKey) -> Result<(), GatewayError> {
-        let admitted = self.state.limiter.admit(&key.id, std::time::Instant::now());
+        let now = std::time::Instant::now();
+        let admitted = self.state.limiter.admit(&key.id, now);
+        ctx.ratelimit.requests = self.state.limiter.request_window(&key.id, now);
+        self.note_tokens_window(ctx, key);
         ctx.limit_guard = Some(admitted.map_err(|refusal| refusal_error(ctx, refusal))?);
         Ok(())
+    }
+
+    fn note_tokens_window(&self, ctx: &mut RequestCtx, key: &ApiKey) {
+        let state = self.state.tokens.state(&key.id, tokens::now_ms());
+        ctx.ratelimit.tokens = state.and_then(|s| {
+            s.per_minute.map(|limit| Window {
+                limit,
+                remaining: s.remaining,
+                reset: s.reset,
+            })
+        });
+    }
+
+    /// Reserves the request's worst case against its key's token limits:
+    /// the prompt estimate plus every generation's length. A generation
+    /// without a length (and no ceiling on the key) gets one written: what
+    /// the budget has left, so it cannot run past it. Returns the length to
+    /// write upstream.
+    fn reserve_tokens(
+        &self,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+        api_route: &Route,
+        info: &body::RequestBody,
+        body_len: usize,
+        mut max_tokens: Option<u64>,
+    ) -> Result<Option<u64>, GatewayError> {
+        let budget = &self.state.tokens;
+        let now = tokens::now_ms();
+        let Some(room) = budget.room(&key.id, now) else {
+            return Ok(max_tokens);
+        };
+        if api_route.counts_tokens_only() {
+            return Ok(max_tokens);
+        }
+        let prompt = tokens::estimate_prompt_tokens(body_len);
+        let worst = if api_route.ceiling_field().is_some() {
+            let choices = info.choices.max(1);
+            let per_generation = match [info.requested_max_tokens(), max_tokens]
+                .into_iter()
+                .flatten()
+                .min()
+            {
+                Some(n) => n,
+                None => {
+                    let left =
+                        (room.saturating_sub(prompt) / choices).min(limits::MAX_WRITTEN_TOKENS);
+                    // Nothing left: reserving one token each gives the refusal.
+                    let left = left.max(1);
+                    max_tokens = Some(left);
+                    left
+                }
+            };
+            prompt.saturating_add(per_generation.saturating_mul(choices))
+        } else {
+            prompt
+        };
+        let reserved = budget
+            .reserve(&key.id, worst, now)
+            .map_err(|refusal| refusal_error(ctx, refusal));
+        self.note_tokens_window(ctx, key);
+        ctx.tokens = Some(reserved?);
+        ctx.prompt_estimate = prompt;
+        Ok(max_tokens)
     }
 
     pub(super) async fn forward_model_request(
@@ -186,6 +254,7 @@ impl GatewayProxy {
             Some(_) => limits::max_tokens_to_send(&self.state.limiter.key_limits(&key.id), &info)?,
             None => None,
         };
+        let max_tokens = self.reserve_tokens(ctx, key, api_route, &info, body.len(), max_tokens)?;
         let rewrite = body::Rewrite {
             upstream_model: &route.upstream_name,
             max_tokens,

@@ -18,6 +18,8 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
 use crate::errors::ApiError;
+use crate::ledger::report::{self, GroupBy};
+use crate::policy::tokens;
 use crate::state::GatewayState;
 
 pub struct MetricsApp {
@@ -67,6 +69,79 @@ pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16,
     (200, metrics.render())
 }
 
+/// The usage ledger as JSON, behind the metrics token.
+pub const USAGE_PATH: &str = "/usage";
+
+/// `GET /usage?since=7d&key=alice&by=model`: the ledger's rows from
+/// `since` ago (default 24h), grouped, with each limited key's quota use.
+pub fn usage(state: &GatewayState, authorization: Option<&[u8]>, query: &str) -> (u16, Vec<u8>) {
+    if !token_ok(
+        state.cfg.metrics.bearer_token.as_ref().map(Secret::expose),
+        authorization,
+    ) {
+        let err = ApiError::InvalidKey(
+            "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
+                .into(),
+        );
+        return (401, err.body(None).to_vec());
+    }
+    let (mut since, mut key, mut by) = ("24h".to_string(), None, GroupBy::Key);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "since" => since = value.to_string(),
+            "key" => key = Some(value.to_string()),
+            "by" => match GroupBy::parse(value) {
+                Some(b) => by = b,
+                None => return bad_request("by", "must be key, model or day"),
+            },
+            _ => return bad_request(name, "is not a parameter of /usage (since, key, by)"),
+        }
+    }
+    let Ok(span) = humantime::parse_duration(&since) else {
+        return bad_request("since", "must be a duration such as 24h or 7d");
+    };
+    let since_hour = (tokens::now_ms() / 1000).saturating_sub(span.as_secs()) / 3600;
+    let rows = match state.ledger.rows(since_hour) {
+        Ok(rows) => rows,
+        Err(e) => {
+            let err = ApiError::Internal(format!("cannot read the usage ledger: {e}"));
+            return (500, err.body(None).to_vec());
+        }
+    };
+    let groups = report::group(&rows, by, key.as_deref());
+    let mut doc = report::json(&groups, by, since_hour);
+    let now = tokens::now_ms();
+    let quotas: serde_json::Map<String, serde_json::Value> = state
+        .tokens
+        .keys()
+        .filter_map(|k| Some((k, state.tokens.state(k, now)?)))
+        .map(|(k, s)| {
+            let period = |p: Option<(u64, u64)>| {
+                p.map(|(used, quota)| serde_json::json!({"used": used, "quota": quota}))
+            };
+            (
+                k.to_string(),
+                serde_json::json!({
+                    "tokens_per_minute": s.per_minute,
+                    "day": period(s.day),
+                    "month": period(s.month),
+                }),
+            )
+        })
+        .collect();
+    doc["quotas"] = serde_json::Value::Object(quotas);
+    (200, doc.to_string().into_bytes())
+}
+
+fn bad_request(param: &str, message: &str) -> (u16, Vec<u8>) {
+    let err = ApiError::InvalidParam {
+        param: param.to_string(),
+        message: format!("{param}: {message}"),
+    };
+    (400, err.body(None).to_vec())
+}
+
 pub fn response_header(status: u16, len: usize) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(status, Some(3))?;
     let content_type = if status == 200 {
@@ -82,8 +157,14 @@ pub fn response_header(status: u16, len: usize) -> Result<ResponseHeader> {
 #[async_trait]
 impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path_ok = session.req_header().uri.path() == self.state.cfg.metrics.path;
-        let (status, body, content_type) = if path_ok {
+        let path = session.req_header().uri.path();
+        let path_ok = path == self.state.cfg.metrics.path;
+        let (status, body, content_type) = if path == USAGE_PATH {
+            let authorization = session.get_header("authorization").map(|v| v.as_bytes());
+            let query = session.req_header().uri.query().unwrap_or("");
+            let (status, body) = usage(&self.state, authorization, query);
+            (status, body, "application/json")
+        } else if path_ok {
             let authorization = session
                 .get_header("authorization")
                 .map(|v| v.as_bytes().to_vec());

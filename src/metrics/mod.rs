@@ -87,6 +87,7 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     upstream_in_flight: IntGaugeVec,
     queue_wait: Histogram,
+    quota_used: prometheus::GaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -223,6 +224,11 @@ impl Metrics {
                 registry.register(Box::new(h.clone())).expect("register histogram");
                 h
             },
+            quota_used: {
+                let g = prometheus::GaugeVec::new(Opts::new("llm_edge_key_quota_used_ratio", "Share of a key's token quota used (tokens_per_day, tokens_per_month; reserved tokens included), by key id and period"), &["key", "period"]).expect("gauge");
+                registry.register(Box::new(g.clone())).expect("register gauge");
+                g
+            },
             registry,
         };
         // Every series of a known upstream exists from the start, at 0, so
@@ -246,6 +252,11 @@ impl Metrics {
                 .with_label_values(&[phase.as_str()]);
         }
         metrics
+    }
+
+    /// `used / quota` of one key's quota (`period`: day or month).
+    pub fn quota_used(&self, key: &str, period: &str, ratio: f64) {
+        self.quota_used.with_label_values(&[key, period]).set(ratio);
     }
 
     pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {

@@ -86,6 +86,12 @@ pub struct Timings {
     pub predicted_n: u64,
     #[serde(default)]
     pub predicted_per_second: Option<f64>,
+    /// Time spent on the prompt and on generation: the GPU time the ledger
+    /// records.
+    #[serde(default)]
+    pub prompt_ms: f64,
+    #[serde(default)]
+    pub predicted_ms: f64,
 }
 
 /// Token usage, in the OpenAI dialect's terms: the other dialects' usage is

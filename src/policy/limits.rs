@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::labels::LimitReason;
+use crate::policy::ratelimit::Window;
+use crate::policy::tokens::TokenLimits;
 
 use crate::errors::ApiError;
 use crate::openai::body::{Multiplier, RequestBody};
@@ -32,6 +34,7 @@ pub struct KeyLimits {
     pub max_concurrent: Option<u32>,
     pub max_tokens: Option<u64>,
     pub over_max_tokens: OverMaxTokens,
+    pub tokens: TokenLimits,
 }
 
 /// A refused request: why, and when to retry.
@@ -140,6 +143,23 @@ impl Limiter {
             global_max,
             global_in_flight: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The key's requests-per-minute limit as the rate-limit headers state it.
+    pub fn request_window(&self, key_id: &str, now: Instant) -> Option<Window> {
+        let key = self.keys.get(key_id)?;
+        let mut b = match key.bucket.as_ref()?.lock() {
+            Ok(b) => b,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * b.per_second).min(b.capacity);
+        b.updated = b.updated.max(now);
+        Some(Window {
+            limit: b.capacity as u64,
+            remaining: b.tokens.max(0.0) as u64,
+            reset: Duration::from_secs_f64((b.capacity - b.tokens).max(0.0) / b.per_second),
+        })
     }
 
     pub fn key_limits(&self, key_id: &str) -> KeyLimits {

@@ -13,4 +13,6 @@ pub mod cors;
 pub mod headers;
 pub mod hygiene;
 pub mod limits;
+pub mod ratelimit;
 pub mod routes;
+pub mod tokens;

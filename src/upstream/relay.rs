@@ -100,6 +100,18 @@ pub async fn write_header(
         cors,
         ctx.cors_origin.as_deref(),
     )?;
+    if !ctx.ratelimit.is_empty() {
+        let anthropic = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.dialect() == Dialect::Anthropic);
+        for (name, value) in ctx
+            .ratelimit
+            .headers(anthropic, std::time::SystemTime::now())
+        {
+            resp.insert_header(name, value)?;
+        }
+    }
     ctx.status = Some(resp.status.as_u16());
     session
         .write_response_header(Box::new(resp), false)

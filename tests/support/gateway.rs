@@ -183,6 +183,11 @@ impl Gateway {
             .unwrap()
     }
 
+    /// `http://host:port` of the metrics listener.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}", self.metrics_addr.expect("metrics listener"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

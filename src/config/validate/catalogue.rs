@@ -15,6 +15,7 @@ use crate::config::{err, ConfigError, DEFAULT_MODEL};
 use crate::openai::models::{Catalogue, ModelRoute};
 use crate::policy::auth::{self, ApiKey, KeyTable};
 use crate::policy::limits::KeyLimits;
+use crate::policy::tokens::TokenLimits;
 
 pub(super) fn validate_models(
     models: Vec<ModelSection>,
@@ -199,6 +200,9 @@ pub(super) fn validate_key_limits(
             ("requests_per_minute", l.requests_per_minute.map(u64::from)),
             ("max_concurrent", l.max_concurrent.map(u64::from)),
             ("max_tokens", l.max_tokens),
+            ("tokens_per_minute", l.tokens_per_minute),
+            ("tokens_per_day", l.tokens_per_day),
+            ("tokens_per_month", l.tokens_per_month),
         ] {
             if value == Some(0) {
                 return Err(err(
@@ -212,6 +216,11 @@ pub(super) fn validate_key_limits(
             max_concurrent: l.max_concurrent,
             max_tokens: l.max_tokens,
             over_max_tokens: l.over_max_tokens,
+            tokens: TokenLimits {
+                per_minute: l.tokens_per_minute,
+                per_day: l.tokens_per_day,
+                per_month: l.tokens_per_month,
+            },
         };
         if limits != KeyLimits::default() {
             out.push((k.id.clone(), limits));
