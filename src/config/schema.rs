@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{err, ConfigError, Secret, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN};
+use crate::logging::AccessLogFormat;
 use crate::policy::limits::OverMaxTokens;
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +30,16 @@ pub struct FileConfig {
     pub cors: CorsSection,
     pub tls: Option<TlsSection>,
     pub routes: RoutesSection,
+    pub logging: LoggingSection,
+}
+
+/// The process's own log (stderr).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// `text` (one `key=value` line) or `json` (one JSON object per line,
+    /// for log pipelines) for the access log.
+    pub access_log_format: AccessLogFormat,
 }
 
 /// Paths beyond the built-in route table that the operator opens on purpose.
@@ -87,6 +98,7 @@ impl Default for FileConfig {
             cors: CorsSection::default(),
             tls: None,
             routes: RoutesSection::default(),
+            logging: LoggingSection::default(),
         }
     }
 }

@@ -318,3 +318,22 @@ fn secrets_never_print() {
     assert_eq!(format!("{secret:?}"), "Secret(\"***\")");
     assert_eq!(secret.expose(), own);
 }
+
+#[test]
+fn access_log_format() {
+    use crate::logging::AccessLogFormat;
+    assert_eq!(
+        load_str("").unwrap().logging.access_log_format,
+        AccessLogFormat::Text
+    );
+    let cfg = load_str("logging:\n  access_log_format: json\n").unwrap();
+    assert_eq!(cfg.logging.access_log_format, AccessLogFormat::Json);
+    let e = load_str("logging:\n  access_log_format: xml\n").unwrap_err();
+    assert_eq!(e.path, "logging.access_log_format");
+    assert!(
+        e.message.contains("text") && e.message.contains("json"),
+        "{e}"
+    );
+    let e = load_str("logging:\n  format: json\n").unwrap_err();
+    assert_eq!(e.path, "logging.format");
+}

@@ -141,6 +141,7 @@ impl FileConfig {
             cors,
             tls,
             routes,
+            logging: self.logging,
         })
     }
 }
