@@ -7,7 +7,33 @@
 //! header or parameter is replaced by a note saying it was withheld. Info
 //! and above are written by llm-edge itself and never hold one.
 
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use log::{Level, Log, Metadata, Record};
+use serde::Deserialize;
+
+/// The target of the one-line-per-request access log.
+pub const ACCESS_TARGET: &str = "llm_edge::access";
+
+/// How access-log lines are written (`logging.access_log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// `client "METHOD path" status key=value ...` after env_logger's prefix.
+    #[default]
+    Text,
+    /// One JSON object per line and nothing else on it (no prefix), so a log
+    /// pipeline can parse every line that starts with `{`.
+    Json,
+}
+
+/// Set once from the configuration at start; read for every access line.
+static ACCESS_JSON: AtomicBool = AtomicBool::new(false);
+
+pub fn set_access_log_format(format: AccessLogFormat) {
+    ACCESS_JSON.store(format == AccessLogFormat::Json, Ordering::Relaxed);
+}
 
 /// Words that mark a line as carrying credentials (compared lower-cased).
 const SECRET_MARKERS: &[&str] = &[
@@ -54,6 +80,14 @@ impl Log for Redacting {
                     .line(record.line())
                     .build(),
             );
+            return;
+        }
+        if record.target() == ACCESS_TARGET && ACCESS_JSON.load(Ordering::Relaxed) {
+            // The line is already a whole JSON object: env_logger's
+            // `[time LEVEL target]` prefix would make it unparseable.
+            // One write per line, so lines of parallel requests never interleave.
+            let line = format!("{}\n", record.args());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
             return;
         }
         self.inner.log(record);

@@ -37,6 +37,7 @@ fn server_conf(cfg: &Config, daemon: bool) -> ServerConf {
 
 /// Serves until stopped (SIGTERM/SIGINT) or upgraded away (SIGQUIT); never returns.
 pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
+    crate::logging::set_access_log_format(cfg.logging.access_log_format);
     // On an upgrade the old process still holds the ports and hands them over.
     if !upgrade {
         let mut addrs = vec![("listen", cfg.listen.as_str())];
@@ -85,6 +86,7 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
             std::process::exit(1);
         }
     };
+    state.publish_quota_use();
     match state.ledger.path() {
         Some(path) => log::info!("usage ledger in {}", path.display()),
         None => log::info!("usage ledger in memory only (no state_dir): usage and quotas start from zero on every start"),

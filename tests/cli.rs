@@ -14,6 +14,7 @@ fn llm_edge() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-edge"));
     cmd.env_remove("API_KEYS")
         .env_remove("LISTEN")
+        .env_remove("STATE_DIRECTORY")
         .env_remove("LLAMA_BASE_URL")
         .env_remove("DEFAULT_MODEL");
     cmd

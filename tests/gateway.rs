@@ -934,6 +934,21 @@ async fn cors_preflight_and_responses() {
         .unwrap();
     assert_eq!(other.status(), 204);
     assert!(other.headers().get("access-control-allow-origin").is_none());
+    // The refusal is logged as one, with the origin to add if it is wanted.
+    eventually("the refused preflight's log line", || {
+        gw.log().lines().any(|l| {
+            l.contains("\"OPTIONS /v1/chat/completions\" 204")
+                && l.ends_with("cors=refused origin=http://evil.example")
+        })
+    })
+    .await;
+    let allowed_line = |l: &&str| l.contains("\"OPTIONS") && !l.contains("cors=refused");
+    assert_eq!(gw.log().lines().filter(allowed_line).count(), 1);
+    // One `Vary: Origin`, on a preflight and on a real answer.
+    for resp in [&pre, &other] {
+        let vary: Vec<_> = resp.headers().get_all("vary").iter().collect();
+        assert_eq!(vary, ["Origin"]);
+    }
 
     // Real responses carry our policy, never llama-server's empty header.
     let resp = c
@@ -955,6 +970,7 @@ async fn cors_preflight_and_responses() {
             .count(),
         1
     );
+    assert_eq!(resp.headers().get_all("vary").iter().count(), 1);
     let plain = post(&gw, "/v1/chat/completions", Some(KEY), chat("qwen", false)).await;
     assert!(
         plain.headers().get("access-control-allow-origin").is_none(),
@@ -976,6 +992,71 @@ async fn cors_preflight_and_responses() {
     assert!(denied.headers()["x-request-id"]
         .to_str()
         .is_ok_and(|id| !id.is_empty()));
+}
+
+#[tokio::test]
+async fn json_access_log_lines_parse_and_never_hold_a_key() {
+    let (_mock, gw) = setup("logging:\n  access_log_format: json\n").await;
+    let c = client();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    assert_eq!(
+        post_chat(&gw, KEY, chat("qwen", false), &[]).await.status(),
+        200
+    );
+    // Keys in every place a client puts them: header, x-api-key, the query.
+    let wrong = "sk-wrong-key-in-the-header";
+    assert_eq!(
+        post_chat(&gw, wrong, chat("qwen", false), &[])
+            .await
+            .status(),
+        401
+    );
+    let x_api_key = c
+        .post(&url)
+        .header("x-api-key", KEY)
+        .body(chat("qwen", false));
+    assert_eq!(x_api_key.send().await.unwrap().status(), 200);
+    let in_query = c
+        .post(format!("{url}?api_key={KEY}&key={KEY}"))
+        .bearer_auth(KEY)
+        .body(chat("qwen", false));
+    in_query.send().await.unwrap();
+    let refused = c
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("Origin", "http://page.example");
+    assert_eq!(refused.send().await.unwrap().status(), 204);
+
+    let access = || -> Vec<Value> {
+        gw.log()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    eventually("five access-log lines", || access().len() == 5).await;
+    let log = gw.log();
+    for secret in [KEY, wrong] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+    let lines = access();
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["route"], "chat_completions");
+    assert_eq!(lines[0]["key"], "alice");
+    assert_eq!(lines[0]["model"], "qwen3");
+    assert!(lines[0]["duration_ms"].is_u64() && lines[0]["request_id"].is_string());
+    assert_eq!(lines[1]["status"], 401);
+    assert_eq!(lines[1]["key"], "invalid");
+    assert_eq!(lines[1]["error"], "invalid_api_key");
+    assert_eq!(
+        lines[3]["path"], "/v1/chat/completions",
+        "the query is never logged"
+    );
+    assert_eq!(lines[4]["cors"], "refused");
+    assert_eq!(lines[4]["origin"], "http://page.example");
+    // Every other line keeps its text form.
+    assert!(log
+        .lines()
+        .any(|l| !l.starts_with('{') && l.contains("INFO")));
 }
 
 #[tokio::test]

@@ -205,6 +205,71 @@ async fn promtool_accepts_the_scrape() {
     );
 }
 
+/// Metric names an expression reads (`llm_edge_*` and `process_*`).
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("llm_edge_") || w.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Created by a request's end, with its status code among the labels: there
+/// is no bounded set to create up front (and every panel reading them sums
+/// over all of them, so one request anywhere gives the panel data).
+const CREATED_BY_THE_FIRST_REQUEST: &[&str] = &[
+    "llm_edge_requests_total",
+    "llm_edge_request_duration_seconds_bucket",
+];
+
+#[tokio::test]
+async fn every_series_a_panel_or_alert_reads_exists_at_zero_from_start_up() {
+    let mock = MockLlama::start(MockOptions::default()).await;
+    let gw = Gateway::start(&standard_config(&mock.url(), ""));
+    // The first scrape, before any request.
+    let s = gw.scrape().await;
+    let present = |name: &str| {
+        s.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+    };
+    let mut missing = Vec::new();
+    for (what, expr) in dashboard_queries().into_iter().chain(alert_queries()) {
+        for name in metric_names(&expr) {
+            if !CREATED_BY_THE_FIRST_REQUEST.contains(&name.as_str()) && !present(&name) {
+                missing.push(format!("{name} ({what})"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "absent at start-up: {missing:?}\n{s}");
+    // Every label value a panel groups by, at 0: each configured key (and
+    // `anonymous`, `invalid`) × each limit reason, each disconnect phase.
+    for key in ["alice", "bob", "anonymous", "invalid"] {
+        for reason in [
+            "key_rate",
+            "key_concurrency",
+            "global_concurrency",
+            "queue_full",
+            "queue_timeout",
+            "ip_auth_failures",
+            "ip_concurrency",
+            "key_uploads",
+            "ip_uploads",
+        ] {
+            let series = format!(r#"llm_edge_rate_limited_total{{key="{key}",reason="{reason}"}}"#);
+            assert_eq!(value(&s, &series), Some(0.0), "{series}");
+        }
+    }
+    for phase in ["before_first_token", "streaming"] {
+        let series = format!(r#"llm_edge_client_disconnects_total{{phase="{phase}"}}"#);
+        assert_eq!(value(&s, &series), Some(0.0), "{series}");
+    }
+    for model in ["qwen3", "small"] {
+        let series = format!(r#"llm_edge_streams_active{{model="{model}"}}"#);
+        assert_eq!(value(&s, &series), Some(0.0), "{series}");
+    }
+}
+
 #[tokio::test]
 async fn upstream_outage_is_counted() {
     let (_dead, port) = support::gateway::refused_port();
@@ -434,9 +499,12 @@ fn dashboard_queries() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(Path::new(ROOT).join("conf/grafana/llm-edge.json")).unwrap();
     let dash: Value = serde_json::from_str(&text).unwrap();
     assert!(
-        !text.contains("\"uid\": \"") || !text.contains("uid\": \"P"),
+        !text.contains("uid\": \"P"),
         "no hard-coded datasource uids"
     );
+    // A fixed uid: a re-import replaces the dashboard instead of adding a
+    // copy, and links to it keep working.
+    assert_eq!(dash["uid"], "llm-edge");
     let mut out = Vec::new();
     for panel in dash["panels"].as_array().unwrap() {
         assert_eq!(

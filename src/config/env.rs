@@ -1,5 +1,6 @@
 //! The environment: the seed's variables (`LLAMA_BASE_URL`, `DEFAULT_MODEL`,
-//! `API_KEYS`) and `LISTEN` laid over the file before validation.
+//! `API_KEYS`), `LISTEN` and systemd's `STATE_DIRECTORY` laid over the file
+//! before validation.
 //!
 //! It only edits the file schema; it must not import the runtime types or the
 //! validation, and it reads the process environment only through
@@ -18,6 +19,15 @@ pub fn process_env(name: &str) -> Option<String> {
 /// The seed's variables (`LLAMA_BASE_URL`, `DEFAULT_MODEL`, `API_KEYS`)
 /// and `LISTEN`.
 pub fn apply_env(mut file: FileConfig, env: Env) -> FileConfig {
+    // systemd's StateDirectory= sets STATE_DIRECTORY; the file's own
+    // state_dir wins.
+    if file.state_dir.is_none() {
+        if let Some(dir) = env("STATE_DIRECTORY") {
+            // Several directories are separated by ':'; the first is ours.
+            let first = dir.split(':').next().unwrap_or_default().trim();
+            file.state_dir = Some(first.into());
+        }
+    }
     if let Some(listen) = env("LISTEN") {
         file.listen = listen.trim().to_string();
     }

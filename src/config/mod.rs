@@ -38,8 +38,8 @@ pub use env::{apply_env, env_warnings, process_env, Env};
 pub use runtime::{Config, Downstream, Limits, MetricsConfig, TlsConfig, Upstream, UpstreamServer};
 pub use schema::{
     parse_yaml, CorsSection, DownstreamSection, FileConfig, KeyLimitsSection, KeySection,
-    LedgerSection, LimitsSection, MetricsSection, ModelSection, RoutesSection, ServerSection,
-    TlsSection, UpstreamSection, UpstreamServerSection,
+    LedgerSection, LimitsSection, LoggingSection, MetricsSection, ModelSection, RoutesSection,
+    ServerSection, TlsSection, UpstreamSection, UpstreamServerSection,
 };
 pub use secret::Secret;
 

@@ -3,12 +3,12 @@
 //!
 //! Plain data: it must not import the file schema's parsing, the
 //! environment or the validation. (It reuses the file's `ServerSection`
-//! as is, since that section needs no conversion.)
+//! and `LoggingSection` as they are, since they need no conversion.)
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::schema::ServerSection;
+use super::schema::{LoggingSection, ServerSection};
 use super::secret::Secret;
 use crate::openai::models::Catalogue;
 use crate::policy::auth::KeyTable;
@@ -97,6 +97,7 @@ pub struct Config {
     /// The usage ledger's directory (none: usage lives in memory only).
     pub state_dir: Option<std::path::PathBuf>,
     pub ledger_flush_interval: std::time::Duration,
+    pub logging: LoggingSection,
 }
 
 /// The optional TLS listener (rustls; HTTP/2 over ALPN when `http2`).

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{err, ConfigError, Secret, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN};
+use crate::logging::AccessLogFormat;
 use crate::policy::limits::OverMaxTokens;
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +30,7 @@ pub struct FileConfig {
     pub cors: CorsSection,
     pub tls: Option<TlsSection>,
     pub routes: RoutesSection,
+    pub logging: LoggingSection,
     /// Where the usage ledger lives (`usage.sqlite3`); none: in memory only.
     pub state_dir: Option<std::path::PathBuf>,
     pub ledger: LedgerSection,
@@ -49,6 +51,15 @@ impl Default for LedgerSection {
             flush_interval: Duration::from_secs(5),
         }
     }
+}
+
+/// The process's own log (stderr).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// `text` (one `key=value` line) or `json` (one JSON object per line,
+    /// for log pipelines) for the access log.
+    pub access_log_format: AccessLogFormat,
 }
 
 /// Paths beyond the built-in route table that the operator opens on purpose.
@@ -109,6 +120,7 @@ impl Default for FileConfig {
             routes: RoutesSection::default(),
             state_dir: None,
             ledger: LedgerSection::default(),
+            logging: LoggingSection::default(),
         }
     }
 }

@@ -375,3 +375,45 @@ fn listen_comes_from_the_environment_and_anonymous_on_it_is_warned_about() {
     let none = load_str("").unwrap();
     assert!(none.startup_warnings()[0].contains("no API keys"));
 }
+
+#[test]
+fn access_log_format() {
+    use crate::logging::AccessLogFormat;
+    assert_eq!(
+        load_str("").unwrap().logging.access_log_format,
+        AccessLogFormat::Text
+    );
+    let cfg = load_str("logging:\n  access_log_format: json\n").unwrap();
+    assert_eq!(cfg.logging.access_log_format, AccessLogFormat::Json);
+    let e = load_str("logging:\n  access_log_format: xml\n").unwrap_err();
+    assert_eq!(e.path, "logging.access_log_format");
+    assert!(
+        e.message.contains("text") && e.message.contains("json"),
+        "{e}"
+    );
+    let e = load_str("logging:\n  format: json\n").unwrap_err();
+    assert_eq!(e.path, "logging.format");
+}
+
+#[test]
+fn systemds_state_directory_is_the_ledgers_unless_the_file_says_otherwise() {
+    let env = |name: &str| {
+        (name == "STATE_DIRECTORY").then(|| "/var/lib/llm-edge:/var/lib/other".to_string())
+    };
+    let c = apply_env(parse_yaml("").unwrap(), &env).validate().unwrap();
+    assert_eq!(
+        c.state_dir.as_deref(),
+        Some(std::path::Path::new("/var/lib/llm-edge"))
+    );
+    let c = apply_env(parse_yaml("state_dir: /srv/usage\n").unwrap(), &env)
+        .validate()
+        .unwrap();
+    assert_eq!(
+        c.state_dir.as_deref(),
+        Some(std::path::Path::new("/srv/usage"))
+    );
+    let e = load_str("state_dir: relative/dir\n").unwrap_err();
+    assert_eq!(e.path, "state_dir");
+    let e = load_str("ledger:\n  flush_interval: 1h\n").unwrap_err();
+    assert_eq!(e.path, "ledger.flush_interval");
+}

@@ -162,6 +162,7 @@ impl FileConfig {
             warnings: Vec::new(),
             state_dir,
             ledger_flush_interval,
+            logging: self.logging,
         })
     }
 }

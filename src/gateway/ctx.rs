@@ -23,6 +23,8 @@ pub struct RequestCtx {
     pub request_id: Option<String>,
     /// The request's `Origin`, when the CORS policy allows it.
     pub cors_origin: Option<String>,
+    /// The request's `Origin` (cleaned for the log), when the policy refuses it.
+    pub cors_refused: Option<String>,
     pub route: Option<Route>,
     pub key_id: Option<String>,
     /// Public model name, once resolved.
@@ -73,6 +75,7 @@ impl RequestCtx {
             start: Instant::now(),
             request_id: None,
             cors_origin: None,
+            cors_refused: None,
             route: None,
             key_id: None,
             model: None,
@@ -149,7 +152,49 @@ impl RequestCtx {
         if let Some(phase) = self.disconnect {
             let _ = write!(line, " disconnect={}", phase.as_str());
         }
+        if let Some(origin) = &self.cors_refused {
+            let _ = write!(line, " cors=refused origin={origin}");
+        }
         line
+    }
+}
+
+impl RequestCtx {
+    /// The same record as [`access_log_line`](Self::access_log_line), as one
+    /// JSON object (`logging.access_log_format: json`): every field always
+    /// present (`null` when it does not apply), keys in alphabetical order,
+    /// with a UTC timestamp `ts`.
+    pub fn access_log_json(
+        &self,
+        client: &str,
+        method: &str,
+        path: &str,
+        status: u16,
+        upstream: Option<&str>,
+    ) -> String {
+        serde_json::json!({
+            "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "client": client,
+            "method": method,
+            "path": path,
+            "status": status,
+            "route": self.route_label(),
+            "key": self.key_id,
+            "model": self.model,
+            "upstream_status": self.upstream_status,
+            "ttfb_ms": self.first_byte.map(|d| d.as_millis() as u64),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_ms": self.start.elapsed().as_millis() as u64,
+            "upstream": upstream,
+            "request_id": self.request_id,
+            "error": self.error_code,
+            "upstream_error": self.upstream_error.map(UpstreamErrorKind::as_str),
+            "disconnect": self.disconnect.map(DisconnectPhase::as_str),
+            "cors": self.cors_refused.as_ref().map(|_| "refused"),
+            "origin": self.cors_refused,
+        })
+        .to_string()
     }
 }
 
@@ -202,6 +247,30 @@ mod tests {
         ] {
             assert!(line.contains(part), "{line} lacks {part}");
         }
+    }
+
+    #[test]
+    fn json_log_line_has_the_same_fields() {
+        let mut ctx = RequestCtx::new();
+        ctx.route = Some(Route::ChatCompletions);
+        ctx.key_id = Some("alice".into());
+        ctx.cors_refused = Some("http://evil".into());
+        ctx.request_id = Some("r1".into());
+        let line = ctx.access_log_json("1.2.3.4", "POST", "/v1/x \"q\"", 200, None);
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["client"], "1.2.3.4");
+        assert_eq!(v["path"], "/v1/x \"q\"");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["route"], "chat_completions");
+        assert_eq!(v["key"], "alice");
+        assert_eq!(v["model"], serde_json::Value::Null);
+        assert_eq!(v["cors"], "refused");
+        assert_eq!(v["origin"], "http://evil");
+        assert_eq!(v["request_id"], "r1");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        let text = ctx.access_log_line("1.2.3.4", "POST", "/v1/x", 200, None);
+        assert!(text.ends_with(" cors=refused origin=http://evil"), "{text}");
     }
 
     #[test]

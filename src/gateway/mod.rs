@@ -26,6 +26,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::errors::{ApiError, GatewayError};
 use crate::labels::UpstreamErrorKind;
 use crate::ledger::Counts;
+use crate::logging::AccessLogFormat;
 use crate::metrics::RequestRecord;
 use crate::openai::sse::ResponseStats;
 use crate::policy::tokens;
@@ -86,6 +87,7 @@ impl ProxyHttp for GatewayProxy {
         ctx.client_ip = self.state.clients.client_ip(peer, forwarded_for);
         let origin = session.get_header("origin").and_then(|v| v.to_str().ok());
         ctx.cors_origin = self.state.cfg.cors.allowed(origin);
+        ctx.cors_refused = self.state.cfg.cors.refused(origin);
         ctx.request_id = Some(match incoming {
             Some(id) => id.to_string(),
             None => uuid::Uuid::new_v4().simple().to_string(),
@@ -176,18 +178,22 @@ impl ProxyHttp for GatewayProxy {
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))
             .unwrap_or(if e.is_some() { 500 } else { 0 });
         // Built only when it will be written (the line costs ~6 allocations).
-        if log::log_enabled!(target: "llm_edge::access", log::Level::Info) {
+        if log::log_enabled!(target: crate::logging::ACCESS_TARGET, log::Level::Info) {
             let req = session.req_header();
             let upstream = self.upstream_server(ctx).map(|s| s.name.as_str());
-            let line = ctx.access_log_line(
-                &ctx.client_ip
-                    .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-                req.method.as_str(),
-                req.uri.path(),
-                status,
-                upstream,
-            );
-            log::info!(target: "llm_edge::access", "{line}");
+            let client = ctx
+                .client_ip
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string());
+            let (method, path) = (req.method.as_str(), req.uri.path());
+            let line = match self.state.cfg.logging.access_log_format {
+                AccessLogFormat::Text => {
+                    ctx.access_log_line(&client, method, path, status, upstream)
+                }
+                AccessLogFormat::Json => {
+                    ctx.access_log_json(&client, method, path, status, upstream)
+                }
+            };
+            log::info!(target: crate::logging::ACCESS_TARGET, "{line}");
         }
         self.record_metrics(ctx, status);
     }

@@ -41,6 +41,8 @@ const TOKENS_PER_SECOND_BUCKETS: &[f64] = &[
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0];
 
 pub const MODEL_OTHER: &str = "other";
+/// The `kind` values of the token counters.
+const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
 pub const KEY_ANONYMOUS: &str = "anonymous";
 pub const KEY_INVALID: &str = "invalid";
 
@@ -251,12 +253,58 @@ impl Metrics {
                 .client_disconnects
                 .with_label_values(&[phase.as_str()]);
         }
+        metrics.create_series_at_zero();
         metrics
     }
 
     /// `used / quota` of one key's quota (`period`: day or month).
     pub fn quota_used(&self, key: &str, period: &str, ratio: f64) {
         self.quota_used.with_label_values(&[key, period]).set(ratio);
+    }
+
+    /// Creates, at 0, every series a dashboard panel or an alert reads whose
+    /// labels are known before the first request: a series that appears
+    /// only with its first event leaves a panel on "No data" and hides that
+    /// first event from `rate()`. Bounded by the configuration: (keys + 2)
+    /// × limit reasons, models × (keys + 2) × 3 token kinds, a few
+    /// histograms per model, two byte counters per route.
+    fn create_series_at_zero(&self) {
+        let mut keys: Vec<&str> = self.known_keys.iter().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys.extend([KEY_ANONYMOUS, KEY_INVALID]);
+        for key in &keys {
+            for reason in LimitReason::ALL {
+                self.rate_limited.with_label_values(&[key, reason.as_str()]);
+            }
+        }
+        for model in &self.known_models {
+            let model = model.as_str();
+            self.streams_active.with_label_values(&[model]);
+            for histogram in [
+                &self.ttft,
+                &self.inter_token,
+                &self.prompt_tps,
+                &self.generation_tps,
+                &self.cache_hit_ratio,
+            ] {
+                histogram.with_label_values(&[model]);
+            }
+            // A request with a wrong key never generates.
+            for key in keys.iter().filter(|k| **k != KEY_INVALID) {
+                for kind in TOKEN_KINDS {
+                    self.tokens.with_label_values(&[model, key, kind]);
+                }
+            }
+        }
+        for route in crate::policy::routes::generating_labels() {
+            for kind in TOKEN_KINDS {
+                self.route_tokens.with_label_values(&[route, kind]);
+            }
+        }
+        for route in crate::policy::routes::LABELS {
+            self.request_bytes.with_label_values(&[route]);
+            self.response_bytes.with_label_values(&[route]);
+        }
     }
 
     pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
@@ -293,11 +341,11 @@ impl Metrics {
             .inc_by(r.bytes_out as u64);
         let Some(stats) = r.stats else { return };
         let tokens = stats.tokens();
-        for (kind, n) in [
-            ("prompt", tokens.prompt),
-            ("completion", tokens.completion),
-            ("cached", tokens.cached),
-        ] {
+        for (kind, n) in
+            TOKEN_KINDS
+                .into_iter()
+                .zip([tokens.prompt, tokens.completion, tokens.cached])
+        {
             self.tokens.with_label_values(&[model, key, kind]).inc_by(n);
             self.route_tokens
                 .with_label_values(&[r.route, kind])

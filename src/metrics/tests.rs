@@ -124,3 +124,46 @@ fn help_texts_list_every_label_the_code_emits() {
         )));
     }
 }
+
+#[test]
+fn series_that_panels_and_alerts_read_exist_at_zero_before_any_event() {
+    let m = Metrics::new(["qwen"], ["alice", "bob"], ["gpu"]);
+    let t = text(&m);
+    for key in ["alice", "bob", "anonymous", "invalid"] {
+        for reason in LimitReason::ALL {
+            let series = format!(
+                "llm_edge_rate_limited_total{{key=\"{key}\",reason=\"{}\"}} 0",
+                reason.as_str()
+            );
+            assert!(t.contains(&series), "{series} missing:\n{t}");
+        }
+    }
+    for phase in DisconnectPhase::ALL {
+        assert!(t.contains(&format!(
+            "llm_edge_client_disconnects_total{{phase=\"{}\"}} 0",
+            phase.as_str()
+        )));
+    }
+    for line in [
+        r#"llm_edge_streams_active{model="qwen"} 0"#,
+        r#"llm_edge_tokens_total{key="bob",kind="completion",model="qwen"} 0"#,
+        r#"llm_edge_tokens_total{key="anonymous",kind="prompt",model="qwen"} 0"#,
+        r#"llm_edge_route_tokens_total{kind="completion",route="messages"} 0"#,
+        r#"llm_edge_time_to_first_token_seconds_count{model="qwen"} 0"#,
+        r#"llm_edge_request_bytes_total{route="chat_completions"} 0"#,
+        "llm_edge_queue_wait_seconds_count 0",
+    ] {
+        assert!(t.contains(line), "{line} missing:\n{t}");
+    }
+    assert!(
+        !t.contains(r#"key="invalid",kind="#),
+        "a wrong key never has tokens"
+    );
+    // Bounded by the configuration: one more key adds its limit reasons and
+    // its token kinds per model, nothing else.
+    let more = Metrics::new(["qwen"], ["alice", "bob", "carol"], ["gpu"]);
+    assert_eq!(
+        more.series_count() - m.series_count(),
+        LimitReason::ALL.len() + 3
+    );
+}

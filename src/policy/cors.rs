@@ -39,20 +39,55 @@ impl CorsPolicy {
             .then(|| origin.to_string())
     }
 
+    /// The request's `Origin` as the access log shows it when the policy
+    /// refuses it (`None`: no `Origin`, or an allowed one), so the operator
+    /// sees which origin to add to `cors.allowed_origins`. Browsers send
+    /// `Origin` only cross-origin or with a POST, and every page is
+    /// cross-origin to the gateway. Client text: cut to 128 characters,
+    /// anything outside an origin's alphabet shown as `?`.
+    pub fn refused(&self, origin: Option<&str>) -> Option<String> {
+        let origin = origin?.trim();
+        if origin.is_empty() || self.allowed(Some(origin)).is_some() {
+            return None;
+        }
+        Some(
+            origin
+                .chars()
+                .take(128)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || ":/.-_[]".contains(c) {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// Adds our CORS headers for `allowed_origin` (upstream ones must be
-    /// stripped first with [`strip_upstream_cors`]).
+    /// stripped first with [`strip_upstream_cors`]). `Vary: Origin` is added
+    /// once, next to any other `Vary` value already there.
     pub fn apply(&self, resp: &mut ResponseHeader, allowed_origin: Option<&str>) -> Result<()> {
         if let Some(origin) = allowed_origin {
             resp.insert_header("Access-Control-Allow-Origin", origin)?;
             resp.insert_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)?;
         }
-        if self.enabled() {
+        let varies_by_origin = resp.headers.get_all("vary").iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("origin") || t.trim() == "*")
+            })
+        });
+        if self.enabled() && !varies_by_origin {
             resp.append_header("Vary", "Origin")?;
         }
         Ok(())
     }
 
-    /// The answer to a preflight `OPTIONS`.
+    /// The answer to a preflight `OPTIONS`, without the headers every
+    /// response gets from [`apply`](Self::apply) (the one place that writes
+    /// the client's header adds them).
     pub fn preflight(
         &self,
         allowed_origin: Option<&str>,
@@ -60,7 +95,6 @@ impl CorsPolicy {
     ) -> Result<ResponseHeader> {
         let mut resp = ResponseHeader::build(204, Some(6))?;
         resp.insert_header("Allow", ALLOWED_METHODS)?;
-        self.apply(&mut resp, allowed_origin)?;
         if allowed_origin.is_some() {
             resp.insert_header("Access-Control-Allow-Methods", ALLOWED_METHODS)?;
             let headers = requested_headers
@@ -130,6 +164,40 @@ mod tests {
             .unwrap();
         assert_eq!(resp.headers["access-control-allow-origin"], "http://a");
         assert_eq!(resp.headers["vary"], "Origin");
+    }
+
+    #[test]
+    fn vary_origin_is_written_once() {
+        let p = policy(&["http://a"]);
+        let mut resp = p.preflight(Some("http://a"), None).unwrap();
+        p.apply(&mut resp, Some("http://a")).unwrap();
+        p.apply(&mut resp, Some("http://a")).unwrap();
+        assert_eq!(resp.headers.get_all("vary").iter().count(), 1);
+        let mut upstream = ResponseHeader::build(200, None).unwrap();
+        upstream.insert_header("Vary", "Accept-Encoding").unwrap();
+        p.apply(&mut upstream, None).unwrap();
+        let vary: Vec<_> = upstream.headers.get_all("vary").iter().collect();
+        assert_eq!(vary, ["Accept-Encoding", "Origin"]);
+    }
+
+    #[test]
+    fn refused_origins_are_named_for_the_log() {
+        let p = policy(&["http://a"]);
+        assert_eq!(p.refused(Some("http://a")), None);
+        assert_eq!(p.refused(None), None);
+        assert_eq!(p.refused(Some(" ")), None);
+        assert_eq!(p.refused(Some("null")).as_deref(), Some("null"));
+        assert_eq!(
+            p.refused(Some("http://evil.example:8080")).as_deref(),
+            Some("http://evil.example:8080")
+        );
+        assert_eq!(
+            p.refused(Some("http://x y\"z")).as_deref(),
+            Some("http://x?y?z")
+        );
+        assert_eq!(p.refused(Some(&"a".repeat(500))).unwrap().len(), 128);
+        // Without a policy every origin is refused.
+        assert!(policy(&[]).refused(Some("http://a")).is_some());
     }
 
     #[test]

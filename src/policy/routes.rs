@@ -169,6 +169,15 @@ impl Route {
     }
 }
 
+/// The labels of the routes that generate (their token series are created
+/// at start-up, at 0).
+pub fn generating_labels() -> impl Iterator<Item = &'static str> {
+    MODEL_ROUTES
+        .iter()
+        .filter(|(_, r)| r.generates())
+        .map(|(_, r)| r.label())
+}
+
 /// Label for requests that matched no route.
 pub const UNKNOWN_ROUTE: &str = "unknown";
 

@@ -119,6 +119,7 @@ impl Gateway {
             .env("RUST_LOG", "info")
             .env_remove("API_KEYS")
             .env_remove("LISTEN")
+            .env_remove("STATE_DIRECTORY")
             .env_remove("LLAMA_BASE_URL")
             .env_remove("DEFAULT_MODEL")
             .stdin(Stdio::null())
