@@ -225,6 +225,18 @@ pub fn downstream_response(
 
 /// What every response to a client carries, whoever wrote it: the request id
 /// and the gateway's CORS policy (never llama-server's).
+/// Whether a message's body is sent with `Transfer-Encoding: chunked`.
+pub fn is_chunked(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        })
+}
+
 pub fn finish_client_response(
     resp: &mut ResponseHeader,
     request_id: Option<&str>,

@@ -9,7 +9,9 @@
 //!
 //! Every new TCP connection is a new SSH channel, so connections are pooled;
 //! llama-server closes idle ones after 5 s and any after 100 requests, so a
-//! pooled connection can be dead when we pick it. Pingora's pool already
+//! pooled connection can be dead when we pick it. It also closes every
+//! connection that carried a chunked (streamed) response, without saying so:
+//! those are never pooled. Pingora's pool already
 //! drops connections it finds closed when handing one out; a request whose
 //! write fails on a reused connection (so llama-server cannot have read it)
 //! is sent again once, on a fresh connection. Once the whole request was
@@ -261,6 +263,17 @@ impl UpstreamClient {
 
     /// Returns a finished exchange's connection to the pool when it can be reused.
     pub async fn release(&self, mut exchange: Exchange) {
+        // llama-server (cpp-httplib) closes the connection after every
+        // chunked response although its headers promise keep-alive, and a
+        // request sent on it in the meantime is read and dropped unanswered:
+        // never pool one (it is closed when dropped here).
+        if exchange
+            .http
+            .resp_header()
+            .is_some_and(|h| headers::is_chunked(&h.headers))
+        {
+            return;
+        }
         exchange.http.respect_keepalive();
         if let Some(stream) = exchange.http.reuse().await {
             self.transport.release_stream(

@@ -3,9 +3,11 @@
 //! It speaks llama.cpp's wire format (b11434): SSE frames `data: <json>\n\n`,
 //! a first chunk with `delta: {"role":"assistant","content":null}`, one chunk
 //! per token, a finish chunk with `timings` (or a usage chunk when
-//! `stream_options.include_usage` is set), then `data: [DONE]`; keep-alive
+//! `stream_options.include_usage` is set), then `data: [DONE]`, and then,
+//! as llama-server b11434 does, the connection is closed although the headers
+//! promised keep-alive (see `drain_and_close`); keep-alive
 //! with `Keep-Alive: timeout=5, max=100` and idle connections closed after
-//! 5 s; JSON errors with `Connection: close`. It spaces tokens in time,
+//! 5 s for non-streamed answers; JSON errors with `Connection: close`. It spaces tokens in time,
 //! records every request it receives, and notices when a client goes away
 //! mid-generation. Paths are percent-decoded before routing, as cpp-httplib
 //! does (`/v1/chat/c%6fmpletions` and `/v1%2Fchat/completions` are chat).
@@ -45,6 +47,10 @@
 //! Per-request controls (headers the gateway forwards untouched):
 //! `x-mock-tokens: N`, `x-mock-delay-ms: MS` (between tokens),
 //! `x-mock-first-token-delay-ms: MS`, and `x-mock-fault:` one of
+//! - `drop-next-request` (streams): after the stream, the next request on
+//!   the connection is read and dropped unanswered, then the connection
+//!   closes: llama-server's close after a stream, caught at its worst
+//!   moment;
 //! - `close-before-response`, `close-after-request` (the whole request is
 //!   read and recorded, then the connection is closed without a byte of
 //!   answer: a clean FIN);
@@ -641,7 +647,17 @@ impl MockLlama {
         }
         stream.write_all(b"0\r\n\r\n").await?;
         self.state.completed.fetch_add(1, Ordering::SeqCst);
-        Ok(!last)
+        if fault == "drop-next-request" {
+            // The worst timing of what follows: the next request on this
+            // connection arrives before the close does. Read and dropped.
+            let mut scratch = Vec::new();
+            let next =
+                tokio::time::timeout(Duration::from_secs(2), read_request(stream, &mut scratch));
+            let _ = next.await;
+            return Ok(false);
+        }
+        drain_and_close(stream).await;
+        Ok(false)
     }
 
     /// `eof-without-done`: a stream delimited by the connection's close (no
@@ -1389,6 +1405,24 @@ fn percent_decode(path: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What llama-server (cpp-httplib, b11434) does after every streamed
+/// response although its headers said keep-alive: the stream's provider
+/// reports "no more" after the last chunk, which httplib takes for a
+/// cancel, so it half-closes, reads and discards whatever arrives for up to
+/// 100 ms (a request sent on the connection meanwhile is lost unanswered),
+/// then closes.
+async fn drain_and_close(stream: &mut TcpStream) {
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// Reads one request (Content-Length or chunked body). None when the peer

@@ -152,3 +152,13 @@ fn sized_responses_keep_their_length() {
     finish_client_response(&mut down, Some("r"), &CorsPolicy::default(), None).unwrap();
     assert_eq!(down.headers["x-request-id"], "r");
 }
+
+#[test]
+fn chunked_is_found_in_any_spelling_and_list() {
+    let mut h = http::HeaderMap::new();
+    assert!(!is_chunked(&h));
+    h.insert("transfer-encoding", "gzip, Chunked".parse().unwrap());
+    assert!(is_chunked(&h));
+    h.insert("transfer-encoding", "gzip".parse().unwrap());
+    assert!(!is_chunked(&h));
+}
