@@ -62,26 +62,30 @@ import re, sys
 src, dst = sys.argv[1:3]
 lines = open(src).read().split("\n")
 top = re.compile(r"^[a-z_]+:")
-start = lines.index("keys:")
-end = next(i for i in range(start + 1, len(lines)) if top.match(lines[i]))
-# the comment (and blank lines) right above the next section belong to it
-while lines[end - 1].startswith("#") or not lines[end - 1].strip():
-    end -= 1
-# the example entry stays as a comment, without the example key's digest
-entry = []
-for line in lines[start + 1:end]:
-    if "the digest of" in line:
-        continue
-    if line.strip().startswith("sha256:"):
-        line = line.split("sha256:")[0] + "sha256: <the digest llm-edge gen-key prints>"
-    entry.append("#" + line[1:] if line.startswith("  ") else "# " + line)
-lines[start:end] = [
-    "# No key is configured here: every request is refused (401) until you add one.",
-    "#   llm-edge gen-key --id alice",
-    "# prints the secret for the client and the lines to put below (in place of",
-    "# the empty list); then `systemctl reload llm-edge`. An entry looks like:",
-    "keys: []",
-] + entry
+if "keys: []" in lines:
+    start = None  # the example already lists no key
+else:
+    start = lines.index("keys:")  # a ValueError here: conf/llm-edge.yaml changed shape
+if start is not None:
+    end = next(i for i in range(start + 1, len(lines)) if top.match(lines[i]))
+    # the comment (and blank lines) right above the next section belong to it
+    while lines[end - 1].startswith("#") or not lines[end - 1].strip():
+        end -= 1
+    # the example entry stays as a comment, without the example key's digest
+    entry = []
+    for line in lines[start + 1:end]:
+        if "the digest of" in line:
+            continue
+        if line.strip().startswith("sha256:"):
+            line = line.split("sha256:")[0] + "sha256: <the digest llm-edge gen-key prints>"
+        entry.append("#" + line[1:] if line.startswith("  ") else "# " + line)
+    lines[start:end] = [
+        "# No key is configured here: every request is refused (401) until you add one.",
+        "#   llm-edge gen-key --id alice",
+        "# prints the secret for the client and the lines to put below (in place of",
+        "# the empty list); then `systemctl reload llm-edge`. An entry looks like:",
+        "keys: []",
+    ] + entry
 text = "\n".join(lines)
 for field, path in (("pid_file", "/run/llm-edge/llm-edge.pid"),
                     ("upgrade_sock", "/run/llm-edge/upgrade.sock")):
