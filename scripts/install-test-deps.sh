@@ -21,6 +21,13 @@ command -v ssh >/dev/null 2>&1 || apt_packages+=(openssh-client)
 command -v autossh >/dev/null 2>&1 || apt_packages+=(autossh)
 # systemd's own unit verifier
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+# packaging tests (tests/python/test_package.py): dpkg-deb's objdump, a Debian root
+# booted with systemd-nspawn, podman (with runc) for the container image
+command -v objdump >/dev/null 2>&1 || apt_packages+=(binutils)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || apt_packages+=(debootstrap)
+command -v systemd-nspawn >/dev/null 2>&1 || apt_packages+=(systemd-container)
+command -v podman >/dev/null 2>&1 || apt_packages+=(podman)
+command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || apt_packages+=(runc)
 # Node.js runs examples/node and drives the browser example (CI has Node 20)
 command -v node >/dev/null 2>&1 || apt_packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || apt_packages+=(npm)
@@ -56,3 +63,7 @@ done
 # the first time, instant after) and the tiny deterministic model it serves.
 scripts/build-llama-server.sh >/dev/null
 .venv/bin/python scripts/make-tiny-model.py >/dev/null
+
+# The Debian bookworm roots the packaging tests boot and build images from
+# (debootstrap once into ~/.cache/llm-edge: 4-6 min the first time, instant after).
+$SUDO env LLM_EDGE_CACHE="${LLM_EDGE_CACHE:-$HOME/.cache/llm-edge}" scripts/make-test-rootfs.sh >/dev/null
