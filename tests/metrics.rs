@@ -224,7 +224,12 @@ const CREATED_BY_THE_FIRST_REQUEST: &[&str] = &[
 #[tokio::test]
 async fn every_series_a_panel_or_alert_reads_exists_at_zero_from_start_up() {
     let mock = MockLlama::start(MockOptions::default()).await;
-    let gw = Gateway::start(&standard_config(&mock.url(), ""));
+    // carol has token quotas: her quota-use gauges exist from the start too
+    let carol = format!(
+        "  - id: carol\n    sha256: {}\n    limits:\n      tokens_per_day: 1000\n      tokens_per_month: 9000\n",
+        support::gateway::sha256_hex("sk-carol-quota-0123456789abcdef")
+    );
+    let gw = Gateway::start(&standard_config(&mock.url(), &carol));
     // The first scrape, before any request.
     let s = gw.scrape().await;
     let present = |name: &str| {
@@ -244,7 +249,7 @@ async fn every_series_a_panel_or_alert_reads_exists_at_zero_from_start_up() {
     assert!(missing.is_empty(), "absent at start-up: {missing:?}\n{s}");
     // Every label value a panel groups by, at 0: each configured key (and
     // `anonymous`, `invalid`) × each limit reason, each disconnect phase.
-    for key in ["alice", "bob", "anonymous", "invalid"] {
+    for key in ["alice", "bob", "carol", "anonymous", "invalid"] {
         for reason in [
             "key_rate",
             "key_concurrency",
@@ -255,10 +260,17 @@ async fn every_series_a_panel_or_alert_reads_exists_at_zero_from_start_up() {
             "ip_concurrency",
             "key_uploads",
             "ip_uploads",
+            "key_tokens_per_minute",
+            "key_tokens_per_day",
+            "key_tokens_per_month",
         ] {
             let series = format!(r#"llm_edge_rate_limited_total{{key="{key}",reason="{reason}"}}"#);
             assert_eq!(value(&s, &series), Some(0.0), "{series}");
         }
+    }
+    for period in ["day", "month"] {
+        let series = format!(r#"llm_edge_key_quota_used_ratio{{key="carol",period="{period}"}}"#);
+        assert_eq!(value(&s, &series), Some(0.0), "{series}");
     }
     for phase in ["before_first_token", "streaming"] {
         let series = format!(r#"llm_edge_client_disconnects_total{{phase="{phase}"}}"#);
@@ -563,7 +575,14 @@ const QUIET_ALERTS: &[(&str, &str)] = &[
 #[ignore = "needs a real prometheus server (Debian package prometheus); scripts/test.sh runs it"]
 async fn a_real_prometheus_evaluates_every_dashboard_and_alert_query() {
     let mock = MockLlama::start(MockOptions::default()).await;
-    let gw = Gateway::start(&standard_config(&mock.url(), ""));
+    // carol's daily quota: one request without max_tokens is given (and
+    // the mock generates) all that is left of it, so her quota alert fires.
+    const CAROL: &str = "sk-carol-quota-0123456789abcdef";
+    let carol = format!(
+        "  - id: carol\n    sha256: {}\n    limits:\n      tokens_per_day: 500\nledger:\n  flush_interval: 200ms\n",
+        support::gateway::sha256_hex(CAROL)
+    );
+    let gw = Gateway::start(&standard_config(&mock.url(), &carol));
     let prom = start_prometheus(gw.metrics_addr.unwrap()).await;
     eventually_async("the first scrape", async || {
         prom.query(r#"up{job="llm-edge"} == 1"#, None)
@@ -591,6 +610,12 @@ async fn a_real_prometheus_evaluates_every_dashboard_and_alert_query() {
         .await;
         s.text().await.unwrap();
     }
+    assert_eq!(
+        send(&gw, Some(CAROL), chat("qwen", false), &[])
+            .await
+            .status(),
+        200
+    );
     send(&gw, Some("sk-wrong"), chat("qwen", false), &[]).await;
     send(&gw, None, chat("qwen", false), &[]).await;
     send(&gw, Some(KEY_LIMITED), chat("qwen", false), &[]).await;
