@@ -21,6 +21,7 @@
 //! in seconds. Environment knobs: `LOAD_ONLY=ns,stream,slow,wrongkey` (scenarios),
 //! `LOAD_TARGETS=direct,llm-edge,nginx`, `LOAD_SECONDS` (per closed-loop run),
 //! `LOAD_ROUNDS` (interleaved rounds), `LOAD_CONCURRENCY` (closed loops),
+//! `LOAD_BUDGET=1` (the key gets token limits and the ledger a state_dir),
 //! `LOAD_STREAMS` (scenario 2), `LOAD_SLOW=2000,5000`, `NGINX_BIN`
 //! (`none` to skip nginx), `LLM_EDGE_BIN` (another llm-edge binary) and
 //! `LLM_EDGE_WRAP` (a command prefix such as
@@ -342,8 +343,19 @@ impl Edge {
     /// llm-edge in front of `upstream`; `extra` is prepended to its config.
     fn start(upstream: SocketAddr, dir: &Path, extra: &str) -> Edge {
         let port = free_port();
+        // LOAD_BUDGET=1: the key has token limits and quotas (never reached)
+        // and the ledger is on disk, to measure what reservation, settlement,
+        // rate-limit headers and the ledger cost per request.
+        let budget = if std::env::var("LOAD_BUDGET").is_ok_and(|v| v == "1") {
+            format!(
+                "    limits:\n      requests_per_minute: 100000000\n      tokens_per_minute: 100000000000\n      tokens_per_day: 100000000000000\n      tokens_per_month: 100000000000000\nstate_dir: {}\n",
+                dir.join(format!("state-{port}")).display()
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
-            "{extra}upstream:\n  url: http://{upstream}\nmodels:\n  - name: bench\n    upstream_name: mock-model\nkeys:\n  - id: bench\n    sha256: {}\nmetrics:\n  listen: 127.0.0.1:{}\nserver:\n  threads: 2\n  pid_file: {d}/edge-{port}.pid\n  upgrade_sock: {d}/edge-{port}.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n",
+            "{extra}upstream:\n  url: http://{upstream}\nmodels:\n  - name: bench\n    upstream_name: mock-model\nkeys:\n  - id: bench\n    sha256: {}\n{budget}metrics:\n  listen: 127.0.0.1:{}\nserver:\n  threads: 2\n  pid_file: {d}/edge-{port}.pid\n  upgrade_sock: {d}/edge-{port}.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n",
             llm_edge::policy::auth::digest_hex(KEY),
             free_port(),
             d = dir.display()

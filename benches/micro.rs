@@ -5,7 +5,8 @@
 //! bodies, and the SSE scanner on a realistic llama.cpp stream, fed one event
 //! per read (as llama-server writes them) and in 16 KiB reads, and the route
 //! table (`RouteTable::classify`, canonical-path check included) on the
-//! first and last model routes, a passthrough path and an unknown one. Under
+//! first and last model routes, a passthrough path and an unknown one, and
+//! what a key with token limits adds (reservation, settlement, ledger). Under
 //! `cargo test --benches` criterion runs each once as a smoke test.
 
 use std::hint::black_box;
@@ -173,5 +174,46 @@ fn bench_routes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_auth, bench_body, bench_sse, bench_routes);
+/// What a key with token limits adds to each request: the reservation and its
+/// settlement, the rate-limit headers' snapshot, and the ledger's record.
+fn bench_tokens(c: &mut Criterion) {
+    use llm_edge::ledger::{Counts, Ledger};
+    use llm_edge::policy::tokens::{now_ms, TokenBudget, TokenLimits};
+    use std::sync::Arc;
+    let limits = TokenLimits {
+        per_minute: Some(u64::MAX / 4),
+        per_day: Some(u64::MAX / 4),
+        per_month: Some(u64::MAX / 4),
+    };
+    let budget = Arc::new(TokenBudget::new([("bench".to_string(), limits)], now_ms()));
+    let mut g = c.benchmark_group("tokens");
+    g.bench_function("reserve+state+settle", |b| {
+        b.iter(|| {
+            let now = now_ms();
+            let r = budget.reserve(black_box("bench"), 1_000, now).unwrap();
+            black_box(budget.state("bench", now));
+            r.settle(black_box(800), now);
+        });
+    });
+    let ledger = Ledger::open(None, budget.clone()).unwrap();
+    let counts = Counts {
+        requests: 1,
+        prompt_tokens: 300,
+        completion_tokens: 500,
+        ..Counts::default()
+    };
+    g.bench_function("ledger record", |b| {
+        b.iter(|| ledger.record(black_box("bench"), black_box("qwen3"), now_ms(), &counts));
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_auth,
+    bench_body,
+    bench_sse,
+    bench_routes,
+    bench_tokens
+);
 criterion_main!(benches);
