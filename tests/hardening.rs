@@ -318,3 +318,55 @@ async fn a_connection_that_carried_a_stream_is_never_reused() {
     }
     assert_eq!(mock.completed(), 6);
 }
+
+/// Reads one response whose body has a `Content-Length`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// A refused request with a small body keeps its connection (its body is
+/// read and dropped); a large one still closes it unread.
+#[tokio::test]
+async fn a_401_keeps_the_connection_when_the_body_is_small() {
+    let (_mock, gw) = setup("").await;
+    let refused = |len: usize, sent: usize| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: e\r\nAuthorization: Bearer sk-wrong\r\nContent-Length: {len}\r\n\r\n{}",
+            "x".repeat(sent)
+        )
+    };
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(refused(1000, 1000).as_bytes()).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+            .await
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+        assert!(!reply.contains("Connection: close"), "{reply}");
+    }
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: e\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = read_response(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // 100 KiB declared: answered and closed without reading it
+    let (reply, closed) =
+        exchange(&gw, refused(102_400, 4).as_bytes(), Duration::from_secs(10)).await;
+    assert!(closed, "{reply}");
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+}

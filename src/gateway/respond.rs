@@ -39,7 +39,13 @@ impl GatewayProxy {
     ) -> Result<()> {
         ctx.error_code = Some(err.code());
         ctx.auth_failure = err.auth_failure();
-        let body_unread = !session.is_body_done();
+        let mut body_unread = !session.is_body_done();
+        if body_unread && small_declared_body(session) {
+            // A small body is cheaper to read than a new connection (a
+            // client retrying with the right key, or a scanner, would
+            // otherwise pay a handshake per refusal).
+            body_unread = !drain(session).await;
+        }
         if body_unread {
             // Otherwise Pingora would drain the whole unread body before answering.
             session.set_keepalive(None);
@@ -96,6 +102,45 @@ pub(super) async fn write_response(
         .write_response_body(Some(body), true)
         .await
         .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))
+}
+
+/// The largest unread body drained so that a refused request keeps its
+/// connection; larger, chunked or `Expect: 100-continue` bodies close it.
+const DRAIN_MAX_BYTES: usize = 64 * 1024;
+/// How long draining may take before the connection is closed instead.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A body declared by `Content-Length` (no chunked coding, no
+/// `Expect: 100-continue`, which would wait for our go-ahead) of at most
+/// [`DRAIN_MAX_BYTES`].
+fn small_declared_body(session: &Session) -> bool {
+    let headers = &session.req_header().headers;
+    if headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers.contains_key(http::header::EXPECT)
+    {
+        return false;
+    }
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|n| n <= DRAIN_MAX_BYTES)
+}
+
+/// Reads the rest of a small body, briefly; whether it all arrived.
+async fn drain(session: &mut Session) -> bool {
+    let read_all = async {
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, read_all)
+        .await
+        .unwrap_or(false)
 }
 
 /// Reads and discards what the client still sends after an early answer,
