@@ -19,6 +19,8 @@ command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || apt_packages+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || apt_packages+=(openssh-client)
 command -v autossh >/dev/null 2>&1 || apt_packages+=(autossh)
+# deterministic cost figures (benches/cost.rs): callgrind
+command -v valgrind >/dev/null 2>&1 || apt_packages+=(valgrind)
 # systemd's own unit verifier
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
 # packaging tests (tests/python/test_package.py): dpkg-deb's objdump, a Debian root
