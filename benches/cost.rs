@@ -1,4 +1,5 @@
-//! Deterministic cost figures: instructions per non-streamed request, per
+//! Deterministic cost figures: instructions and heap allocations per
+//! non-streamed request, per
 //! relayed SSE chunk and per 401, for llm-edge and (when installed) nginx,
 //! counted by valgrind's callgrind on a fixed scripted workload.
 //!
@@ -109,7 +110,7 @@ impl Profiled {
     }
 
     /// Instructions executed while `phase` ran.
-    fn count(&self, phase: impl FnOnce(SocketAddr)) -> u64 {
+    fn count(&self, phase: impl FnOnce(SocketAddr)) -> Cost {
         self.control("-z");
         phase(self.addr);
         let before: Vec<PathBuf> = dumps(&self.out_dir);
@@ -120,8 +121,12 @@ impl Profiled {
                 .into_iter()
                 .filter(|p| !before.contains(p))
                 .collect();
-            if let Some(total) = new.iter().filter_map(|p| summary(p)).max() {
-                return total;
+            if let Some(cost) = new
+                .iter()
+                .filter_map(|p| summary(p))
+                .max_by_key(|c| c.instructions)
+            {
+                return cost;
             }
             assert!(
                 Instant::now() < deadline,
@@ -146,15 +151,76 @@ fn dumps(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The `summary:` (or `totals:`) instruction count of a finished dump.
-fn summary(path: &Path) -> Option<u64> {
+/// What one phase cost: instructions, and heap allocations (calls into
+/// jemalloc's allocating entry points from outside jemalloc).
+#[derive(Clone, Copy, Default)]
+struct Cost {
+    instructions: u64,
+    allocations: u64,
+}
+
+/// The `summary:` (or `totals:`) instruction count of a finished dump, and
+/// the calls it records into the allocator.
+fn summary(path: &Path) -> Option<Cost> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
+    let instructions = text
+        .lines()
         .find_map(|l| {
             l.strip_prefix("summary: ")
                 .or_else(|| l.strip_prefix("totals: "))
         })
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(Cost {
+        instructions,
+        allocations: allocator_calls(&text),
+    })
+}
+
+/// Sums `calls=` lines whose callee is an allocating entry point of
+/// jemalloc (`_rjem_malloc`, `mallocx`, `calloc`, `realloc`, `rallocx`) and
+/// whose caller is not jemalloc itself. Callgrind compresses names: the
+/// first `fn=(id) name` or `cfn=(id) name` names an id, later ones repeat
+/// only `(id)`.
+fn allocator_calls(dump: &str) -> u64 {
+    let mut names: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut resolve = |spec: &str| -> String {
+        let spec = spec.trim();
+        match spec.strip_prefix('(').and_then(|r| r.split_once(')')) {
+            Some((id, rest)) if !rest.trim().is_empty() => {
+                names.insert(id.to_string(), rest.trim().to_string());
+                rest.trim().to_string()
+            }
+            Some((id, _)) => names.get(id).cloned().unwrap_or_default(),
+            None => spec.to_string(),
+        }
+    };
+    let allocating = |name: &str| {
+        [
+            "_rjem_malloc",
+            "_rjem_mallocx",
+            "_rjem_calloc",
+            "_rjem_realloc",
+            "_rjem_rallocx",
+        ]
+        .contains(&name)
+    };
+    let (mut caller, mut callee, mut total) = (String::new(), String::new(), 0u64);
+    for line in dump.lines() {
+        if let Some(spec) = line.strip_prefix("fn=") {
+            caller = resolve(spec);
+        } else if let Some(spec) = line.strip_prefix("cfn=") {
+            callee = resolve(spec);
+        } else if let Some(rest) = line.strip_prefix("calls=") {
+            if allocating(&callee) && !caller.starts_with("_rjem_") {
+                total += rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
 }
 
 fn chat(stream: bool, key: &str, tokens: usize) -> Vec<u8> {
@@ -246,6 +312,9 @@ struct Row {
     per_request: f64,
     per_chunk: f64,
     per_401: f64,
+    allocs_per_request: f64,
+    allocs_per_chunk: f64,
+    allocs_per_401: f64,
 }
 
 fn measure(p: &Profiled, requests: usize, streams: usize, chunks: usize) -> Row {
@@ -256,17 +325,21 @@ fn measure(p: &Profiled, requests: usize, streams: usize, chunks: usize) -> Row 
     run(p.addr, &ns, 20, 200);
     run(p.addr, &st, 2, 200);
     run(p.addr, &wrong, 20, 401);
-    let ns_total = p.count(|a| run(a, &ns, requests, 200));
-    let per_request = ns_total as f64 / requests as f64;
+    let ns = p.count(|a| run(a, &ns, requests, 200));
+    let st = p.count(|a| run(a, &st, streams, 200));
+    let wrong = p.count(|a| run(a, &wrong, requests, 401));
+    let per = |c: u64| c as f64 / requests as f64;
     // a stream is a request plus its chunks (one per token, plus the end)
-    let st_total = p.count(|a| run(a, &st, streams, 200));
-    let per_chunk = (st_total as f64 - per_request * streams as f64) / (streams * chunks) as f64;
-    let wrong_total = p.count(|a| run(a, &wrong, requests, 401));
+    let per_chunk =
+        |c: u64, request: f64| (c as f64 - request * streams as f64) / (streams * chunks) as f64;
     Row {
         name: p.name,
-        per_request,
-        per_chunk,
-        per_401: wrong_total as f64 / requests as f64,
+        per_request: per(ns.instructions),
+        per_chunk: per_chunk(st.instructions, per(ns.instructions)),
+        per_401: per(wrong.instructions),
+        allocs_per_request: per(ns.allocations),
+        allocs_per_chunk: per_chunk(st.allocations, per(ns.allocations)),
+        allocs_per_401: per(wrong.allocations),
     }
 }
 
@@ -398,19 +471,27 @@ fn main() {
     }
 
     println!(
-        "\n| instructions (callgrind) | {} |",
+        "\n| callgrind | {} |",
         rows.iter().map(|r| r.name).collect::<Vec<_>>().join(" | ")
     );
     println!("|---|{}", "---:|".repeat(rows.len()));
     type Get = fn(&Row) -> f64;
-    let metrics: [(&str, Get); 3] = [
-        ("per non-streamed request", |r| r.per_request),
-        ("per relayed SSE chunk", |r| r.per_chunk),
-        ("per 401 (wrong key)", |r| r.per_401),
+    let metrics: [(&str, Get); 6] = [
+        ("instructions per non-streamed request", |r| r.per_request),
+        ("instructions per relayed SSE chunk", |r| r.per_chunk),
+        ("instructions per 401 (wrong key)", |r| r.per_401),
+        ("heap allocations per non-streamed request", |r| {
+            r.allocs_per_request
+        }),
+        ("heap allocations per relayed SSE chunk", |r| {
+            r.allocs_per_chunk
+        }),
+        ("heap allocations per 401", |r| r.allocs_per_401),
     ];
     for (what, get) in metrics {
-        let cells: Vec<String> = rows.iter().map(|r| format!("{:.0}", get(r))).collect();
-        let ratio = if rows.len() == 2 {
+        let cells: Vec<String> = rows.iter().map(|r| format!("{:.1}", get(r))).collect();
+        // nginx allocates from its own pools: only instructions compare
+        let ratio = if rows.len() == 2 && what.starts_with("instructions") {
             format!(" ({:.2}× nginx)", get(&rows[0]) / get(&rows[1]))
         } else {
             String::new()

@@ -9,5 +9,5 @@ command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgri
 cargo bench --bench cost --no-run -q
 for run in 1 2 3; do
   echo "== run $run"
-  cargo bench --bench cost -q 2>/dev/null | sed -n '/^| instructions/,/^(/p'
+  cargo bench --bench cost -q 2>/dev/null | sed -n '/^| callgrind/,/^(/p'
 done
