@@ -489,8 +489,17 @@ fn main() {
         ("heap allocations per 401", |r| r.allocs_per_401),
     ];
     for (what, get) in metrics {
-        let cells: Vec<String> = rows.iter().map(|r| format!("{:.1}", get(r))).collect();
-        // nginx allocates from its own pools: only instructions compare
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                // nginx allocates from its own pools, not through jemalloc
+                if r.name == "nginx" && what.starts_with("heap") {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.1}", get(r))
+                }
+            })
+            .collect();
         let ratio = if rows.len() == 2 && what.starts_with("instructions") {
             format!(" ({:.2}× nginx)", get(&rows[0]) / get(&rows[1]))
         } else {
