@@ -14,7 +14,8 @@
 //! Under `cargo test --benches` it runs a tiny version that only checks that
 //! it works. Knobs: `COST_REQUESTS` (default 400), `COST_STREAMS` (20 streams
 //! of `COST_CHUNKS`, default 100, chunks), `NGINX_BIN` (`none` to skip nginx),
-//! `LLM_EDGE_BIN`. Only 127.0.0.1; every loop is bounded.
+//! `LLM_EDGE_BIN`, `COST_DUMPS=DIR` (keep the dumps for `callgrind_annotate`).
+//! Only 127.0.0.1; every loop is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -442,26 +443,24 @@ fn main() {
         .unwrap();
     let mock = rt.block_on(MockLlama::start(MockOptions::default()));
     let upstream: SocketAddr = mock.url().trim_start_matches("http://").parse().unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    // COST_DUMPS=DIR keeps the callgrind dumps (for callgrind_annotate).
+    let kept = std::env::var("COST_DUMPS").ok().map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = kept.as_deref().unwrap_or(tmp.path());
+    std::fs::create_dir_all(dir).unwrap();
 
     let mut rows = Vec::new();
     let bin = std::env::var("LLM_EDGE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_llm-edge").to_string());
     let port = free_port();
-    let edge = Profiled::start(
-        "llm-edge",
-        &bin,
-        &edge_args(upstream, port, dir.path()),
-        port,
-        dir.path(),
-    );
+    let edge = Profiled::start("llm-edge", &bin, &edge_args(upstream, port, dir), port, dir);
     rows.push(measure(&edge, requests, streams, chunks));
     drop(edge);
     match find_nginx() {
         Some(nginx) if !quick => {
             let port = free_port();
-            let args = nginx_args(upstream, port, dir.path());
-            let p = Profiled::start("nginx", &nginx, &args, port, dir.path());
+            let args = nginx_args(upstream, port, dir);
+            let p = Profiled::start("nginx", &nginx, &args, port, dir);
             rows.push(measure(&p, requests, streams, chunks));
         }
         Some(_) => {}
