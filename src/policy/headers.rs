@@ -184,9 +184,9 @@ pub fn is_event_stream(resp: &ResponseHeader) -> bool {
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
-            ct.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
+            let ct = ct.trim_start().as_bytes();
+            const SSE: &[u8] = b"text/event-stream";
+            ct.len() >= SSE.len() && ct[..SSE.len()].eq_ignore_ascii_case(SSE)
         })
 }
 

@@ -41,12 +41,12 @@ pub fn check(
             "absolute-form request targets are not accepted: send the path only (e.g. POST /v1/chat/completions)",
         ));
     }
-    let path = uri.path();
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00"]
+    let path = uri.path().as_bytes();
+    let encoded = |enc: &[u8]| path.windows(enc.len()).any(|w| w.eq_ignore_ascii_case(enc));
+    if [b"%2e", b"%2f", b"%5c", b"%00"]
         .iter()
-        .any(|enc| lower.contains(enc))
-        || path.contains('\\')
+        .any(|enc| encoded(*enc))
+        || path.contains(&b'\\')
     {
         return Err(bad(
             "the request path must not contain encoded dots, slashes, backslashes or NUL bytes",
@@ -61,36 +61,26 @@ pub fn check(
             ));
         }
     }
-    let lengths: Vec<_> = headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .collect();
-    let codings: Vec<_> = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .collect();
-    if !lengths.is_empty() && !codings.is_empty() {
+    // At most two of each are looked at: no list is built per request.
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let mut codings = headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    let (length, coding) = (lengths.next(), codings.next());
+    if length.is_some() && coding.is_some() {
         return Err(bad(
             "a request must not carry both Content-Length and Transfer-Encoding",
         ));
     }
-    if lengths.len() > 1
-        || lengths
-            .first()
-            .is_some_and(|v| v.as_bytes().contains(&b','))
-    {
+    if lengths.next().is_some() || length.is_some_and(|v| v.as_bytes().contains(&b',')) {
         return Err(bad("a request must carry a single Content-Length"));
     }
-    if let Some(v) = lengths.first() {
+    if let Some(v) = length {
         let valid = !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
         if !valid {
             return Err(bad("invalid Content-Length header"));
         }
     }
-    if codings.len() > 1
-        || codings
-            .first()
-            .is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    if codings.next().is_some()
+        || coding.is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
     {
         return Err(bad(
             "Transfer-Encoding other than a single 'chunked' is not supported",
