@@ -26,6 +26,8 @@ pub enum ApiError {
     #[error("the API key '{key_id}' is not allowed to use the model '{model}'")]
     ModelNotAllowed { key_id: String, model: String },
     #[error("{0}")]
+    PathNotAllowed(String),
+    #[error("{0}")]
     InvalidRequest(String),
     #[error("{message}")]
     InvalidParam { param: String, message: String },
@@ -73,7 +75,7 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::MissingKey(_) | ApiError::InvalidKey(_) => 401,
-            ApiError::ModelNotAllowed { .. } => 403,
+            ApiError::ModelNotAllowed { .. } | ApiError::PathNotAllowed(_) => 403,
             ApiError::InvalidRequest(_) | ApiError::InvalidParam { .. } => 400,
             ApiError::ModelNotFound(_) | ApiError::NotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
@@ -95,7 +97,7 @@ impl ApiError {
     pub fn error_type(&self) -> &'static str {
         match self {
             ApiError::MissingKey(_) | ApiError::InvalidKey(_) => "authentication_error",
-            ApiError::ModelNotAllowed { .. } => "permission_error",
+            ApiError::ModelNotAllowed { .. } | ApiError::PathNotAllowed(_) => "permission_error",
             ApiError::InvalidRequest(_)
             | ApiError::InvalidParam { .. }
             | ApiError::ModelNotFound(_)
@@ -121,6 +123,7 @@ impl ApiError {
             ApiError::MissingKey(_) => "missing_api_key",
             ApiError::InvalidKey(_) => "invalid_api_key",
             ApiError::ModelNotAllowed { .. } => "model_not_allowed",
+            ApiError::PathNotAllowed(_) => "path_not_allowed",
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::InvalidParam { .. } => "invalid_parameter",
             ApiError::ModelNotFound(_) => "model_not_found",
@@ -324,6 +327,7 @@ pub mod code {
     pub const MISSING_API_KEY: &str = "missing_api_key";
     pub const INVALID_API_KEY: &str = "invalid_api_key";
     pub const MODEL_NOT_ALLOWED: &str = "model_not_allowed";
+    pub const PATH_NOT_ALLOWED: &str = "path_not_allowed";
     pub const INVALID_REQUEST: &str = "invalid_request";
     pub const INVALID_PARAMETER: &str = "invalid_parameter";
     pub const MODEL_NOT_FOUND: &str = "model_not_found";
@@ -347,6 +351,7 @@ pub mod code {
         MISSING_API_KEY,
         INVALID_API_KEY,
         MODEL_NOT_ALLOWED,
+        PATH_NOT_ALLOWED,
         INVALID_REQUEST,
         INVALID_PARAMETER,
         MODEL_NOT_FOUND,
@@ -378,6 +383,7 @@ pub(crate) fn every_api_error() -> Vec<ApiError> {
             key_id: "k".into(),
             model: "m".into(),
         },
+        ApiError::PathNotAllowed("m".into()),
         ApiError::InvalidRequest("m".into()),
         ApiError::InvalidParam {
             param: "model".into(),
@@ -420,6 +426,7 @@ pub(crate) fn every_api_error() -> Vec<ApiError> {
             ApiError::MissingKey(_)
             | ApiError::InvalidKey(_)
             | ApiError::ModelNotAllowed { .. }
+            | ApiError::PathNotAllowed(_)
             | ApiError::InvalidRequest(_)
             | ApiError::InvalidParam { .. }
             | ApiError::ModelNotFound(_)

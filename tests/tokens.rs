@@ -255,3 +255,27 @@ async fn usage_on_the_metrics_listener_answers_bad_parameters_with_400() {
     let doc = usage(&gw, "since=7d&by=day").await;
     assert_eq!(doc["by"], "day");
 }
+
+/// A passthrough path is relayed without reading its body for tokens: a
+/// key whose tokens are counted may not use one (another key may).
+#[tokio::test]
+async fn a_key_with_token_limits_cannot_spend_uncounted_tokens_on_a_passthrough_path() {
+    let (mock, gw) =
+        setup(&(carol("      tokens_per_day: 1000\n") + "routes:\n  passthrough: [/completion]\n"))
+            .await;
+    let send = |key: &'static str| {
+        client()
+            .post(format!("{}/completion", gw.url()))
+            .bearer_auth(key)
+            .body(r#"{"prompt":"hi","n_predict":100000}"#)
+            .send()
+    };
+    let before = mock.requests().len();
+    let refused = send(CAROL).await.unwrap();
+    let (status, e) = error_of(refused).await;
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(e["error"]["code"], "path_not_allowed", "{e}");
+    assert_eq!(mock.requests().len(), before, "it reached the upstream");
+    // a key without token limits still may
+    assert_ne!(send(KEY).await.unwrap().status(), 403);
+}

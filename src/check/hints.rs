@@ -105,6 +105,9 @@ pub(super) fn gateway_code_hint(
             "this key may not use the model '{model}'; models it may use: {} (pick one with --model or LLM_MODEL)",
             model_list(ctx.models)
         ),
+        code::PATH_NOT_ALLOWED => {
+            "this key has token limits, so only the /v1 model routes (which count tokens) are open to it; ask the operator for a key without them for this path".to_string()
+        }
         code::MODEL_NOT_FOUND => format!(
             "the model '{model}' does not exist on this gateway; available models: {} (pass --model or set LLM_MODEL)",
             model_list(ctx.models)

@@ -1,12 +1,13 @@
 //! The paths an operator opened (`routes.passthrough`): the key and its
-//! request limits hold, the body is relayed as it came, never inspected.
+//! request limits hold, the body is relayed as it came, never inspected; a
+//! key with token limits is refused (its tokens would go uncounted).
 
 use pingora_error::Result;
 use pingora_proxy::Session;
 
 use super::ctx::RequestCtx;
 use super::GatewayProxy;
-use crate::errors::GatewayError;
+use crate::errors::{ApiError, GatewayError};
 use crate::policy::auth::ApiKey;
 use crate::policy::headers;
 use crate::policy::routes::Dialect;
@@ -21,6 +22,16 @@ impl GatewayProxy {
         ctx: &mut RequestCtx,
         key: &ApiKey,
     ) -> Result<(), GatewayError> {
+        // Its body is never read for tokens: a key whose tokens are counted
+        // would spend them uncounted here.
+        if self.state.tokens.limits(&key.id).is_some() {
+            return Err(ApiError::PathNotAllowed(format!(
+                "the API key '{}' has token limits, and the passthrough path {} is not token-accounted: use the /v1 model routes",
+                key.id,
+                session.req_header().uri.path()
+            ))
+            .into());
+        }
         self.admit(ctx, key)?;
         let (body, reservation) = self.read_body(session, ctx, key).await?;
         let req = session.req_header();
