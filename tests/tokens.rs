@@ -279,3 +279,23 @@ async fn a_key_with_token_limits_cannot_spend_uncounted_tokens_on_a_passthrough_
     // a key without token limits still may
     assert_ne!(send(KEY).await.unwrap().status(), 403);
 }
+
+/// llama-server reports only the first generation's usage: a request for
+/// several is charged at least what was reserved for all of them.
+#[tokio::test]
+async fn several_generations_are_charged_for_all_of_them() {
+    let (_mock, gw) = setup(&carol("      tokens_per_day: 100000\n")).await;
+    let body =
+        r#"{"model":"qwen","n":3,"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = post_chat(&gw, CAROL, body, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["usage"]["completion_tokens"], 10,
+        "the mock reports one choice: {v}"
+    );
+    eventually_async("the ledger charges all three", async || {
+        usage(&gw, "key=carol").await["total"]["completion_tokens"] == 30
+    })
+    .await;
+}

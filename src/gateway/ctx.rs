@@ -65,6 +65,9 @@ pub struct RequestCtx {
     pub tokens: Option<TokenReservation>,
     /// Its prompt's estimated tokens (what a cut stream is charged for).
     pub prompt_estimate: u64,
+    /// For several generations (`n` > 1): the completion tokens reserved,
+    /// charged in full (llama-server reports only the first one's usage).
+    pub reserved_completion: Option<u64>,
     /// Its key's limits for the rate-limit response headers.
     pub ratelimit: RateLimitState,
 }
@@ -100,6 +103,7 @@ impl RequestCtx {
             http10: false,
             tokens: None,
             prompt_estimate: 0,
+            reserved_completion: None,
             ratelimit: RateLimitState::default(),
         }
     }

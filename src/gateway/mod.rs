@@ -203,7 +203,8 @@ impl GatewayProxy {
     /// Replaces the request's token reservation with what it used, and adds
     /// it to the usage ledger. A stream cut before its usage arrived is
     /// charged its prompt estimate plus the tokens it streamed; a request
-    /// that got no answer from a server, nothing.
+    /// that got no answer from a server, nothing; several generations (`n`),
+    /// at least what was reserved for them.
     fn settle_usage(&self, ctx: &mut RequestCtx, status: u16, stats: Option<&ResponseStats>) {
         let now = tokens::now_ms();
         let counts = stats.map(ResponseStats::tokens).unwrap_or_default();
@@ -214,10 +215,11 @@ impl GatewayProxy {
         } else {
             counts.prompt
         };
-        let (prompt, completion) = if ctx.upstream_status.is_some() {
-            (prompt, counts.completion)
-        } else {
-            (0, 0)
+        let (prompt, completion) = match (ctx.upstream_status, ctx.reserved_completion) {
+            (None, _) => (0, 0),
+            // Several generations: llama-server's usage is the first one's.
+            (Some(s), Some(reserved)) if s < 400 => (prompt, counts.completion.max(reserved)),
+            (Some(_), _) => (prompt, counts.completion),
         };
         if let Some(reservation) = ctx.tokens.take() {
             reservation.settle(prompt + completion, now);

@@ -212,7 +212,9 @@ impl GatewayProxy {
                     left
                 }
             };
-            prompt.saturating_add(per_generation.saturating_mul(choices))
+            let completion = per_generation.saturating_mul(choices);
+            ctx.reserved_completion = (choices > 1).then_some(completion);
+            prompt.saturating_add(completion)
         } else {
             prompt
         };
