@@ -38,6 +38,16 @@ pub enum Outcome {
     Fallback,
 }
 
+impl Outcome {
+    pub fn label(self) -> crate::labels::RoutingOutcome {
+        match self {
+            Outcome::Hit => crate::labels::RoutingOutcome::Hit,
+            Outcome::Miss => crate::labels::RoutingOutcome::Miss,
+            Outcome::Fallback => crate::labels::RoutingOutcome::Fallback,
+        }
+    }
+}
+
 /// The choice made for one attempt: the outcome and the prompt tokens the
 /// chosen server is predicted to reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,9 @@ use super::*;
 use serde_json::json;
 
 fn chat(messages: serde_json::Value) -> Vec<u8> {
-    json!({"model": "m", "messages": messages}).to_string().into_bytes()
+    json!({"model": "m", "messages": messages})
+        .to_string()
+        .into_bytes()
 }
 
 fn hashes(a: &Affinity) -> Vec<u64> {
@@ -87,13 +89,26 @@ fn explicit_keys_in_order_of_precedence() {
         v.to_string().into_bytes()
     };
     let key = |k: &str| Some(explicit_hash("m", k));
-    assert_eq!(derive(&body(json!({"user": "u"})), "m", None).explicit, key("u"));
     assert_eq!(
-        derive(&body(json!({"user": "u", "metadata": {"user_id": "md"}})), "m", None).explicit,
+        derive(&body(json!({"user": "u"})), "m", None).explicit,
+        key("u")
+    );
+    assert_eq!(
+        derive(
+            &body(json!({"user": "u", "metadata": {"user_id": "md"}})),
+            "m",
+            None
+        )
+        .explicit,
         key("md")
     );
     assert_eq!(
-        derive(&body(json!({"user": "u", "metadata": {"user_id": "md"}})), "m", Some("hdr")).explicit,
+        derive(
+            &body(json!({"user": "u", "metadata": {"user_id": "md"}})),
+            "m",
+            Some("hdr")
+        )
+        .explicit,
         key("hdr")
     );
     assert_eq!(
@@ -107,19 +122,33 @@ fn explicit_keys_in_order_of_precedence() {
     );
     // Empty or non-string values are no key.
     assert_eq!(
-        derive(&body(json!({"user": "", "prompt_cache_key": 3})), "m", Some("")).explicit,
+        derive(
+            &body(json!({"user": "", "prompt_cache_key": 3})),
+            "m",
+            Some("")
+        )
+        .explicit,
         None
     );
     // The prefix is derived as well.
-    assert_eq!(derive(&body(json!({"user": "u"})), "m", None).blocks.len(), 1);
+    assert_eq!(
+        derive(&body(json!({"user": "u"})), "m", None).blocks.len(),
+        1
+    );
 }
 
 #[test]
 fn responses_input_and_completion_prompts() {
     let items = json!({"instructions": "be brief", "input": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]});
-    assert_eq!(derive(items.to_string().as_bytes(), "m", None).blocks.len(), 3);
+    assert_eq!(
+        derive(items.to_string().as_bytes(), "m", None).blocks.len(),
+        3
+    );
     let text = json!({"input": "just text"});
-    assert_eq!(derive(text.to_string().as_bytes(), "m", None).blocks.len(), 1);
+    assert_eq!(
+        derive(text.to_string().as_bytes(), "m", None).blocks.len(),
+        1
+    );
     let long = "x".repeat(TEXT_BLOCK * 2 + 10);
     let longer = format!("{long}yyyy");
     let a = derive(json!({"prompt": long}).to_string().as_bytes(), "m", None);
