@@ -4,15 +4,25 @@
 //! b11434 and the tiny deterministic model from `scripts/build-llama-server.sh`
 //! and `scripts/make-tiny-model.py`, both cached in `~/.cache/llm-edge`; or
 //! `LLAMA_SERVER_BIN` and `TINY_MODEL`), each with `-np 2 -t 1` and a context
-//! of 8192 tokens per slot, and llm-edge (the release binary cargo built, or
+//! of 16384 tokens per slot, and llm-edge (the release binary cargo built, or
 //! `LLM_EDGE_BIN`) in front of them. For each routing, `least_load` then
 //! `cache_affinity`, on freshly started servers (empty caches), it runs the
 //! same workload: `AFFINITY_CONVERSATIONS` conversations (default 24) of
 //! `AFFINITY_TURNS` turns (default 8), sharing one long system prompt (about
-//! 1,000 tokens), each user turn adding about 300 tokens, each reply the
-//! model's one sentence; `AFFINITY_WORKERS` clients (default 12, twice the six
-//! slots, so every server stays busy) each alternate the turns of two
-//! conversations. Every request streams (with `stream_options.include_usage`).
+//! 1,000 tokens), each user turn adding about 650 tokens (a pasted page), each reply the
+//! model's one sentence; `AFFINITY_WORKERS` clients (default 6, one per slot,
+//! so every server stays busy) each run their share of the conversations one
+//! after the other, each turn after a pause (uniform, 0 to twice
+//! `AFFINITY_THINK_MS`, default 150 ms: the user reads and types). Every
+//! request streams (with `stream_options.include_usage`).
+//!
+//! Why one active conversation per slot: llama-server (b11434) gives a
+//! request the slot whose cached prompt shares the largest fraction with it
+//! (`--slot-prompt-similarity`) and reuses that slot's cache only. With a
+//! shared system prompt every slot qualifies, so a conversation keeps its
+//! history only while it has a slot of its own; its host-RAM prompt cache
+//! (`--cache-ram`) is not consulted then. More conversations at once than
+//! slots evict each other's histories whatever the routing.
 //!
 //! It prints one markdown table: the share of prompt tokens served from
 //! llama-server's cache (as it reports them), overall and for the part past the
@@ -36,7 +46,7 @@ use serde_json::{json, Value};
 const KEY: &str = "sk-bench";
 const SERVERS: usize = 3;
 const SLOTS: usize = 2;
-const CTX_PER_SLOT: usize = 8192;
+const CTX_PER_SLOT: usize = 16384;
 const MAX_TOKENS: u64 = 16;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -87,17 +97,19 @@ fn llama_files(build: bool) -> Option<(PathBuf, PathBuf)> {
         .map(PathBuf::from)
         .ok()
         .or_else(|| {
-            std::fs::read_dir(cache_dir()).ok()?.flatten().map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("tiny-chatml-") && n.ends_with(".gguf"))
-            })
+            std::fs::read_dir(cache_dir())
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("tiny-chatml-") && n.ends_with(".gguf"))
+                })
         })
         .or_else(|| {
             build
-                .then(|| {
-                    run_script(Command::new("python3").arg("scripts/make-tiny-model.py"))
-                })
+                .then(|| run_script(Command::new("python3").arg("scripts/make-tiny-model.py")))
                 .flatten()
         })?;
     Some((bin, model))
@@ -149,7 +161,10 @@ mod reqwest {
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let mut s = TcpStream::connect(host)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf)?;
         let text = String::from_utf8_lossy(&buf);
@@ -182,7 +197,10 @@ fn start_llama(bin: &Path, model: &Path, dir: &Path, i: usize) -> (Proc, u16) {
         name: format!("llama-server {i}"),
         log,
     };
-    p.wait_http(&format!("http://127.0.0.1:{port}/health"), Duration::from_secs(60));
+    p.wait_http(
+        &format!("http://127.0.0.1:{port}/health"),
+        Duration::from_secs(60),
+    );
     (p, port)
 }
 
@@ -220,16 +238,40 @@ fn start_edge(dir: &Path, ports: &[u16], routing: &str) -> (Proc, SocketAddr, Pa
         name: "llm-edge".into(),
         log: log.clone(),
     };
-    p.wait_http(&format!("http://127.0.0.1:{port}/health"), Duration::from_secs(30));
+    p.wait_http(
+        &format!("http://127.0.0.1:{port}/health"),
+        Duration::from_secs(30),
+    );
     (p, SocketAddr::from(([127, 0, 0, 1], port)), log)
 }
 
 /// Deterministic filler text of about `words` words, varied by `seed`.
 fn text(seed: usize, words: usize) -> String {
     const VOCAB: [&str; 24] = [
-        "cache", "server", "prompt", "token", "slot", "routing", "gateway", "model", "context",
-        "latency", "history", "conversation", "engineer", "measure", "prefix", "reuse", "load",
-        "tunnel", "machine", "answer", "question", "request", "stream", "batch",
+        "cache",
+        "server",
+        "prompt",
+        "token",
+        "slot",
+        "routing",
+        "gateway",
+        "model",
+        "context",
+        "latency",
+        "history",
+        "conversation",
+        "engineer",
+        "measure",
+        "prefix",
+        "reuse",
+        "load",
+        "tunnel",
+        "machine",
+        "answer",
+        "question",
+        "request",
+        "stream",
+        "batch",
     ];
     let mut x = seed as u64 * 2_654_435_761 + 1;
     (0..words)
@@ -308,6 +350,8 @@ struct Workload {
     workers: usize,
     system_words: usize,
     user_words: usize,
+    /// Mean pause between a reply and the next turn.
+    think: Duration,
 }
 
 struct Outcome {
@@ -316,6 +360,8 @@ struct Outcome {
     requests_per_server: Vec<u64>,
     evaluated_per_server: Vec<u64>,
     system_tokens: u64,
+    /// Routing hits, misses, fallbacks, closed-loop corrections.
+    outcomes: [u64; 4],
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
@@ -340,22 +386,29 @@ async fn run_phase(edge: SocketAddr, w: &Workload, system: &str) -> (Vec<Turn>, 
             .filter(|&c| c < w.conversations)
             .collect();
         let (client, system) = (client.clone(), system.to_string());
-        let (turns, user_words) = (w.turns, w.user_words);
+        let (turns, user_words, think) = (w.turns, w.user_words, w.think);
         tasks.push(tokio::spawn(async move {
-            let mut convs: Vec<Vec<Value>> = ids
-                .iter()
-                .map(|_| vec![json!({"role": "system", "content": system})])
-                .collect();
             let mut out = Vec::new();
-            for t in 0..turns {
-                for (k, conv) in convs.iter_mut().enumerate() {
+            let mut rng = worker as u64 * 0x9e37_79b9_7f4a_7c15 + 1;
+            for &id in &ids {
+                let mut conv = vec![json!({"role": "system", "content": system})];
+                for t in 0..turns {
                     let content = format!(
-                        "Conversation {} turn {t}: {}",
-                        ids[k],
-                        text(ids[k] * 1000 + t, user_words)
+                        "Conversation {id} turn {t}: {}",
+                        text(id * 1000 + t, user_words)
                     );
                     conv.push(json!({"role": "user", "content": content}));
-                    out.push((t, turn(&client, edge, conv).await));
+                    out.push((t, turn(&client, edge, &mut conv).await));
+                    // The user reads and types: a pause of 0 to 2 x think.
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let pause = if think.is_zero() {
+                        Duration::ZERO
+                    } else {
+                        think.mul_f64((rng % 2001) as f64 / 1000.0)
+                    };
+                    tokio::time::sleep(pause).await;
                 }
             }
             out
@@ -370,8 +423,9 @@ async fn run_phase(edge: SocketAddr, w: &Workload, system: &str) -> (Vec<Turn>, 
     (turns, start.elapsed())
 }
 
-/// Evaluated (not cached) prompt tokens per server, from the gateway's metrics.
-async fn evaluated_per_server(metrics: SocketAddr) -> Vec<u64> {
+/// Evaluated (not cached) prompt tokens per server, and the routing
+/// outcomes (hit, miss, fallback, forgotten), from the gateway's metrics.
+async fn from_metrics(metrics: SocketAddr) -> (Vec<u64>, [u64; 4]) {
     let text = ::reqwest::get(format!("http://{metrics}/metrics"))
         .await
         .unwrap()
@@ -385,14 +439,27 @@ async fn evaluated_per_server(metrics: SocketAddr) -> Vec<u64> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
-    (0..SERVERS)
+    let evaluated = (0..SERVERS)
         .map(|s| {
             let up = format!("upstream=\"s{s}\"");
             let prompt = value(&[&up, "kind=\"prompt\""]);
             let cached = value(&[&up, "kind=\"cached\""]);
             prompt - cached.min(prompt)
         })
-        .collect()
+        .collect();
+    let count = |name: &str, label: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let outcomes = [
+        count("llm_edge_routing_total", "outcome=\"hit\""),
+        count("llm_edge_routing_total", "outcome=\"miss\""),
+        count("llm_edge_routing_total", "outcome=\"fallback\""),
+        count("llm_edge_affinity_forgotten_total", ""),
+    ];
+    (evaluated, outcomes)
 }
 
 fn metrics_addr(config: &Path) -> SocketAddr {
@@ -449,7 +516,8 @@ async fn run(
     let system_tokens = tokenize_len(ports[0], system).await + 4;
     let (edge, addr, log) = start_edge(dir, &ports, routing);
     let (turns, wall) = run_phase(addr, w, system).await;
-    let evaluated = evaluated_per_server(metrics_addr(&dir.join(format!("edge-{routing}.yaml")))).await;
+    let (evaluated, outcomes) =
+        from_metrics(metrics_addr(&dir.join(format!("edge-{routing}.yaml")))).await;
     // The access log line is written as each request ends: all are there.
     let requests = requests_from_log(&log);
     drop(edge);
@@ -460,6 +528,7 @@ async fn run(
         requests_per_server: requests,
         evaluated_per_server: evaluated,
         system_tokens,
+        outcomes,
     }
 }
 
@@ -518,9 +587,10 @@ fn main() {
         Workload {
             conversations: env_usize("AFFINITY_CONVERSATIONS", 24),
             turns: env_usize("AFFINITY_TURNS", 8),
-            workers: env_usize("AFFINITY_WORKERS", 12),
+            workers: env_usize("AFFINITY_WORKERS", 6),
             system_words: env_usize("AFFINITY_SYSTEM_WORDS", 900),
-            user_words: env_usize("AFFINITY_USER_WORDS", 250),
+            user_words: env_usize("AFFINITY_USER_WORDS", 600),
+            think: Duration::from_millis(env_usize("AFFINITY_THINK_MS", 150) as u64),
         }
     } else {
         Workload {
@@ -529,6 +599,7 @@ fn main() {
             workers: 3,
             system_words: 100,
             user_words: 20,
+            think: Duration::ZERO,
         }
     };
     let system = format!(
@@ -542,10 +613,11 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "{} conversations x {} turns, {} clients, system prompt {} words, user turns {} words; {SERVERS} llama-servers (-np {SLOTS}, -c {}), {} and {}{}\n",
+        "{} conversations x {} turns, {} clients, think time {} ms (mean), system prompt {} words, user turns {} words; {SERVERS} llama-servers (-np {SLOTS}, -c {}), {} and {}{}\n",
         w.conversations,
         w.turns,
         w.workers,
+        w.think.as_millis(),
         w.system_words,
         w.user_words,
         SLOTS * CTX_PER_SLOT,
@@ -557,7 +629,13 @@ fn main() {
     let affinity = rt.block_on(run("cache_affinity", &files, &w, &system, dir.path()));
     let (l, a) = (figures(&least), figures(&affinity));
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-    let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.2}x", x / y) } else { "-".into() };
+    let ratio = |x: f64, y: f64| {
+        if y > 0.0 {
+            format!("{:.2}x", x / y)
+        } else {
+            "-".into()
+        }
+    };
     println!("| | least_load | cache_affinity | affinity / least_load |");
     println!("|---|---|---|---|");
     println!(
@@ -603,5 +681,9 @@ fn main() {
         "| wall time | {:.1} s | {:.1} s | |",
         least.wall.as_secs_f64(),
         affinity.wall.as_secs_f64()
+    );
+    let [hit, miss, fallback, forgot] = affinity.outcomes;
+    println!(
+        "\nAffinity routing: {hit} hits, {miss} misses, {fallback} fallbacks for load, {forgot} closed-loop corrections."
     );
 }

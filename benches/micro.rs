@@ -180,7 +180,7 @@ fn bench_routes(c: &mut Criterion) {
 /// alternating user and assistant turns) of about `size` bytes in all.
 fn conversation(size: usize, messages: usize) -> Bytes {
     let per = size / messages;
-    let filler = "The quick brown fox jumps over the lazy dog, \"quoted\" and caf\u00e9. ";
+    let filler = "The quick brown fox jumps over the lazy dog, \"quoted\" and caf\u{e9}. ";
     let list: Vec<serde_json::Value> = (0..messages)
         .map(|i| {
             let role = match i {
@@ -192,7 +192,8 @@ fn conversation(size: usize, messages: usize) -> Bytes {
             serde_json::json!({"role": role, "content": format!("{i}: {content}")})
         })
         .collect();
-    let body = serde_json::json!({"model": "qwen3", "messages": list, "stream": true, "max_tokens": 512});
+    let body =
+        serde_json::json!({"model": "qwen3", "messages": list, "stream": true, "max_tokens": 512});
     Bytes::from(body.to_string())
 }
 
