@@ -83,37 +83,42 @@ fn hasher() -> ahash::AHasher {
 /// concatenation, so the canonical text is gathered first.)
 fn canonical_into(out: &mut Vec<u8>, json: &[u8]) -> u64 {
     let before = out.len();
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut run = 0usize;
-    for (i, &b) in json.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                // A string, copied whole: its end is the next unescaped quote
+                // (memchr finds quotes and backslashes fast in long text).
+                let start = i;
+                i += 1;
+                while let Some(at) = memchr::memchr2(b'"', b'\\', &json[i..]) {
+                    i += at;
+                    if json[i] == b'\\' {
+                        i += 2;
+                    } else {
+                        i += 1;
+                        break;
+                    }
+                }
+                let end = i.min(json.len());
+                out.extend_from_slice(&json[start..end]);
+                i = end;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b' ' | b'\n' | b'\r' | b'\t' => {
-                out.extend_from_slice(&json[run..i]);
-                run = i + 1;
+            b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+            b => {
+                out.push(b);
+                i += 1;
             }
-            _ => {}
         }
     }
-    out.extend_from_slice(&json[run..]);
     (out.len() - before) as u64
 }
 
 /// The top-level members that key or shape the prompt, as raw JSON.
 #[derive(Default)]
 struct Members<'a> {
-    messages: Option<&'a RawValue>,
+    /// `messages`, element by element (not an array: the body gets no key).
+    messages: Option<Vec<&'a RawValue>>,
     input: Option<&'a RawValue>,
     prompt: Option<&'a RawValue>,
     system: Option<&'a RawValue>,
@@ -137,7 +142,10 @@ impl<'de> Visitor<'de> for MembersVisitor {
         let mut m = Members::default();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let slot = match key.as_ref() {
-                "messages" => &mut m.messages,
+                "messages" => {
+                    m.messages = Some(map.next_value::<Vec<&'de RawValue>>()?);
+                    continue;
+                }
                 "input" => &mut m.input,
                 "prompt" => &mut m.prompt,
                 "system" => &mut m.system,
@@ -277,7 +285,9 @@ pub fn derive(body: &[u8], model: &str, header_key: Option<&str>) -> Affinity {
         chain.push_json(b's', &[m.system, m.instructions, m.tools]);
     }
     if let Some(messages) = m.messages {
-        push_items(&mut chain, messages);
+        for item in messages {
+            chain.push_json(b'm', &[Some(item)]);
+        }
     } else if let Some(input) = m.input {
         match serde_json::from_str::<String>(input.get()) {
             Ok(s) => chain.push_text(s.as_bytes()),

@@ -57,6 +57,11 @@ fn whitespace_between_tokens_does_not_matter_but_inside_strings_does() {
     assert_eq!(h(compact), h(pretty));
     assert_ne!(h(compact), h(other));
     assert_ne!(h(compact), h(escaped));
+    // A string ending in an escaped backslash ends at the next quote.
+    let backslash = br#"{"messages":[{"content":"a\\","role":"user"}]}"#;
+    let backslash_pretty = br#"{"messages":[{"content" : "a\\" , "role" : "user"}]}"#;
+    assert_eq!(h(backslash), h(backslash_pretty));
+    assert_ne!(h(backslash), h(compact));
 }
 
 #[test]
