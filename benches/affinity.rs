@@ -24,6 +24,9 @@
 //! (`--cache-ram`) is not consulted then. More conversations at once than
 //! slots evict each other's histories whatever the routing.
 //!
+//! `AFFINITY_ROUNDS` (default 2) interleaved rounds of both (least load
+//! first, then affinity first, ...), each on fresh servers, are pooled.
+//!
 //! It prints one markdown table: the share of prompt tokens served from
 //! llama-server's cache (as it reports them), overall and for the part past the
 //! shared system prompt (what routing decides); time to first token p50 and
@@ -364,6 +367,21 @@ struct Outcome {
     outcomes: [u64; 4],
 }
 
+impl Outcome {
+    /// Two runs of the same routing as one.
+    fn merge(mut self, o: Outcome) -> Outcome {
+        self.turns.extend(o.turns);
+        self.wall += o.wall;
+        let add = |a: &mut Vec<u64>, b: Vec<u64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.requests_per_server, o.requests_per_server);
+        add(&mut self.evaluated_per_server, o.evaluated_per_server);
+        for (x, y) in self.outcomes.iter_mut().zip(o.outcomes) {
+            *x += y;
+        }
+        self
+    }
+}
+
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -613,7 +631,8 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "{} conversations x {} turns, {} clients, think time {} ms (mean), system prompt {} words, user turns {} words; {SERVERS} llama-servers (-np {SLOTS}, -c {}), {} and {}{}\n",
+        "{} rounds of {} conversations x {} turns, {} clients, think time {} ms (mean), system prompt {} words, user turns {} words; {SERVERS} llama-servers (-np {SLOTS}, -c {}), {} and {}{}\n",
+        if full { env_usize("AFFINITY_ROUNDS", 2) } else { 1 },
         w.conversations,
         w.turns,
         w.workers,
@@ -625,8 +644,34 @@ fn main() {
         files.1.display(),
         if full { "" } else { " (quick run: not a measurement)" }
     );
-    let least = rt.block_on(run("least_load", &files, &w, &system, dir.path()));
-    let affinity = rt.block_on(run("cache_affinity", &files, &w, &system, dir.path()));
+    // Interleaved rounds (L A, then A L, ...), so a change in the machine's
+    // other load weighs on both routings alike.
+    let rounds = if full {
+        env_usize("AFFINITY_ROUNDS", 2)
+    } else {
+        1
+    };
+    let (mut least, mut affinity): (Option<Outcome>, Option<Outcome>) = (None, None);
+    for r in 0..rounds {
+        let order = if r % 2 == 0 {
+            ["least_load", "cache_affinity"]
+        } else {
+            ["cache_affinity", "least_load"]
+        };
+        for routing in order {
+            let o = rt.block_on(run(routing, &files, &w, &system, dir.path()));
+            let slot = if routing == "least_load" {
+                &mut least
+            } else {
+                &mut affinity
+            };
+            *slot = Some(match slot.take() {
+                None => o,
+                Some(acc) => acc.merge(o),
+            });
+        }
+    }
+    let (least, affinity) = (least.unwrap(), affinity.unwrap());
     let (l, a) = (figures(&least), figures(&affinity));
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     let ratio = |x: f64, y: f64| {
