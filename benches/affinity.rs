@@ -407,7 +407,9 @@ async fn run_phase(edge: SocketAddr, w: &Workload, system: &str) -> (Vec<Turn>, 
         let (turns, user_words, think) = (w.turns, w.user_words, w.think);
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
-            let mut rng = worker as u64 * 0x9e37_79b9_7f4a_7c15 + 1;
+            let mut rng = (worker as u64)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(1);
             for &id in &ids {
                 let mut conv = vec![json!({"role": "system", "content": system})];
                 for t in 0..turns {
