@@ -135,7 +135,7 @@ impl Proc {
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
-            if let Ok(resp) = reqwest::blocking_get(url) {
+            if let Ok(resp) = probe::http_status(url) {
                 if resp == 200 {
                     return;
                 }
@@ -154,12 +154,12 @@ impl Drop for Proc {
 }
 
 /// A tiny blocking GET (status only), so start-up needs no runtime.
-mod reqwest {
+mod probe {
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::time::Duration;
 
-    pub fn blocking_get(url: &str) -> std::io::Result<u16> {
+    pub fn http_status(url: &str) -> std::io::Result<u16> {
         let rest = url.strip_prefix("http://").unwrap_or(url);
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let mut s = TcpStream::connect(host)?;
@@ -296,7 +296,7 @@ struct Turn {
 }
 
 /// One streamed turn; the reply text is appended to `messages`.
-async fn turn(client: &::reqwest::Client, edge: SocketAddr, messages: &mut Vec<Value>) -> Turn {
+async fn turn(client: &reqwest::Client, edge: SocketAddr, messages: &mut Vec<Value>) -> Turn {
     use futures_util::StreamExt;
     let body = json!({"model": "tiny", "messages": messages, "max_tokens": MAX_TOKENS,
         "stream": true, "stream_options": {"include_usage": true}});
@@ -391,7 +391,7 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 async fn run_phase(edge: SocketAddr, w: &Workload, system: &str) -> (Vec<Turn>, Duration) {
-    let client = ::reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
         .unwrap();
@@ -446,7 +446,7 @@ async fn run_phase(edge: SocketAddr, w: &Workload, system: &str) -> (Vec<Turn>, 
 /// Evaluated (not cached) prompt tokens per server, and the routing
 /// outcomes (hit, miss, fallback, forgotten), from the gateway's metrics.
 async fn from_metrics(metrics: SocketAddr) -> (Vec<u64>, [u64; 4]) {
-    let text = ::reqwest::get(format!("http://{metrics}/metrics"))
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
         .await
         .unwrap()
         .text()
@@ -505,7 +505,7 @@ fn requests_from_log(log: &Path) -> Vec<u64> {
 }
 
 async fn tokenize_len(port: u16, content: &str) -> u64 {
-    let v: Value = ::reqwest::Client::new()
+    let v: Value = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/tokenize"))
         .json(&json!({"content": content}))
         .send()
