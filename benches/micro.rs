@@ -6,7 +6,9 @@
 //! per read (as llama-server writes them) and in 16 KiB reads, and the route
 //! table (`RouteTable::classify`, canonical-path check included) on the
 //! first and last model routes, a passthrough path and an unknown one, and
-//! what a key with token limits adds (reservation, settlement, ledger). Under
+//! what a key with token limits adds (reservation, settlement, ledger), and
+//! the cache-affinity key (`prefix::derive`: the prefix hashes of a 100 KiB
+//! conversation of 40 messages, and a 1 KiB one). Under
 //! `cargo test --benches` criterion runs each once as a smoke test.
 
 use std::hint::black_box;
@@ -14,6 +16,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llm_edge::openai::body::{inspect, rewrite, InsertAs, Rewrite};
+use llm_edge::openai::prefix;
 use llm_edge::openai::sse::SseScanner;
 use llm_edge::policy::auth::{digest, ApiKey, KeyTable};
 use llm_edge::policy::routes::RouteTable;
@@ -208,12 +211,47 @@ fn bench_tokens(c: &mut Criterion) {
     g.finish();
 }
 
+/// A chat conversation of `messages` messages (a system prompt, then
+/// alternating user and assistant turns) of about `size` bytes in all.
+fn conversation(size: usize, messages: usize) -> Bytes {
+    let per = size / messages;
+    let filler = "The quick brown fox jumps over the lazy dog, \"quoted\" and caf\u{e9}. ";
+    let list: Vec<serde_json::Value> = (0..messages)
+        .map(|i| {
+            let role = match i {
+                0 => "system",
+                i if i % 2 == 1 => "user",
+                _ => "assistant",
+            };
+            let content: String = filler.chars().cycle().take(per).collect();
+            serde_json::json!({"role": role, "content": format!("{i}: {content}")})
+        })
+        .collect();
+    let body =
+        serde_json::json!({"model": "qwen3", "messages": list, "stream": true, "max_tokens": 512});
+    Bytes::from(body.to_string())
+}
+
+fn bench_affinity(c: &mut Criterion) {
+    let mut g = c.benchmark_group("affinity");
+    for (label, size, messages) in [("1KiB", 1024usize, 3usize), ("100KiB", 100 << 10, 40)] {
+        let body = conversation(size, messages);
+        assert_eq!(prefix::derive(&body, "qwen3", None).blocks.len(), messages);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::new("derive", label), &body, |b, body| {
+            b.iter(|| prefix::derive(black_box(body), "qwen3", None));
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_auth,
     bench_body,
     bench_sse,
     bench_routes,
-    bench_tokens
+    bench_tokens,
+    bench_affinity
 );
 criterion_main!(benches);

@@ -107,3 +107,27 @@ mod tests {
         assert!(LimitReason::list().contains("ip_uploads"));
     }
 }
+
+label_enum! {
+    /// `llm_edge_routing_total{outcome}`: how cache-affinity routing chose a server.
+    RoutingOutcome {
+        /// The server holding the longest prefix of the prompt (or its session).
+        Hit => "hit",
+        /// No server held any of it: the least-loaded one.
+        Miss => "miss",
+        /// The server holding it was above the load bound: the least-loaded one.
+        Fallback => "fallback",
+    }
+}
+
+label_enum! {
+    /// `llm_edge_upstream_prompt_tokens_total{kind}`: prompt tokens by server.
+    PromptTokenKind {
+        /// Every prompt token the server read (cached or not).
+        Prompt => "prompt",
+        /// Tokens the gateway predicted the server would reuse from its cache.
+        Predicted => "predicted_cached",
+        /// Tokens the server reported reusing (`cache_n`, `cached_tokens`).
+        Cached => "cached",
+    }
+}

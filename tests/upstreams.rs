@@ -1,5 +1,5 @@
 //! Several upstream servers through the real binary: least-in-flight
-//! balancing, active health checks, failover when a connect fails, a 503
+//! balancing (cache-affinity routing: `tests/affinity.rs`), active health checks, failover when a connect fails, a 503
 //! naming every server when all are down, recovery, per-model servers and
 //! per-server slots.
 
@@ -42,6 +42,9 @@ fn config_with(
 }
 
 const ONE_MODEL: &str = "models:\n  - name: qwen\n";
+
+/// `upstream.routing: least_load`, for tests of least-load spreading.
+const LEAST_LOAD: &str = "  routing: least_load\n";
 
 fn chat_body(model: &str, stream: bool) -> String {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
@@ -181,7 +184,14 @@ async fn a_killed_server_is_failed_over_marked_down_and_rejoins_after_restart() 
     let a = MockLlama::start(MockOptions::default()).await;
     let b = MockLlama::start(MockOptions::default()).await;
     let a_port = a.addr.port();
-    let gw = Gateway::start(&config(&[("a", a.url()), ("b", b.url())], "", ONE_MODEL));
+    // Least load spreads these identical requests (affinity would keep them together).
+    let gw = Gateway::start(&config_with(
+        &[("a", a.url()), ("b", b.url())],
+        "",
+        ONE_MODEL,
+        "200ms",
+        LEAST_LOAD,
+    ));
     wait_for_server_status(&gw, "a", "ok").await;
     for _ in 0..10 {
         assert_eq!(chat(&gw, "qwen", &[]).await.0, 200);
@@ -370,7 +380,13 @@ async fn each_server_gets_at_most_its_slots() {
     let a = MockLlama::start(MockOptions::default()).await;
     let b = MockLlama::start(MockOptions::default()).await;
     let slots = "      max_in_flight: 1\n";
-    let gw = Gateway::start(&config(&[("a", a.url()), ("b", b.url())], slots, ONE_MODEL));
+    let gw = Gateway::start(&config_with(
+        &[("a", a.url()), ("b", b.url())],
+        slots,
+        ONE_MODEL,
+        "200ms",
+        LEAST_LOAD,
+    ));
     let mut tasks = Vec::new();
     for _ in 0..8 {
         tasks.push(spawn_stream(gw.url(), 5, 20));

@@ -29,6 +29,8 @@ pub struct UpstreamServer {
     pub api_key: Option<Secret>,
     /// Requests allowed at this server at once (its slots); 0: no limit.
     pub max_in_flight: usize,
+    /// Its context in tokens (`-c`, all slots), for the prefix index.
+    pub context: u64,
 }
 
 /// The upstream servers and what applies to all of them.
@@ -45,7 +47,14 @@ pub struct Upstream {
     pub health_interval: Duration,
     pub queue_timeout: Duration,
     pub max_queued: usize,
+    pub routing: Routing,
+    /// ε of bounded load (`upstream.affinity.load_factor`).
+    pub load_factor: f64,
+    /// The session header (lower case), if any.
+    pub affinity_header: Option<String>,
 }
+
+pub use crate::config::schema::Routing;
 
 #[derive(Debug, Clone)]
 pub struct Limits {

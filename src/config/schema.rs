@@ -151,6 +151,38 @@ pub struct UpstreamSection {
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
     pub max_queued: usize,
+    /// `least_load` or `cache_affinity`; default: affinity with several servers.
+    pub routing: Option<Routing>,
+    pub affinity: AffinitySection,
+}
+
+/// `upstream.routing`: how a request's server is chosen among several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    LeastLoad,
+    CacheAffinity,
+}
+
+/// `upstream.affinity`: the knobs of cache-affinity routing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AffinitySection {
+    /// ε: a server with the prompt keeps it while one more request leaves
+    /// it within `(1 + ε)` times its share of the load.
+    pub load_factor: f64,
+    /// A request header naming the session (its value is an explicit key);
+    /// empty: none.
+    pub key_header: String,
+}
+
+impl Default for AffinitySection {
+    fn default() -> Self {
+        AffinitySection {
+            load_factor: 0.25,
+            key_header: "x-session-id".into(),
+        }
+    }
 }
 
 impl Default for UpstreamSection {
@@ -169,6 +201,8 @@ impl Default for UpstreamSection {
             max_in_flight: 0,
             queue_timeout: Duration::from_secs(30),
             max_queued: 1024,
+            routing: None,
+            affinity: AffinitySection::default(),
         }
     }
 }
@@ -182,6 +216,9 @@ pub struct UpstreamServerSection {
     pub url: String,
     pub api_key: Option<Secret>,
     pub max_in_flight: Option<usize>,
+    /// Its context in tokens (llama-server's `-c`, all slots together):
+    /// sizes its prefix index.
+    pub context: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -246,10 +246,39 @@ fn bad_upstream_servers_name_their_path() {
             "models[0].upstreams[0]",
         ),
         ("upstream:\n  health_interval: 0s\n", "upstream.health_interval"),
+        ("upstream:\n  routing: round_robin\n", "upstream.routing"),
+        ("upstream:\n  affinity:\n    load_factor: -1\n", "upstream.affinity.load_factor"),
+        ("upstream:\n  affinity:\n    key_header: 'x y'\n", "upstream.affinity.key_header"),
+        ("upstream:\n  affinity:\n    epsilon: 1\n", "upstream.affinity.epsilon"),
+        (
+            "upstream:\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2', context: 0}\n",
+            "upstream.servers[0].context",
+        ),
     ] {
         let e = load_str(yaml).unwrap_err();
         assert_eq!(e.path, path, "{yaml}: {e}");
     }
+}
+
+#[test]
+fn routing_defaults_to_affinity_with_several_servers() {
+    use crate::config::Routing;
+    let one = load_str("upstream:\n  url: http://127.0.0.1:2\n").unwrap();
+    assert_eq!(one.upstream.routing, Routing::LeastLoad);
+    let two = "upstream:\n  max_in_flight: 2\n  servers:\n    - {name: a, url: 'http://127.0.0.1:2', context: 4096}\n    - {name: b, url: 'http://127.0.0.1:3'}\n";
+    let c = load_str(two).unwrap();
+    assert_eq!(c.upstream.routing, Routing::CacheAffinity);
+    assert_eq!(c.upstream.load_factor, 0.25);
+    assert_eq!(c.upstream.affinity_header.as_deref(), Some("x-session-id"));
+    assert_eq!(c.upstream.servers[0].context, 4096);
+    assert_eq!(c.upstream.servers[1].context, 2 * 8192);
+    let c = load_str(&format!(
+        "{two}  routing: least_load\n  affinity:\n    load_factor: 0.5\n    key_header: ''\n"
+    ))
+    .unwrap();
+    assert_eq!(c.upstream.routing, Routing::LeastLoad);
+    assert_eq!(c.upstream.load_factor, 0.5);
+    assert_eq!(c.upstream.affinity_header, None);
 }
 
 #[test]

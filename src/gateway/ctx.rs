@@ -70,6 +70,12 @@ pub struct RequestCtx {
     pub reserved_completion: Option<u64>,
     /// Its key's limits for the rate-limit response headers.
     pub ratelimit: RateLimitState,
+    /// Its cache-affinity key (model requests with several servers).
+    pub affinity: Option<Box<crate::openai::prefix::Affinity>>,
+    /// How cache-affinity routing chose its server.
+    pub routing: Option<crate::upstream::affinity::Choice>,
+    /// Prompt tokens the server reported reusing from its cache.
+    pub cached: Option<u64>,
 }
 
 impl RequestCtx {
@@ -105,6 +111,9 @@ impl RequestCtx {
             prompt_estimate: 0,
             reserved_completion: None,
             ratelimit: RateLimitState::default(),
+            affinity: None,
+            routing: None,
+            cached: None,
         }
     }
 
@@ -143,6 +152,9 @@ impl RequestCtx {
         );
         if let Some(name) = upstream {
             let _ = write!(line, " upstream={name}");
+        }
+        if let Some(cached) = self.cached {
+            let _ = write!(line, " cached={cached}");
         }
         if let Some(id) = &self.request_id {
             let _ = write!(line, " request_id={id}");
@@ -191,6 +203,7 @@ impl RequestCtx {
             "bytes_out": self.bytes_out,
             "duration_ms": self.start.elapsed().as_millis() as u64,
             "upstream": upstream,
+            "cached": self.cached,
             "request_id": self.request_id,
             "error": self.error_code,
             "upstream_error": self.upstream_error.map(UpstreamErrorKind::as_str),

@@ -177,6 +177,8 @@ impl ProxyHttp for GatewayProxy {
             .status
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))
             .unwrap_or(if e.is_some() { 500 } else { 0 });
+        let stats = ctx.accounting.finish();
+        self.affinity_feedback(ctx, stats.as_ref());
         // Built only when it will be written (the line costs ~6 allocations).
         if log::log_enabled!(target: crate::logging::ACCESS_TARGET, log::Level::Info) {
             let req = session.req_header();
@@ -195,7 +197,7 @@ impl ProxyHttp for GatewayProxy {
             };
             log::info!(target: crate::logging::ACCESS_TARGET, "{line}");
         }
-        self.record_metrics(ctx, status);
+        self.record_metrics(ctx, status, stats);
     }
 }
 
@@ -251,6 +253,37 @@ impl GatewayProxy {
         );
     }
 
+    /// Cache-affinity routing's closed loop, once a model request is over:
+    /// the reuse the server reported (also for the access log's `cached=`)
+    /// against the prediction, the per-server prompt-token counters, and the
+    /// server's prefix index corrected and updated.
+    fn affinity_feedback(&self, ctx: &mut RequestCtx, stats: Option<&ResponseStats>) {
+        let reported = stats.filter(|s| s.usage.is_some() || s.timings.is_some());
+        let counts = reported.map(ResponseStats::tokens);
+        ctx.cached = counts.map(|c| c.cached);
+        let (Some(index), Some(server)) = (ctx.upstream, self.upstream_server(ctx)) else {
+            return;
+        };
+        let m = &self.state.metrics;
+        let predicted = ctx.routing.map_or(0, |c| c.predicted);
+        if let Some(choice) = ctx.routing {
+            m.routed(&server.name, choice.outcome.label());
+        }
+        if let Some(c) = counts {
+            m.upstream_prompt(&server.name, c.prompt, predicted, c.cached.min(c.prompt));
+        }
+        let Some(key) = ctx.affinity.as_deref() else {
+            return;
+        };
+        let served = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s))
+            && ctx.upstream_error.is_none()
+            && ctx.disconnect.is_none();
+        let upstream = &self.state.upstream;
+        if upstream.affinity_feedback(index, key, predicted, ctx.cached, served) {
+            m.affinity_forgot(&server.name);
+        }
+    }
+
     /// The server the request went to, if one was chosen.
     fn upstream_server(&self, ctx: &RequestCtx) -> Option<&crate::config::UpstreamServer> {
         let index = ctx.upstream?;
@@ -258,8 +291,7 @@ impl GatewayProxy {
     }
 
     /// Per-request totals, recorded once when the request ends.
-    fn record_metrics(&self, ctx: &mut RequestCtx, status: u16) {
-        let stats = ctx.accounting.finish();
+    fn record_metrics(&self, ctx: &mut RequestCtx, status: u16, stats: Option<ResponseStats>) {
         self.settle_usage(ctx, status, stats.as_ref());
         let m = &self.state.metrics;
         m.record_request(&RequestRecord {

@@ -61,6 +61,7 @@ impl GatewayProxy {
             dialect: Dialect::OpenAi,
             expects_json: false,
             accounting: false,
+            affinity: None,
         };
         relay.forward(session, ctx, req, body, reservation).await
     }

@@ -14,7 +14,7 @@ use crate::errors::{ApiError, GatewayError};
 use crate::labels::AuthFailure;
 use crate::metrics::app as metrics_app;
 use crate::metrics::KEY_INVALID;
-use crate::openai::body;
+use crate::openai::{body, prefix};
 use crate::policy::auth::ApiKey;
 use crate::policy::budget::Reservation;
 use crate::policy::ratelimit::Window;
@@ -262,6 +262,16 @@ impl GatewayProxy {
             max_tokens,
             insert_as: insert_as.unwrap_or(body::InsertAs::MaxTokens),
         };
+        // The affinity key comes from the body as the client sent it.
+        let affinity = (api_route.generates() && !self.state.upstream.is_single())
+            .then(|| {
+                let header = self.state.upstream.config().affinity_header.as_deref();
+                let header = header
+                    .and_then(|h| session.get_header(h))
+                    .and_then(|v| v.to_str().ok());
+                Box::new(prefix::derive(&body, &route.name, header))
+            })
+            .filter(|a| !a.is_empty());
         let body = body::rewrite(body, &info, &rewrite);
         let req = session.req_header();
         let req = headers::upstream_request(
@@ -284,8 +294,11 @@ impl GatewayProxy {
             dialect: api_route.dialect(),
             expects_json: true,
             accounting: !api_route.counts_tokens_only(),
+            affinity: affinity.as_deref(),
         };
-        relay.forward(session, ctx, req, body, reservation).await
+        let result = relay.forward(session, ctx, req, body, reservation).await;
+        ctx.affinity = affinity;
+        result
     }
 
     /// Reads the whole request body, within the per-request limit, the

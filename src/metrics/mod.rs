@@ -20,7 +20,9 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::labels::{AuthFailure, DisconnectPhase, LimitReason, UpstreamErrorKind};
+use crate::labels::{
+    AuthFailure, DisconnectPhase, LimitReason, PromptTokenKind, RoutingOutcome, UpstreamErrorKind,
+};
 use crate::openai::sse::ResponseStats;
 
 /// Time to first token: 10 ms to 2 min.
@@ -78,6 +80,9 @@ pub struct Metrics {
     client_disconnects: IntCounterVec,
     upstream_errors: IntCounterVec,
     upstream_up: IntGaugeVec,
+    routing: IntCounterVec,
+    upstream_prompt_tokens: IntCounterVec,
+    affinity_forgotten: IntCounterVec,
     auth_failures: IntCounterVec,
     request_bytes: IntCounterVec,
     response_bytes: IntCounterVec,
@@ -203,6 +208,9 @@ impl Metrics {
             client_disconnects: counter(r, "llm_edge_client_disconnects_total", &format!("Clients that left before their response was complete, by phase ({})", DisconnectPhase::list()), &["phase"]),
             upstream_errors: counter(r, "llm_edge_upstream_errors_total", &format!("Failures talking to llama-server, by server and kind ({})", UpstreamErrorKind::list()), &["upstream", "kind"]),
             upstream_up,
+            routing: counter(r, "llm_edge_routing_total", &format!("Cache-affinity routing choices, by server and outcome ({})", RoutingOutcome::list()), &["upstream", "outcome"]),
+            upstream_prompt_tokens: counter(r, "llm_edge_upstream_prompt_tokens_total", &format!("Prompt tokens of model requests, by server and kind ({})", PromptTokenKind::list()), &["upstream", "kind"]),
+            affinity_forgotten: counter(r, "llm_edge_affinity_forgotten_total", "Responses that reused less than half the predicted prompt cache (the server's index entries past the reuse are forgotten)", &["upstream"]),
             auth_failures: counter(r, "llm_edge_auth_failures_total", &format!("Refused keys, by reason ({})", AuthFailure::list()), &["reason"]),
             request_bytes: counter(r, "llm_edge_request_bytes_total", "Request body bytes received", &["route"]),
             response_bytes: counter(r, "llm_edge_response_bytes_total", "Response body bytes sent", &["route"]),
@@ -244,6 +252,15 @@ impl Metrics {
                     .upstream_errors
                     .with_label_values(&[name, kind.as_str()]);
             }
+            for outcome in RoutingOutcome::ALL {
+                metrics.routing.with_label_values(&[name, outcome.as_str()]);
+            }
+            for kind in PromptTokenKind::ALL {
+                metrics
+                    .upstream_prompt_tokens
+                    .with_label_values(&[name, kind.as_str()]);
+            }
+            metrics.affinity_forgotten.with_label_values(&[name]);
         }
         for reason in AuthFailure::ALL {
             metrics.auth_failures.with_label_values(&[reason.as_str()]);
@@ -407,6 +424,32 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[upstream, kind.as_str()])
             .inc();
+    }
+
+    /// A cache-affinity choice of server `upstream` (a configured name).
+    pub fn routed(&self, upstream: &str, outcome: RoutingOutcome) {
+        self.routing
+            .with_label_values(&[upstream, outcome.as_str()])
+            .inc();
+    }
+
+    /// A model request's prompt at server `upstream`: all its tokens, the
+    /// cached ones predicted, and those reported cached.
+    pub fn upstream_prompt(&self, upstream: &str, prompt: u64, predicted: u64, cached: u64) {
+        for (kind, n) in [
+            (PromptTokenKind::Prompt, prompt),
+            (PromptTokenKind::Predicted, predicted),
+            (PromptTokenKind::Cached, cached),
+        ] {
+            self.upstream_prompt_tokens
+                .with_label_values(&[upstream, kind.as_str()])
+                .inc_by(n);
+        }
+    }
+
+    /// The closed loop forgot index entries of server `upstream`.
+    pub fn affinity_forgot(&self, upstream: &str) {
+        self.affinity_forgotten.with_label_values(&[upstream]).inc();
     }
 
     /// `llm_edge_upstream_up` of a configured server, kept by its [`Member`](crate::upstream::balance::Member).

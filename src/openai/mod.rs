@@ -8,4 +8,5 @@
 
 pub mod body;
 pub mod models;
+pub mod prefix;
 pub mod sse;

@@ -13,6 +13,12 @@
 //! skipped: every request tries it, and its own error (the tunnel hint) is
 //! what the client sees; with several, a request for which every server is
 //! down or loading is answered 503 at once, naming each server's state.
+//!
+//! With `upstream.routing: cache_affinity` (the default with several
+//! servers) a model request that has an affinity key goes by
+//! [`affinity::choose`] instead: the server holding the longest prefix of
+//! its prompt, within bounded load. Each member keeps its prefix
+//! [`affinity::Index`]; a server marked down loses it.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +31,9 @@ use prometheus::IntGauge;
 
 use crate::config::{self, UpstreamServer};
 use crate::metrics::Metrics;
+use crate::openai::prefix::Affinity;
 use crate::upstream::admission::{Denied, SlotPermit, SlotQueue};
+use crate::upstream::affinity::{self, Choice};
 use crate::upstream::client::{HealthReport, UpstreamClient};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +100,8 @@ pub struct Member {
     up: IntGauge,
     /// Why it was last marked down or loading, for the all-down message.
     reason: std::sync::Mutex<String>,
+    /// The prompt prefixes it is believed to hold.
+    prefixes: std::sync::Mutex<affinity::Index>,
 }
 
 impl Member {
@@ -121,7 +131,16 @@ impl Member {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Its prefix index (a poisoned lock still holds a usable index).
+    pub fn prefixes(&self) -> std::sync::MutexGuard<'_, affinity::Index> {
+        self.prefixes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn set_health(&self, health: Health, reason: &str) {
+        if health == Health::Down {
+            // Down (killed, restarted, unreachable): whatever it cached is gone.
+            self.prefixes().clear();
+        }
         self.health.store(health.as_u8(), Ordering::Relaxed);
         self.up.set(i64::from(health == Health::Up));
         if health != Health::Up {
@@ -146,6 +165,8 @@ pub struct Lease {
     set: Arc<UpstreamSet>,
     index: usize,
     slot: Option<SlotPermit>,
+    /// How cache-affinity routing chose it (`None`: least load).
+    pub choice: Option<Choice>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -222,6 +243,9 @@ impl UpstreamSet {
                 health: AtomicU8::new(Health::Unknown.as_u8()),
                 up: metrics.upstream_up_gauge(&server.name),
                 reason: std::sync::Mutex::new(String::new()),
+                prefixes: std::sync::Mutex::new(affinity::Index::new(affinity::Index::budget_for(
+                    server.context,
+                ))),
             })
             .collect();
         UpstreamSet {
@@ -248,6 +272,69 @@ impl UpstreamSet {
     pub fn choose(&self, allowed: &[usize], tried: &[usize]) -> Option<usize> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         self.choose_from(allowed, tried, start)
+    }
+
+    /// [`UpstreamSet::choose`] for a request with an affinity key: with
+    /// `cache_affinity` routing and several candidates, the server holding
+    /// its longest prefix within bounded load, and how it was chosen.
+    pub fn choose_for(
+        &self,
+        allowed: &[usize],
+        tried: &[usize],
+        key: Option<&Affinity>,
+    ) -> Option<(usize, Option<Choice>)> {
+        let key = key.filter(|k| {
+            !k.is_empty()
+                && self.cfg.routing == config::Routing::CacheAffinity
+                && self.candidates(allowed) > 1
+        });
+        let Some(key) = key else {
+            return self.choose(allowed, tried).map(|i| (i, None));
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.members.len();
+        let all: Vec<affinity::Candidate> = (0..n)
+            .filter(|i| allowed.is_empty() || allowed.contains(i))
+            .filter(|i| !tried.contains(i) && self.members[*i].health().routable())
+            .map(|i| {
+                let m = &self.members[i];
+                affinity::Candidate {
+                    index: i,
+                    assigned: m.assigned(),
+                    slots: m.server().max_in_flight,
+                    matched: m.prefixes().matched(key),
+                }
+            })
+            .collect();
+        affinity::choose(&all, self.cfg.load_factor, start % n, n).map(|(i, c)| (i, Some(c)))
+    }
+
+    /// The closed loop after a response from server `index` to a request
+    /// with affinity key `key`: the server reported reusing `actual` prompt
+    /// tokens (`None`: no report) where `predicted` were expected. A wrong
+    /// prediction forgets the entries past what was reused; a complete
+    /// response (`served`) records the prompt, which the server now holds.
+    /// Returns whether entries were forgotten.
+    pub fn affinity_feedback(
+        &self,
+        index: usize,
+        key: &Affinity,
+        predicted: u64,
+        actual: Option<u64>,
+        served: bool,
+    ) -> bool {
+        if self.cfg.routing != config::Routing::CacheAffinity || key.is_empty() {
+            return false;
+        }
+        let Some(member) = self.members.get(index) else {
+            return false;
+        };
+        let mut prefixes = member.prefixes();
+        let forgot = actual.is_some_and(|a| prefixes.correct(key, predicted, a));
+        if served {
+            prefixes.record(key);
+        }
+        forgot
     }
 
     /// Whether [`UpstreamSet::choose`] would find a server (without moving
@@ -304,6 +391,7 @@ impl UpstreamSet {
             set: self.clone(),
             index,
             slot: None,
+            choice: None,
         }
     }
 

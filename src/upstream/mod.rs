@@ -8,6 +8,7 @@
 //! [`relay::Relay`]).
 
 pub mod admission;
+pub mod affinity;
 pub mod balance;
 pub mod client;
 pub mod relay;

@@ -168,6 +168,8 @@ pub struct Relay<'a> {
     pub expects_json: bool,
     /// Read the response for token accounting (generations, embeddings).
     pub accounting: bool,
+    /// The request's cache-affinity key, if it has one.
+    pub affinity: Option<&'a crate::openai::prefix::Affinity>,
 }
 
 /// The largest non-streamed response read whole and checked; a larger one
@@ -268,7 +270,7 @@ async fn open(
     let mut failed: Option<(usize, UpstreamFailure)> = None;
     let mut full: Option<NotOpened> = None;
     loop {
-        let Some(index) = set.choose(relay.allowed, &tried) else {
+        let Some((index, choice)) = set.choose_for(relay.allowed, &tried, relay.affinity) else {
             return Err(match full {
                 Some(busy) if failed.is_none() => busy,
                 _ => no_server_left(relay, failed),
@@ -284,7 +286,7 @@ async fn open(
         if server.max_in_flight > 0 {
             metrics.queue_waited(waited.elapsed());
         }
-        let lease = match lease {
+        let mut lease = match lease {
             Ok(lease) => lease,
             Err(Denied::QueueFull) => {
                 tried.push(index);
@@ -293,6 +295,7 @@ async fn open(
             }
             Err(denied) => return Err(busy(set, index, denied)),
         };
+        lease.choice = choice;
         match lease.member().client.send(req, body).await {
             Ok(exchange) => {
                 // A 503 is llama-server loading its model (or overloaded):
@@ -422,6 +425,7 @@ async fn forward(
         GatewayError::from(not.error)
     })?;
     ctx.upstream = Some(lease.index());
+    ctx.routing = lease.choice;
     let member = lease.member();
     let authority = member.server().authority.as_str();
 

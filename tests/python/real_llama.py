@@ -228,15 +228,20 @@ class LlamaServer:
 class Gateway:
     """The real llm-edge binary in front of a llama-server."""
 
-    def __init__(self, llama_url, tmp_dir, upstream_extra=None, env=None, extra_models="", extra_keys=""):
-        """`extra_models` / `extra_keys`: YAML list items appended to `models:` / `keys:`."""
+    def __init__(self, llama_url, tmp_dir, upstream_extra=None, env=None, extra_models="", extra_keys="", servers=None):
+        """`extra_models` / `extra_keys`: YAML list items appended to `models:` / `keys:`;
+        `servers`: [(name, url)] for `upstream.servers` instead of `llama_url`."""
         binary = os.environ.get("LLM_EDGE_BIN") or os.path.join(REPO, "target", "debug", "llm-edge")
         if not os.path.exists(binary):
             pytest.fail(f"{binary} is missing: run `cargo build --bins` (scripts/test.sh does)")
         os.makedirs(tmp_dir, exist_ok=True)
         self.port, self.metrics_port = free_port(), free_port()
-        upstream = {"url": llama_url, "api_key": UPSTREAM_KEY, **(upstream_extra or {})}
+        upstream = {"api_key": UPSTREAM_KEY, **(upstream_extra or {})}
+        if not servers:
+            upstream = {"url": llama_url, **upstream}
         upstream_yaml = "".join(f"  {k}: {v}\n" for k, v in upstream.items())
+        if servers:
+            upstream_yaml += "  servers:\n" + "".join(f"    - name: {n}\n      url: {u}\n" for n, u in servers)
         config = os.path.join(tmp_dir, "llm-edge.yaml")
         with open(config, "w") as f:
             f.write(

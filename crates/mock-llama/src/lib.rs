@@ -44,6 +44,17 @@
 //! as `llama-server --reranking` does (Jina or TEI shape). Everything else is
 //! llama.cpp's 404.
 //!
+//! Prompt cache ([`MockOptions::prompt_cache`], off by default): like
+//! llama-server's, it remembers the last prompts it processed (one per slot,
+//! `parallel` of them, each with the reply it generated) and reports as
+//! `cache_n` (and `cached_tokens`, `cache_read_input_tokens`) the longest
+//! common prefix of the new prompt's ChatML rendering with one of them, in
+//! the mock's token unit (a quarter of the bytes, see
+//! [`prompt_token_count`]), when it is at least a tenth of the prompt (as
+//! llama-server's `--slot-prompt-similarity`); the prompt replaces that
+//! slot's, else the least recently used slot's (and reuses nothing). [`MockLlama::forget_cache`]
+//! empties it (a restarted llama-server).
+//!
 //! Per-request controls (headers the gateway forwards untouched):
 //! `x-mock-tokens: N`, `x-mock-delay-ms: MS` (between tokens),
 //! `x-mock-first-token-delay-ms: MS`, and `x-mock-fault:` one of
@@ -123,6 +134,8 @@ pub struct MockOptions {
     /// Like `llama-server -np`: the largest `n` (choices) a request may ask
     /// for. The mock does not queue: it serves any number of requests at once.
     pub parallel: usize,
+    /// Emulate llama-server's prompt cache (see the module docs).
+    pub prompt_cache: bool,
 }
 
 impl Default for MockOptions {
@@ -133,6 +146,7 @@ impl Default for MockOptions {
             alias: "mock-model".into(),
             api_key: None,
             parallel: 4,
+            prompt_cache: false,
         }
     }
 }
@@ -169,6 +183,9 @@ struct State {
     abort_times: Mutex<Vec<Instant>>,
     loading: std::sync::atomic::AtomicBool,
     streamed_bytes: AtomicUsize,
+    /// The emulated prompt cache: one rendered prompt (and reply) per slot,
+    /// most recently used last.
+    cache: Mutex<std::collections::VecDeque<String>>,
 }
 
 #[derive(Clone)]
@@ -253,6 +270,48 @@ impl MockLlama {
     }
 
     /// Makes every endpoint answer 503 "Loading model", as while llama-server loads.
+    /// Empties the emulated prompt cache (as a restart would).
+    pub fn forget_cache(&self) {
+        self.state.cache.lock().unwrap().clear();
+    }
+
+    /// Prompt tokens of `rendered` found in the emulated cache; remembers
+    /// `rendered` followed by `reply` in the slot it reused (or the least
+    /// recently used one).
+    fn cache_lookup(&self, rendered: &str, reply: &str) -> usize {
+        let mut cache = self.state.cache.lock().unwrap();
+        let best = cache
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let common = p
+                    .bytes()
+                    .zip(rendered.bytes())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (common, i)
+            })
+            .max();
+        // As llama-server picks a slot: the most similar prompt if it shares
+        // at least a tenth (`--slot-prompt-similarity 0.1`), else the least
+        // recently used slot.
+        let common = match best {
+            Some((common, i)) if common > 0 && common * 10 >= rendered.len() => {
+                cache.remove(i);
+                common
+            }
+            _ => {
+                if cache.len() >= self.opts.parallel.max(1) {
+                    cache.pop_front();
+                }
+                0
+            }
+        };
+        cache.push_back(format!("{rendered}{reply}<|im_end|>\n"));
+        // llama-server always evaluates at least the prompt's last token.
+        (common / 4).min((rendered.len() / 4).max(1) - 1)
+    }
+
     pub fn set_loading(&self, loading: bool) {
         self.state.loading.store(loading, Ordering::SeqCst);
     }
@@ -517,14 +576,23 @@ impl MockLlama {
             }
         }
         let prompt_n = prompt_token_count(dialect, body);
+        let cache_n = if self.opts.prompt_cache {
+            self.cache_lookup(&rendered_prompt(dialect, body), &reply_text(tokens))
+        } else {
+            0
+        };
         let mut choices: Vec<Events> = (0..n)
-            .map(|i| Events::new(dialect, &self.opts.alias, prompt_n, include_usage, i))
+            .map(|i| {
+                let mut e = Events::new(dialect, &self.opts.alias, prompt_n, include_usage, i);
+                e.cache_n = cache_n;
+                e
+            })
             .collect();
         // One completion id for all the choices (each Responses reply has its own).
         let id = choices[0].id.clone();
         choices.iter_mut().for_each(|c| c.id.clone_from(&id));
         let events = &choices[0];
-        let _active = ActiveGuard::new(&self.state);
+        let active = ActiveGuard::new(&self.state);
 
         // llama-server (b11434) sends a stream's headers when a slot starts on
         // the request, before the first token; the mock sends them after the
@@ -647,6 +715,8 @@ impl MockLlama {
         }
         stream.write_all(b"0\r\n\r\n").await?;
         self.state.completed.fetch_add(1, Ordering::SeqCst);
+        // The slot is free once the stream ended, whatever the connection does.
+        drop(active);
         if fault == "drop-next-request" {
             // The worst timing of what follows: the next request on this
             // connection arrives before the close does. Read and dropped.
@@ -877,8 +947,14 @@ fn prompt_messages(dialect: Dialect, body: &Value) -> Vec<(String, String)> {
 /// ChatML rendering (with the generation prompt), so the same conversation
 /// counts the same in every dialect, in the token counting routes too.
 pub fn prompt_token_count(dialect: Dialect, body: &Value) -> usize {
+    (rendered_prompt(dialect, body).len() / 4).max(1)
+}
+
+/// The prompt as the mock renders it: ChatML with the generation prompt
+/// (the text of a `/v1/completions` prompt as it is).
+fn rendered_prompt(dialect: Dialect, body: &Value) -> String {
     let messages = prompt_messages(dialect, body);
-    let rendered: String = if dialect == Dialect::Completions {
+    if dialect == Dialect::Completions {
         messages.into_iter().map(|(_, t)| t).collect()
     } else {
         let mut s: String = messages
@@ -887,8 +963,7 @@ pub fn prompt_token_count(dialect: Dialect, body: &Value) -> usize {
             .collect();
         s.push_str("<|im_start|>assistant\n");
         s
-    };
-    (rendered.len() / 4).max(1)
+    }
 }
 
 /// `/v1/rerank` as llama-server `--reranking` answers it: the Jina shape
@@ -980,6 +1055,8 @@ struct Events<'a> {
     dialect: Dialect,
     model: &'a str,
     prompt_n: usize,
+    /// Of `prompt_n`, the tokens found in the emulated prompt cache.
+    cache_n: usize,
     include_usage: bool,
     /// The choice (`n`) this is, in the OpenAI chat and completions dialects.
     index: usize,
@@ -1003,6 +1080,7 @@ impl<'a> Events<'a> {
             dialect,
             model,
             prompt_n,
+            cache_n: 0,
             include_usage,
             index,
             created: now(),
@@ -1014,12 +1092,12 @@ impl<'a> Events<'a> {
 
     fn oai_usage(&self, tokens: usize) -> Value {
         json!({"completion_tokens": tokens, "prompt_tokens": self.prompt_n, "total_tokens": tokens + self.prompt_n,
-            "prompt_tokens_details": {"cached_tokens": 0}})
+            "prompt_tokens_details": {"cached_tokens": self.cache_n}})
     }
 
     fn resp_usage(&self, tokens: usize) -> Value {
         json!({"input_tokens": self.prompt_n, "output_tokens": tokens, "total_tokens": tokens + self.prompt_n,
-            "input_tokens_details": {"cached_tokens": 0}})
+            "input_tokens_details": {"cached_tokens": self.cache_n}})
     }
 
     fn resp_part(text: &str) -> Value {
@@ -1037,7 +1115,7 @@ impl<'a> Events<'a> {
     /// The whole non-streamed reply of `tokens` tokens.
     fn complete(&self, tokens: usize) -> Value {
         let text = reply_text(tokens);
-        let timings = timings(self.prompt_n, tokens);
+        let timings = timings(self.prompt_n, self.cache_n, tokens);
         match self.dialect {
             Dialect::Chat => {
                 json!({"choices":[{"finish_reason":"stop","index":self.index,"message":{"role":"assistant","content": text}}],
@@ -1062,7 +1140,7 @@ impl<'a> Events<'a> {
                 };
                 json!({"id": self.id, "type": "message", "role": "assistant", "content": content,
                     "model": self.model, "stop_reason": "end_turn", "stop_sequence": null,
-                    "usage": {"cache_read_input_tokens": 0, "input_tokens": self.prompt_n, "output_tokens": tokens}})
+                    "usage": {"cache_read_input_tokens": self.cache_n, "input_tokens": self.prompt_n - self.cache_n, "output_tokens": tokens}})
             }
         }
     }
@@ -1138,8 +1216,8 @@ impl<'a> Events<'a> {
                         "message_start",
                         &json!({"type": "message_start", "message": {"id": self.id, "type": "message",
                             "role": "assistant", "content": [], "model": self.model, "stop_reason": null,
-                            "stop_sequence": null, "usage": {"cache_read_input_tokens": 0,
-                            "input_tokens": self.prompt_n, "output_tokens": 0}}}),
+                            "stop_sequence": null, "usage": {"cache_read_input_tokens": self.cache_n,
+                            "input_tokens": self.prompt_n - self.cache_n, "output_tokens": 0}}}),
                     );
                     out += &sse_event(
                         "content_block_start",
@@ -1169,7 +1247,7 @@ impl<'a> Events<'a> {
     /// The chunks after the last token: the finish, usage and `timings` (for
     /// each choice; `[DONE]` comes once, after all of them: see `done`).
     fn finish(&self, tokens: usize) -> Vec<String> {
-        let timings = timings(self.prompt_n, tokens);
+        let timings = timings(self.prompt_n, self.cache_n, tokens);
         let text = reply_text(tokens);
         match self.dialect {
             Dialect::Chat | Dialect::Completions => {
@@ -1244,8 +1322,10 @@ pub fn reply_text(tokens: usize) -> String {
     (0..tokens).map(token_text).collect()
 }
 
-fn timings(prompt_n: usize, predicted_n: usize) -> Value {
-    json!({"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": 1.5, "prompt_per_token_ms": 0.1, "prompt_per_second": 1000.0,
+/// llama.cpp's `timings`: `prompt_n` counts the tokens evaluated, the
+/// cached ones (`cache_n`) apart.
+fn timings(prompt_n: usize, cache_n: usize, predicted_n: usize) -> Value {
+    json!({"cache_n": cache_n, "prompt_n": prompt_n - cache_n, "prompt_ms": 1.5, "prompt_per_token_ms": 0.1, "prompt_per_second": 1000.0,
         "predicted_n": predicted_n, "predicted_ms": 2.5, "predicted_per_token_ms": 0.3, "predicted_per_second": 400.0})
 }
 

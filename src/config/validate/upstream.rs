@@ -9,7 +9,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::nonzero;
 use crate::config::runtime::{Upstream, UpstreamServer};
-use crate::config::schema::UpstreamSection;
+use crate::config::schema::{Routing, UpstreamSection};
 use crate::config::{err, ConfigError, Secret, DEFAULT_UPSTREAM};
 
 pub(super) fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigError> {
@@ -30,6 +30,7 @@ pub(super) fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigEr
                 addr,
                 api_key: s.api_key.clone(),
                 max_in_flight: s.max_in_flight,
+                context: default_context(s.max_in_flight),
             }]
         }
         (None, false) => {
@@ -57,18 +58,48 @@ pub(super) fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigEr
                     ));
                 }
                 validate_upstream_key(&at("api_key"), srv.api_key.as_ref().map(Secret::expose))?;
+                let max_in_flight = srv.max_in_flight.unwrap_or(s.max_in_flight);
+                let context = match srv.context {
+                    Some(0) => return Err(err(at("context"), "must be at least 1 (tokens)")),
+                    Some(c) => c,
+                    None => default_context(max_in_flight),
+                };
                 servers.push(UpstreamServer {
                     name,
                     authority,
                     addr,
                     api_key: srv.api_key.or_else(|| s.api_key.clone()),
-                    max_in_flight: srv.max_in_flight.unwrap_or(s.max_in_flight),
+                    max_in_flight,
+                    context,
                 });
             }
             servers
         }
     };
+    let load_factor = s.affinity.load_factor;
+    if !(0.0..=100.0).contains(&load_factor) {
+        return Err(err(
+            "upstream.affinity.load_factor",
+            format!("{load_factor} is out of range; give a number from 0 to 100 (0.25: no server above 1.25 times the mean load)"),
+        ));
+    }
+    let header = s.affinity.key_header.trim().to_ascii_lowercase();
+    if !header.is_empty() && http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+        return Err(err(
+            "upstream.affinity.key_header",
+            format!("'{header}' is not a valid header name"),
+        ));
+    }
+    // Affinity only matters with a choice to make; one server is least load.
+    let routing = s.routing.unwrap_or(if servers.len() > 1 {
+        Routing::CacheAffinity
+    } else {
+        Routing::LeastLoad
+    });
     Ok(Upstream {
+        routing,
+        load_factor,
+        affinity_header: (!header.is_empty()).then_some(header),
         servers,
         connect_timeout: nonzero("upstream.connect_timeout", s.connect_timeout)?,
         first_byte_timeout: nonzero("upstream.first_byte_timeout", s.first_byte_timeout)?,
@@ -83,6 +114,12 @@ pub(super) fn validate_upstream(s: UpstreamSection) -> Result<Upstream, ConfigEr
         queue_timeout: nonzero("upstream.queue_timeout", s.queue_timeout)?,
         max_queued: s.max_queued,
     })
+}
+
+/// A server's context when not configured: 8192 tokens per slot (one slot
+/// without a limit).
+fn default_context(max_in_flight: usize) -> u64 {
+    8192 * max_in_flight.max(1) as u64
 }
 
 fn validate_upstream_key(path: &str, key: Option<&str>) -> Result<(), ConfigError> {

@@ -8,6 +8,7 @@ fn upstream(key: Option<&str>) -> UpstreamServer {
         addr: "127.0.0.1:8080".parse().unwrap(),
         api_key: key.map(Secret::from),
         max_in_flight: 0,
+        context: 8192,
     }
 }
 
