@@ -35,7 +35,9 @@ mod validate;
 mod tests;
 
 pub use env::{apply_env, env_warnings, process_env, Env};
-pub use runtime::{Config, Downstream, Limits, MetricsConfig, TlsConfig, Upstream, UpstreamServer};
+pub use runtime::{
+    Config, Downstream, Limits, MetricsConfig, SharedConfig, TlsConfig, Upstream, UpstreamServer,
+};
 pub use schema::{
     parse_yaml, CorsSection, DownstreamSection, FileConfig, KeyLimitsSection, KeySection,
     LedgerSection, LimitsSection, LoggingSection, MetricsSection, ModelSection, RoutesSection,

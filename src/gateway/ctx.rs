@@ -65,6 +65,11 @@ pub struct RequestCtx {
     pub tokens: Option<TokenReservation>,
     /// Its prompt's estimated tokens (what a cut stream is charged for).
     pub prompt_estimate: u64,
+    /// With `state.redis`: its claim on its key's limits across all edges.
+    pub shared: Option<crate::shared::KeyAdmission>,
+    /// The store did not answer (`state.on_error: local`): its claim on
+    /// this edge's share of its key's limits instead.
+    pub fallback: Option<(LimitGuard, Option<TokenReservation>)>,
     /// Its key's limits for the rate-limit response headers.
     pub ratelimit: RateLimitState,
 }
@@ -91,6 +96,8 @@ impl RequestCtx {
             accounting: Accounting::Off,
             in_flight: None,
             limit_guard: None,
+            shared: None,
+            fallback: None,
             lease: None,
             upstream: None,
             tried: Vec::new(),

@@ -22,6 +22,7 @@ impl GatewayProxy {
         key: &ApiKey,
     ) -> Result<(), GatewayError> {
         self.admit(ctx, key)?;
+        self.shared_admit(ctx, key, 0).await?;
         let (body, reservation) = self.read_body(session, ctx, key).await?;
         let req = session.req_header();
         let path = req.uri.path();

@@ -1,0 +1,269 @@
+//! The pure side of the shared store: the names of the keys the edges share,
+//! the replies of the scripts turned into admissions or refusals, and the
+//! back-off of a request waiting for an upstream slot held by another edge.
+//! No I/O.
+
+use std::time::Duration;
+
+use crate::labels::LimitReason;
+use crate::policy::limits::{KeyLimits, Refusal};
+use crate::policy::tokens::{day_of, month_of, next_month_start};
+
+/// The store keys of one API key's limits. Every key of one API key shares
+/// the hash tag `{k:<id>}`, so on Redis Cluster one script touches one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyNames {
+    pub rpm: String,
+    pub concurrent: String,
+    pub tpm: String,
+    pub day: String,
+    pub month: String,
+}
+
+pub fn key_names(prefix: &str, key_id: &str, now_ms: u64) -> KeyNames {
+    let tag = format!("{prefix}:{{k:{key_id}}}");
+    KeyNames {
+        rpm: format!("{tag}:rpm"),
+        concurrent: format!("{tag}:conc"),
+        tpm: format!("{tag}:tpm"),
+        day: format!("{tag}:day:{}", day_of(now_ms)),
+        month: format!("{tag}:month:{}", month_of(now_ms).0),
+    }
+}
+
+/// The leases of one upstream's slots (by its configured name, which must
+/// be the same on every edge).
+pub fn slot_key(prefix: &str, upstream: &str) -> String {
+    format!("{prefix}:{{u:{upstream}}}:slots")
+}
+
+/// How long the quota counters outlive their period: a day's for two days,
+/// a month's for 32 days past the month's first (bounded memory).
+pub const DAY_TTL_S: u64 = 2 * 86_400;
+pub const MONTH_TTL_S: u64 = 63 * 86_400;
+
+/// `0` for no limit, as the scripts take it.
+pub fn arg(limit: Option<u64>) -> u64 {
+    limit.unwrap_or(0)
+}
+
+/// What `admit.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted {
+        requests_left: u64,
+        tokens_left: u64,
+    },
+    Refused(ScriptRefusal),
+}
+
+/// A refusal as the script states it: which limit, when to retry, and a
+/// number for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptRefusal {
+    pub code: i64,
+    pub retry_ms: u64,
+    pub detail: u64,
+}
+
+/// Reads `admit.lua`'s reply; `None` when it is not one.
+pub fn verdict(reply: &[i64]) -> Option<Verdict> {
+    let [code, a, b] = *reply else {
+        return None;
+    };
+    let (a, b) = (a.max(0) as u64, b.max(0) as u64);
+    match code {
+        0 => Some(Verdict::Admitted {
+            requests_left: a,
+            tokens_left: b,
+        }),
+        1..=5 => Some(Verdict::Refused(ScriptRefusal {
+            code,
+            retry_ms: a,
+            detail: b,
+        })),
+        _ => None,
+    }
+}
+
+/// The refusal the client gets, in the words of the local limits, saying
+/// the limit holds across every edge.
+pub fn refusal(
+    r: ScriptRefusal,
+    key_id: &str,
+    limits: &KeyLimits,
+    tokens: u64,
+    now_ms: u64,
+) -> Refusal {
+    const DAY_MS: u64 = 86_400_000;
+    let (reason, message, retry_ms) = match r.code {
+        1 => (
+            LimitReason::KeyConcurrency,
+            format!(
+                "the API key '{key_id}' already has {} requests in progress across all gateways, its limit; wait for one to finish",
+                limits.max_concurrent.unwrap_or_default()
+            ),
+            r.retry_ms,
+        ),
+        2 => (
+            LimitReason::KeyRate,
+            format!(
+                "the API key '{key_id}' is over its limit of {} requests per minute (across all gateways)",
+                limits.requests_per_minute.unwrap_or_default()
+            ),
+            r.retry_ms,
+        ),
+        3 => (
+            LimitReason::KeyTokensPerMinute,
+            format!(
+                "the API key '{key_id}' is over its limit of {} tokens per minute across all gateways (this request reserves {tokens}: its prompt and max_tokens; {} left)",
+                limits.tokens.per_minute.unwrap_or_default(),
+                r.detail
+            ),
+            r.retry_ms,
+        ),
+        4 => (
+            LimitReason::KeyTokensPerDay,
+            format!(
+                "the API key '{key_id}' has used its quota of {} tokens for today (UTC, all gateways; {} used, this request reserves {tokens}); it renews at midnight UTC",
+                limits.tokens.per_day.unwrap_or_default(),
+                r.detail
+            ),
+            (day_of(now_ms) + 1) * DAY_MS - now_ms,
+        ),
+        _ => {
+            let first = next_month_start(month_of(now_ms).0) * DAY_MS;
+            (
+                LimitReason::KeyTokensPerMonth,
+                format!(
+                    "the API key '{key_id}' has used its quota of {} tokens for this month (UTC, all gateways; {} used, this request reserves {tokens}); it renews on the 1st",
+                    limits.tokens.per_month.unwrap_or_default(),
+                    r.detail
+                ),
+                first.saturating_sub(now_ms),
+            )
+        }
+    };
+    Refusal {
+        reason,
+        message,
+        retry_after: Duration::from_millis(retry_ms.max(1)),
+    }
+}
+
+/// The waits between two tries for an upstream slot another edge holds:
+/// 5 ms doubling to 50 ms, so a freed slot is taken within 50 ms while an
+/// edge polls the store at most 20 times a second per waiting request.
+pub fn slot_backoff(attempt: u32) -> Duration {
+    Duration::from_millis((5u64 << attempt.min(4)).min(50))
+}
+
+/// How many slots of an upstream with `max` this edge may use alone when
+/// the store is away and `edges` edges share it: rounded up, at least 1.
+pub fn local_slots(max: usize, edges: u32) -> usize {
+    max.div_ceil(edges.max(1) as usize).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tokens::TokenLimits;
+
+    #[test]
+    fn one_hash_tag_per_api_key() {
+        let n = key_names("edge", "alice", 0);
+        for k in [&n.rpm, &n.concurrent, &n.tpm, &n.day, &n.month] {
+            assert!(k.starts_with("edge:{k:alice}:"), "{k}");
+        }
+        assert_eq!(n.day, "edge:{k:alice}:day:0");
+        assert_eq!(n.month, "edge:{k:alice}:month:23640");
+        assert_eq!(slot_key("edge", "gpu1"), "edge:{u:gpu1}:slots");
+    }
+
+    #[test]
+    fn replies_read() {
+        assert_eq!(
+            verdict(&[0, 5, 100]),
+            Some(Verdict::Admitted {
+                requests_left: 5,
+                tokens_left: 100
+            })
+        );
+        assert_eq!(
+            verdict(&[2, 1000, 0]),
+            Some(Verdict::Refused(ScriptRefusal {
+                code: 2,
+                retry_ms: 1000,
+                detail: 0
+            }))
+        );
+        assert_eq!(verdict(&[9, 0, 0]), None);
+        assert_eq!(verdict(&[0, 0]), None);
+    }
+
+    #[test]
+    fn refusals_name_the_limit_and_the_fleet() {
+        let limits = KeyLimits {
+            requests_per_minute: Some(60),
+            max_concurrent: Some(2),
+            tokens: TokenLimits {
+                per_minute: Some(1000),
+                per_day: Some(5000),
+                per_month: Some(9000),
+            },
+            ..KeyLimits::default()
+        };
+        let now = 86_400_000 * 10 + 1000;
+        let cases = [
+            (1, LimitReason::KeyConcurrency, "2 requests in progress"),
+            (2, LimitReason::KeyRate, "60 requests per minute"),
+            (3, LimitReason::KeyTokensPerMinute, "1000 tokens per minute"),
+            (4, LimitReason::KeyTokensPerDay, "5000 tokens for today"),
+            (
+                5,
+                LimitReason::KeyTokensPerMonth,
+                "9000 tokens for this month",
+            ),
+        ];
+        for (code, reason, words) in cases {
+            let r = refusal(
+                ScriptRefusal {
+                    code,
+                    retry_ms: 1500,
+                    detail: 7,
+                },
+                "alice",
+                &limits,
+                300,
+                now,
+            );
+            assert_eq!(r.reason, reason);
+            assert!(r.message.contains(words), "{}", r.message);
+            assert!(r.message.contains("all gateways"), "{}", r.message);
+            assert!(r.retry_after >= Duration::from_millis(1));
+        }
+        let day = refusal(
+            ScriptRefusal {
+                code: 4,
+                retry_ms: 0,
+                detail: 0,
+            },
+            "a",
+            &limits,
+            1,
+            now,
+        );
+        assert_eq!(day.retry_after, Duration::from_millis(86_400_000 - 1000));
+    }
+
+    #[test]
+    fn backoff_and_local_share() {
+        assert_eq!(slot_backoff(0), Duration::from_millis(5));
+        assert_eq!(slot_backoff(1), Duration::from_millis(10));
+        assert_eq!(slot_backoff(30), Duration::from_millis(50));
+        assert_eq!(local_slots(2, 2), 1);
+        assert_eq!(local_slots(5, 2), 3);
+        assert_eq!(local_slots(1, 4), 1);
+        assert_eq!(local_slots(8, 0), 8);
+    }
+}
