@@ -88,7 +88,36 @@ impl Drop for Redis {
     }
 }
 
-/// haproxy in front of `edges`, checking `/health` every 100 ms.
+/// The shipped conf/haproxy/haproxy.cfg on test ports: checks every 100 ms,
+/// and no retries (a request an edge drops fails the test instead of being
+/// sent to the other edge).
+fn shipped_haproxy_config(port: u16, servers: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/conf/haproxy/haproxy.cfg"
+    ))
+    .unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("server ") || t.starts_with("log ") {
+            continue;
+        }
+        let line = match t {
+            "bind :8000" => format!("    bind 127.0.0.1:{port}"),
+            "retries 2" => "    retries 0".to_string(),
+            _ if t.starts_with("default-server ") => {
+                line.replace("inter 1s fall 2", "inter 100ms fall 1")
+            }
+            _ => line.to_string(),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out + servers
+}
+
+/// haproxy with the shipped config in front of `edges`.
 struct Haproxy {
     port: u16,
     child: Child,
@@ -104,13 +133,9 @@ impl Haproxy {
         let servers: String = edges
             .iter()
             .enumerate()
-            .map(|(i, g)| format!("  server edge{i} {} check\n", g.addr))
+            .map(|(i, g)| format!("    server edge{i} {} check\n", g.addr))
             .collect();
-        // The shipped conf/haproxy/haproxy.cfg with test ports and timings,
-        // and no retries: a request an edge drops fails the test.
-        let cfg = format!(
-            "global\n  maxconn 2000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  retries 0\nfrontend llm\n  bind 127.0.0.1:{port}\n  default_backend edges\nbackend edges\n  balance roundrobin\n  option httpchk GET /health\n  http-check expect status 200\n  default-server inter 100ms fall 1 rise 2\n{servers}"
-        );
+        let cfg = shipped_haproxy_config(port, &servers);
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
         let check = Command::new(&bin)
