@@ -257,6 +257,7 @@ impl pingora_core::services::background::BackgroundService for Lifecycle {
             quiet += 1;
             if quiet >= 2 {
                 log::info!("stopping: no request in flight");
+                push_fleet_usage(&self.state).await;
                 if let Err(e) = self.state.ledger.flush() {
                     log::error!("usage ledger: the last flush failed ({e}); up to one flush interval of usage is lost");
                 }
@@ -312,6 +313,7 @@ impl pingora_core::services::background::BackgroundService for LedgerFlusher {
                 }
                 _ = tokio::time::sleep(interval) => {}
             }
+            push_fleet_usage(&self.state).await;
             let state = self.state.clone();
             let flushed = tokio::task::spawn_blocking(move || {
                 let flushed = state.ledger.flush();
@@ -326,6 +328,22 @@ impl pingora_core::services::background::BackgroundService for LedgerFlusher {
                 );
             }
         }
+    }
+}
+
+/// With `state.redis`: adds what this edge recorded since the last flush to
+/// the fleet's ledger; kept for the next flush when the store is away.
+async fn push_fleet_usage(state: &GatewayState) {
+    let Some(store) = &state.shared else {
+        return;
+    };
+    let rows = state.ledger.take_fleet_rows();
+    if let Err(e) = store.add_usage(&rows).await {
+        state.ledger.restore_fleet_rows(&rows);
+        log::warn!(
+            "fleet usage ledger: cannot write ({}); kept for the next flush",
+            e.0
+        );
     }
 }
 

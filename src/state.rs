@@ -76,7 +76,11 @@ impl GatewayState {
             cfg.key_limits.iter().map(|(id, l)| (id.clone(), l.tokens)),
             tokens::now_ms(),
         ));
-        let ledger = Arc::new(Ledger::open(cfg.state_dir.as_deref(), tokens.clone())?);
+        let mut ledger = Ledger::open(cfg.state_dir.as_deref(), tokens.clone())?;
+        if cfg.shared.is_some() {
+            ledger.share_with_fleet();
+        }
+        let ledger = Arc::new(ledger);
         let upstream = Arc::new(UpstreamSet::new(&cfg.upstream, &metrics));
         let metrics = Arc::new(metrics);
         let (shared, fallback) = match &cfg.shared {

@@ -192,7 +192,7 @@ fn key(id: &str, secret: &str, limits: &str) -> String {
 /// settings), three keys, and the shared store.
 fn edge_config(mock: &MockLlama, upstream: &str, state: &str) -> String {
     format!(
-        "upstream:\n  url: {url}\n  connect_timeout: 2s\n  pool_idle_timeout: 4s\n{upstream}models:\n  - name: qwen\nkeys:\n{carol}{dave}{erin}state:\n{state}",
+        "ledger:\n  flush_interval: 200ms\nupstream:\n  url: {url}\n  connect_timeout: 2s\n  pool_idle_timeout: 4s\n{upstream}models:\n  - name: qwen\nkeys:\n{carol}{dave}{erin}state:\n{state}",
         url = mock.url(),
         carol = key("carol", CAROL, "      requests_per_minute: 60\n"),
         dave = key("dave", DAVE, "      tokens_per_minute: 3000\n"),
@@ -407,7 +407,7 @@ async fn a_two_slot_upstream_never_sees_more_than_two_in_flight_from_two_edges()
 #[ignore = "needs redis-server; scripts/test.sh runs it"]
 async fn a_killed_edges_slots_come_back_when_their_leases_expire() {
     let upstream = "  max_in_flight: 2\n  queue_timeout: 20s\n";
-    let (redis, mock, mut gws) = fleet(2, upstream, "  lease_ttl: 2s\n", "").await;
+    let (redis, mock, mut gws) = fleet(2, upstream, "  lease_ttl: 3s\n", "").await;
     let (b, a) = (gws.pop().unwrap(), gws.pop().unwrap());
     // Two long streams on edge a hold both slots.
     let long: Vec<_> = (0..2)
@@ -438,6 +438,16 @@ async fn a_killed_edges_slots_come_back_when_their_leases_expire() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Longer than lease_ttl: the renewals keep a live edge's leases.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            redis.zcard(&slots_key(&mock)),
+            2,
+            "a lease of a stream in flight expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // SIGKILL: no release, no renewal.
     let killed = Instant::now();
     unsafe_kill(a.pid());
@@ -452,8 +462,8 @@ async fn a_killed_edges_slots_come_back_when_their_leases_expire() {
     assert_eq!(status, 200);
     let waited = killed.elapsed();
     assert!(
-        waited < Duration::from_secs(6),
-        "edge b waited {waited:?} for the dead edge's slots (lease_ttl 2s)"
+        waited < Duration::from_secs(8),
+        "edge b waited {waited:?} for the dead edge's slots (lease_ttl 3s)"
     );
     // And traffic keeps flowing through b.
     let statuses = hammer(&b.url(), ERIN, 10, 4, chat(3)).await;
@@ -638,4 +648,36 @@ async fn a_reload_of_one_edge_behind_haproxy_drops_no_request() {
     );
     let _ = new.kill();
     let _ = new.wait();
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn llm_edge_usage_reads_the_whole_fleets_ledger() {
+    let (_redis, _mock, gws) = fleet(2, "", "", "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    assert_eq!(hammer(&a.url(), ERIN, 3, 3, chat(4)).await, vec![200; 3]);
+    assert_eq!(hammer(&b.url(), ERIN, 2, 2, chat(4)).await, vec![200; 2]);
+    let usage = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_llm-edge"))
+            .arg("--config")
+            .arg(a.dir.path().join("llm-edge.yaml"))
+            .args(["usage", "--json", "--since", "2h", "--key", "erin"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // Each edge adds its rows at its next flush (200 ms here).
+    eventually_within(
+        Duration::from_secs(10),
+        "both edges' requests in the ledger",
+        || usage()["total"]["requests"] == 5,
+    )
+    .await;
+    let total = usage()["total"].clone();
+    assert!(total["completion_tokens"].as_u64().unwrap() >= 5, "{total}");
 }

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::labels::LimitReason;
+use crate::ledger::{Counts, Row};
 use crate::policy::limits::{KeyLimits, Refusal};
 use crate::policy::tokens::{day_of, month_of, next_month_start};
 
@@ -35,6 +36,88 @@ pub fn key_names(prefix: &str, key_id: &str, now_ms: u64) -> KeyNames {
 /// be the same on every edge).
 pub fn slot_key(prefix: &str, upstream: &str) -> String {
     format!("{prefix}:{{u:{upstream}}}:slots")
+}
+
+/// The fleet's ledger: one hash per UTC hour, a field per key, model and
+/// counter (summed by every edge's flushes with HINCRBY).
+pub fn usage_key(prefix: &str, hour: u64) -> String {
+    format!("{prefix}:usage:{hour}")
+}
+
+/// How long an hour of the fleet's ledger is kept (about 13 months).
+pub const USAGE_TTL_S: u64 = 400 * 86_400;
+
+const COUNTERS: [&str; 7] = [
+    "requests",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "errors",
+    "cancelled",
+    "gpu_ms",
+];
+
+fn counter_values(c: &Counts) -> [u64; 7] {
+    [
+        c.requests,
+        c.prompt_tokens,
+        c.cached_tokens,
+        c.completion_tokens,
+        c.errors,
+        c.cancelled,
+        c.gpu_ms,
+    ]
+}
+
+/// The `(field, increment)` pairs of one row (zeros left out). Key ids and
+/// model names contain no control characters, so a tab separates them.
+pub fn usage_fields(row: &Row) -> Vec<(String, u64)> {
+    COUNTERS
+        .iter()
+        .zip(counter_values(&row.counts))
+        .filter(|(_, v)| *v > 0)
+        .map(|(name, v)| (format!("{}\t{}\t{name}", row.key, row.model), v))
+        .collect()
+}
+
+/// The rows of one hour's hash (fields it does not know are skipped).
+pub fn usage_rows(hour: u64, fields: &[(String, u64)]) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for (field, value) in fields {
+        let mut parts = field.splitn(3, '\t');
+        let (Some(key), Some(model), Some(counter)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(i) = COUNTERS.iter().position(|c| *c == counter) else {
+            continue;
+        };
+        let at = match rows.iter().position(|r| r.key == key && r.model == model) {
+            Some(at) => at,
+            None => {
+                rows.push(Row {
+                    key: key.to_string(),
+                    model: model.to_string(),
+                    hour,
+                    counts: Counts::default(),
+                });
+                rows.len() - 1
+            }
+        };
+        let c = &mut rows[at].counts;
+        let slot = [
+            &mut c.requests,
+            &mut c.prompt_tokens,
+            &mut c.cached_tokens,
+            &mut c.completion_tokens,
+            &mut c.errors,
+            &mut c.cancelled,
+            &mut c.gpu_ms,
+        ];
+        *slot[i] += value;
+    }
+    rows.sort_by(|a, b| (&a.key, &a.model).cmp(&(&b.key, &b.model)));
+    rows
 }
 
 /// How long the quota counters outlive their period: a day's for two days,
@@ -254,6 +337,34 @@ mod tests {
             now,
         );
         assert_eq!(day.retry_after, Duration::from_millis(86_400_000 - 1000));
+    }
+
+    #[test]
+    fn the_fleets_ledger_round_trips_through_its_hash_fields() {
+        let row = Row {
+            key: "alice".into(),
+            model: "qwen3-30b".into(),
+            hour: 7,
+            counts: Counts {
+                requests: 2,
+                prompt_tokens: 30,
+                completion_tokens: 12,
+                gpu_ms: 900,
+                ..Counts::default()
+            },
+        };
+        let fields = usage_fields(&row);
+        assert_eq!(fields.len(), 4, "zeros are not written: {fields:?}");
+        assert!(fields.contains(&("alice\tqwen3-30b\trequests".to_string(), 2)));
+        let mut with_noise = fields.clone();
+        with_noise.push(("bob\tsmall\trequests".into(), 1));
+        with_noise.push(("garbage".into(), 5));
+        with_noise.push(("bob\tsmall\tunknown".into(), 5));
+        let rows = usage_rows(7, &with_noise);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], row);
+        assert_eq!((rows[1].key.as_str(), rows[1].counts.requests), ("bob", 1));
+        assert_eq!(usage_key("edge", 7), "edge:usage:7");
     }
 
     #[test]

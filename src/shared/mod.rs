@@ -13,6 +13,10 @@
 //! check sees it again; what happens meanwhile is the caller's
 //! `state.on_error` policy.
 //!
+//! The fleet's usage ledger lives here too: every edge adds its hourly rows
+//! at each ledger flush ([`SharedState::add_usage`]), and `llm-edge usage`
+//! reads them back ([`read_usage`]).
+//!
 //! Must not import `gateway` or `upstream` (the upstream slots call in
 //! here); the pure decisions are in `decide.rs`.
 
@@ -30,6 +34,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::SharedConfig;
 use crate::labels::StoreOp;
+use crate::ledger::Row;
 use crate::metrics::Metrics;
 use crate::policy::limits::{KeyLimits, OnStoreError, Refusal};
 use crate::policy::tokens::TokenLimits;
@@ -139,7 +144,9 @@ impl SharedState {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        if !self.is_up() && op != StoreOp::Ping {
+        // The check and the renewals always try: they are what notices the
+        // store is back, and a lease must not lapse on one missed check.
+        if !self.is_up() && !matches!(op, StoreOp::Ping | StoreOp::Renew) {
             self.metrics.store_error(op);
             return Err(StoreDown("the store did not answer its last check".into()));
         }
@@ -321,6 +328,27 @@ impl SharedState {
         Ok(renewed.max(0) as usize)
     }
 
+    /// Adds this edge's hourly rows to the fleet's ledger, in one atomic
+    /// round trip (MULTI/EXEC).
+    pub async fn add_usage(&self, rows: &[Row]) -> Result<(), StoreDown> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for row in rows {
+            let key = decide::usage_key(&self.cfg.prefix, row.hour);
+            for (field, value) in decide::usage_fields(row) {
+                pipe.hincr(&key, field, value).ignore();
+            }
+            pipe.expire(&key, decide::USAGE_TTL_S as i64).ignore();
+        }
+        self.call(StoreOp::Ledger, |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
     /// One check of the store (PING); marks it up or down.
     pub async fn check(&self) -> bool {
         self.call(StoreOp::Ping, |mut conn| async move {
@@ -338,8 +366,8 @@ impl SharedState {
         let mut last_renew = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(interval).await;
-            let up = self.check().await;
-            if up && last_renew.elapsed() >= renew_every {
+            self.check().await;
+            if last_renew.elapsed() >= renew_every {
                 last_renew = tokio::time::Instant::now();
                 if let Err(e) = self.renew_leases().await {
                     log::warn!("shared store: renewing leases failed: {}", e.0);
@@ -347,6 +375,28 @@ impl SharedState {
             }
         }
     }
+}
+
+/// The fleet's ledger from `since_hour` on, for `llm-edge usage` (no
+/// runtime: a blocking connection, one pipelined round trip).
+pub fn read_usage(cfg: &SharedConfig, since_hour: u64, now_hour: u64) -> Result<Vec<Row>, String> {
+    let client = redis::Client::open(cfg.url.expose()).map_err(|e| format!("state.redis: {e}"))?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .map_err(|e| format!("state.redis: cannot connect: {e}"))?;
+    let hours: Vec<u64> = (since_hour..=now_hour).collect();
+    let mut pipe = redis::pipe();
+    for hour in &hours {
+        pipe.hgetall(decide::usage_key(&cfg.prefix, *hour));
+    }
+    let hashes: Vec<Vec<(String, u64)>> = pipe
+        .query(&mut conn)
+        .map_err(|e| format!("state.redis: {e}"))?;
+    Ok(hours
+        .iter()
+        .zip(&hashes)
+        .flat_map(|(hour, fields)| decide::usage_rows(*hour, fields))
+        .collect())
 }
 
 /// The last five arguments of `admit.lua` and `settle.lua`: the token
