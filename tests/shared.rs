@@ -530,9 +530,20 @@ async fn with_the_store_down_edges_serve_under_their_local_share_then_rejoin() {
         health(a).await == (200, r#"{"status":"ok"}"#.to_string())
     })
     .await;
-    // Back on the shared (empty) bucket: a fresh 60.
+    // Back on the shared (empty) bucket: a fresh 60, stated in the headers.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", a.url()))
+        .bearer_auth(CAROL)
+        .body(chat(3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header = |name: &str| r.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(header("x-ratelimit-limit-requests"), "60");
+    assert_eq!(header("x-ratelimit-remaining-requests"), "59");
     let statuses = hammer(&a.url(), CAROL, 70, 8, chat(3)).await;
-    let ok = count(&statuses, 200);
+    let ok = count(&statuses, 200) + 1;
     assert!(
         (58..=63).contains(&ok),
         "{ok} admitted after the store came back"

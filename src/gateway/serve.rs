@@ -207,6 +207,9 @@ impl GatewayProxy {
         let now = tokens::now_ms();
         match store.admit_key(&key.id, &limits, tokens, now).await {
             Ok(Ok(admission)) => {
+                if let Some(window) = admission.request_window() {
+                    ctx.ratelimit.requests = Some(window);
+                }
                 ctx.shared = Some(admission);
                 Ok(())
             }

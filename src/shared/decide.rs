@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::labels::LimitReason;
 use crate::ledger::{Counts, Row};
 use crate::policy::limits::{KeyLimits, Refusal};
+use crate::policy::ratelimit::Window;
 use crate::policy::tokens::{day_of, month_of, next_month_start};
 
 /// The store keys of one API key's limits. Every key of one API key shares
@@ -128,6 +129,18 @@ pub const MONTH_TTL_S: u64 = 63 * 86_400;
 /// `0` for no limit, as the scripts take it.
 pub fn arg(limit: Option<u64>) -> u64 {
     limit.unwrap_or(0)
+}
+
+/// A requests-per-minute window with `left` requests in a bucket of
+/// `limit` refilled over a minute.
+pub fn request_window(limit: u64, left: u64) -> Window {
+    let limit = limit.max(1);
+    let left = left.min(limit);
+    Window {
+        limit,
+        remaining: left,
+        reset: Duration::from_millis((limit - left) * 60_000 / limit),
+    }
 }
 
 /// What `admit.lua` answered.
@@ -365,6 +378,15 @@ mod tests {
         assert_eq!(rows[0], row);
         assert_eq!((rows[1].key.as_str(), rows[1].counts.requests), ("bob", 1));
         assert_eq!(usage_key("edge", 7), "edge:usage:7");
+    }
+
+    #[test]
+    fn the_fleets_request_window() {
+        let w = request_window(60, 45);
+        assert_eq!((w.limit, w.remaining), (60, 45));
+        assert_eq!(w.reset, Duration::from_secs(15));
+        assert_eq!(request_window(60, 99).remaining, 60);
+        assert_eq!(request_window(0, 0).limit, 1);
     }
 
     #[test]

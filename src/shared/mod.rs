@@ -37,6 +37,7 @@ use crate::labels::StoreOp;
 use crate::ledger::Row;
 use crate::metrics::Metrics;
 use crate::policy::limits::{KeyLimits, OnStoreError, Refusal};
+use crate::policy::ratelimit::Window;
 use crate::policy::tokens::TokenLimits;
 use decide::{arg, key_names, slot_key, KeyNames, Verdict, DAY_TTL_S, MONTH_TTL_S};
 
@@ -241,7 +242,7 @@ impl SharedState {
             })
             .await?;
         match decide::verdict(&reply) {
-            Some(Verdict::Admitted { .. }) => {
+            Some(Verdict::Admitted { requests_left, .. }) => {
                 let holds_lease = limits.max_concurrent.is_some();
                 if holds_lease {
                     self.hold(n, names.concurrent.clone(), member.clone());
@@ -253,6 +254,7 @@ impl SharedState {
                     names,
                     limits: *limits,
                     tokens,
+                    requests_left,
                 }))
             }
             Some(Verdict::Refused(r)) => {
@@ -419,11 +421,19 @@ pub struct KeyAdmission {
     names: KeyNames,
     limits: KeyLimits,
     tokens: u64,
+    requests_left: u64,
 }
 
 impl KeyAdmission {
     pub fn tokens(&self) -> u64 {
         self.tokens
+    }
+
+    /// The key's requests-per-minute window across every edge, as the
+    /// rate-limit headers state it (`None`: no such limit).
+    pub fn request_window(&self) -> Option<Window> {
+        let limit = u64::from(self.limits.requests_per_minute?);
+        Some(decide::request_window(limit, self.requests_left))
     }
 
     /// Ends the concurrent-request lease and replaces the token
