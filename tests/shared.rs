@@ -72,14 +72,43 @@ impl Redis {
         }
     }
 
-    /// One command through redis-cli's protocol, by hand: `ZCARD key`.
-    fn zcard(&self, key: &str) -> i64 {
+    /// One command of two words in Redis' protocol, by hand; the reply's
+    /// number (0 for a missing key).
+    fn number(&self, command: &str, key: &str) -> i64 {
         use std::io::{BufRead, BufReader, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(s, "*2\r\n$5\r\nZCARD\r\n${}\r\n{key}\r\n", key.len()).unwrap();
+        write!(
+            s,
+            "*2\r\n${}\r\n{command}\r\n${}\r\n{key}\r\n",
+            command.len(),
+            key.len()
+        )
+        .unwrap();
+        let mut r = BufReader::new(s);
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
+        r.read_line(&mut line).unwrap();
+        if line.starts_with("$-1") {
+            return 0;
+        }
+        if line.starts_with('$') {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+        }
         line.trim().trim_start_matches(':').parse().unwrap()
+    }
+
+    fn zcard(&self, key: &str) -> i64 {
+        self.number("ZCARD", key)
+    }
+
+    /// Tokens counted against `key_id`'s quota today.
+    fn day_used(&self, key_id: &str) -> i64 {
+        let day = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            / 86_400_000;
+        self.number("GET", &format!("llm-edge:{{k:{key_id}}}:day:{day}"))
     }
 }
 
@@ -197,7 +226,11 @@ fn edge_config(mock: &MockLlama, upstream: &str, state: &str) -> String {
         url = mock.url(),
         carol = key("carol", CAROL, "      requests_per_minute: 60\n"),
         dave = key("dave", DAVE, "      tokens_per_minute: 3000\n"),
-        erin = key("erin", ERIN, "      max_concurrent: 100\n"),
+        erin = key(
+            "erin",
+            ERIN,
+            "      max_concurrent: 100\n      tokens_per_day: 100000000\n"
+        ),
         frank = key("frank", FRANK, "      tokens_per_day: 2000\n"),
     )
 }
@@ -423,9 +456,12 @@ async fn a_two_slot_upstream_never_sees_more_than_two_in_flight_from_two_edges()
     .await;
 }
 
+const STREAM_BODY: &str =
+    r#"{"model":"qwen","stream":true,"max_tokens":60,"messages":[{"role":"user","content":"hi"}]}"#;
+
 #[tokio::test]
 #[ignore = "needs redis-server; scripts/test.sh runs it"]
-async fn a_killed_edges_slots_come_back_when_their_leases_expire() {
+async fn a_killed_edges_slots_come_back_when_their_leases_expire_and_no_quota_is_lost() {
     let upstream = "  max_in_flight: 2\n  queue_timeout: 20s\n";
     let (redis, mock, mut gws) = fleet(2, upstream, "  lease_ttl: 3s\n", "").await;
     let (b, a) = (gws.pop().unwrap(), gws.pop().unwrap());
@@ -438,7 +474,7 @@ async fn a_killed_edges_slots_come_back_when_their_leases_expire() {
                     .post(format!("{url}/v1/chat/completions"))
                     .bearer_auth(ERIN)
                     .header("x-mock-delay-ms", "1000")
-                    .body(r#"{"model":"qwen","stream":true,"max_tokens":60,"messages":[{"role":"user","content":"hi"}]}"#)
+                    .body(STREAM_BODY)
                     .send()
                     .await;
                 // Read on: a client that leaves frees its slot.
@@ -468,26 +504,31 @@ async fn a_killed_edges_slots_come_back_when_their_leases_expire() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The two streams' reservations (prompt estimate + 60 each) count
+    // against the day's quota in the store.
+    let reserved = 2 * (STREAM_BODY.len().div_ceil(3) as i64 + 60);
+    assert_eq!(redis.day_used("erin"), reserved);
     // SIGKILL: no release, no renewal.
     let killed = Instant::now();
     unsafe_kill(a.pid());
-    let status = client()
-        .post(format!("{}/v1/chat/completions", b.url()))
-        .bearer_auth(ERIN)
-        .body(chat(3))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    let first = hammer_counted(&b.url(), ERIN, 1, 1, chat(3)).await;
+    assert_eq!(first[0].0, 200);
     let waited = killed.elapsed();
     assert!(
         waited < Duration::from_secs(8),
         "edge b waited {waited:?} for the dead edge's slots (lease_ttl 3s)"
     );
     // And traffic keeps flowing through b.
-    let statuses = hammer(&b.url(), ERIN, 10, 4, chat(3)).await;
-    assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
+    let results = hammer_counted(&b.url(), ERIN, 10, 4, chat(3)).await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    // The quota lost nothing: b's requests are counted as used, and the
+    // killed edge's reservations stay counted (an over-count, never an
+    // under-count).
+    let used: i64 = results.iter().chain(&first).map(|(_, t)| *t as i64).sum();
+    eventually_within(Duration::from_secs(5), "b's requests settled", || {
+        redis.day_used("erin") == reserved + used
+    })
+    .await;
     for t in long {
         t.abort();
     }
