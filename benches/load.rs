@@ -12,13 +12,17 @@
 //!    per-chunk delivery delay (receive time minus the mock's `mock_sent_us` stamp);
 //! 3. 2,000 and then 5,000 concurrent slow streams: errors, RSS per open stream
 //!    (VmRSS at peak minus idle), CPU seconds per 1,000 streams;
-//! 4. wrong-key requests at concurrency 64: requests/s.
+//! 4. wrong-key requests at concurrency 64: requests/s;
+//! 5. `state.redis` against none (a real redis-server, when installed): requests/s,
+//!    latency and redis-server CPU per request with the per-key limits in the store,
+//!    then with the upstream slots there too; and the limit checks per second one
+//!    redis-server answers alone (redis-benchmark running `admit.lua`).
 //!
 //! It prints one markdown table with ratios against direct and nginx. Load only
 //! goes to 127.0.0.1; every loop is bounded in count and time.
 //!
 //! Under `cargo test --benches` (no `--bench` argument) it runs a tiny version
-//! in seconds. Environment knobs: `LOAD_ONLY=ns,stream,slow,wrongkey` (scenarios),
+//! in seconds. Environment knobs: `LOAD_ONLY=ns,stream,slow,wrongkey,store` (scenarios),
 //! `LOAD_TARGETS=direct,llm-edge,nginx`, `LOAD_SECONDS` (per closed-loop run),
 //! `LOAD_ROUNDS` (interleaved rounds), `LOAD_CONCURRENCY` (closed loops),
 //! `LOAD_BUDGET=1` (the key gets token limits and the ledger a state_dir),
@@ -94,7 +98,7 @@ impl Plan {
             slow_tokens: if quick { 3 } else { 20 },
             slow_delay_ms: if quick { 100 } else { 500 },
             wk_concurrency: env_parse("LOAD_CONCURRENCY", if quick { 4 } else { 64 }),
-            only: list("LOAD_ONLY", "ns,stream,slow,wrongkey"),
+            only: list("LOAD_ONLY", "ns,stream,slow,wrongkey,store"),
             targets: list("LOAD_TARGETS", "direct,llm-edge,nginx"),
         }
     }
@@ -342,6 +346,18 @@ struct Edge {
 impl Edge {
     /// llm-edge in front of `upstream`; `extra` is prepended to its config.
     fn start(upstream: SocketAddr, dir: &Path, extra: &str) -> Edge {
+        Edge::start_with(upstream, dir, extra, "", "")
+    }
+
+    /// Also with `upstream_extra` in its `upstream` section and `key_extra`
+    /// in the bench key's entry.
+    fn start_with(
+        upstream: SocketAddr,
+        dir: &Path,
+        extra: &str,
+        upstream_extra: &str,
+        key_extra: &str,
+    ) -> Edge {
         let port = free_port();
         // LOAD_BUDGET=1: the key has token limits and quotas (never reached)
         // and the ledger is on disk, to measure what reservation, settlement,
@@ -355,7 +371,7 @@ impl Edge {
             String::new()
         };
         let config = format!(
-            "{extra}upstream:\n  url: http://{upstream}\nmodels:\n  - name: bench\n    upstream_name: mock-model\nkeys:\n  - id: bench\n    sha256: {}\n{budget}metrics:\n  listen: 127.0.0.1:{}\nserver:\n  threads: 2\n  pid_file: {d}/edge-{port}.pid\n  upgrade_sock: {d}/edge-{port}.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n",
+            "{extra}upstream:\n  url: http://{upstream}\n{upstream_extra}models:\n  - name: bench\n    upstream_name: mock-model\nkeys:\n  - id: bench\n    sha256: {}\n{key_extra}{budget}metrics:\n  listen: 127.0.0.1:{}\nserver:\n  threads: 2\n  pid_file: {d}/edge-{port}.pid\n  upgrade_sock: {d}/edge-{port}.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n",
             llm_edge::policy::auth::digest_hex(KEY),
             free_port(),
             d = dir.display()
@@ -1816,6 +1832,210 @@ async fn scenario_wrong_key(plan: &Plan, env: &Env, table: &mut Table) {
     }
 }
 
+/// A redis-server of the bench's own (no persistence), or `None` when the
+/// Debian package is not installed.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let port = free_port();
+        let mut child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let log = std::env::temp_dir().join("llm-edge-bench-redis.log");
+        wait_listening(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "redis-server",
+            &mut child,
+            &log,
+        );
+        Some(Redis { child, port })
+    }
+
+    /// Limit checks per second this redis-server answers: `admit.lua` (every
+    /// limit kind on one hot key, as one busy API key is) from
+    /// redis-benchmark, 50 connections pipelining 16 each.
+    fn limit_checks_per_second(&self, n: usize) -> Option<f64> {
+        let script = include_str!("../src/shared/admit.lua");
+        let out = Command::new("redis-benchmark")
+            .args(["-p", &self.port.to_string(), "-c", "50", "-P", "16", "-q"])
+            .args(["-n", &n.to_string()])
+            .args([
+                "EVAL",
+                script,
+                "5",
+                "b:{k}:rpm",
+                "b:{k}:conc",
+                "b:{k}:tpm",
+                "b:{k}:day",
+                "b:{k}:month",
+            ])
+            .args([
+                "1000000000",
+                "1000000000",
+                "m",
+                "30000",
+                "100",
+                "1000000000000",
+            ])
+            .args(["1000000000000000", "1000000000000000", "172800", "5443200"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let at = text.rfind(" requests per second")?;
+        let head = &text[..at];
+        let num = head.rsplit([' ', ':', '\r']).next()?;
+        num.trim().parse().ok()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `state.redis` against none: the same per-key limits checked in the
+/// edge's memory, in a real redis-server (one script round trip per
+/// request), and with the upstream's slots leased there too (a second round
+/// trip), non-streaming at the `ns` concurrency; and what one redis-server
+/// answers alone.
+async fn scenario_store(plan: &Plan, env: &Env, table: &mut Table) {
+    let Some(redis) = Redis::start() else {
+        log(
+            "store: redis-server is not installed (apt-get install redis-server); scenario skipped",
+        );
+        return;
+    };
+    let mock = Mock::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = "    limits:\n      requests_per_minute: 1000000000\n      max_concurrent: 100000\n      tokens_per_minute: 1000000000000\n";
+    let state = format!("state:\n  redis: redis://127.0.0.1:{}/0\n", redis.port);
+    let variants = [
+        ("no store", String::new(), ""),
+        ("store: key limits (1 round trip)", state.clone(), ""),
+        (
+            "store: key limits + upstream slot (2 round trips)",
+            state,
+            "  max_in_flight: 100000\n",
+        ),
+    ];
+    let la = loadavg();
+    let sc = format!(
+        "state.redis, non-streaming, concurrency {} (load {la})",
+        plan.ns_concurrency
+    );
+    let mut base: Option<(f64, f64, f64)> = None;
+    for (name, extra, upstream) in &variants {
+        let edge = Edge::start_with(mock.addr, dir.path(), extra, upstream, key);
+        let t = Target {
+            kind: Kind::Edge,
+            addr: edge.addr,
+            pids: edge.pids(),
+        };
+        warm(&t).await;
+        let redis_cpu = cpu_ticks(&[redis.child.id() as i32]);
+        let mut r = Closed::default();
+        for round in 0..plan.rounds {
+            log(&format!("store: {name}, round {}", round + 1));
+            let req = chat_request(t.addr, KEY, false, plan.ns_tokens, 0);
+            r.merge(
+                closed_loop(
+                    &t,
+                    env,
+                    req,
+                    plan.ns_concurrency,
+                    plan.closed_loop_time,
+                    &[200],
+                )
+                .await,
+            );
+        }
+        let redis_us = (cpu_ticks(&[redis.child.id() as i32]) - redis_cpu) as f64 / env.ticks * 1e6
+            / r.ok.max(1) as f64;
+        let rps = r.ok as f64 / r.secs;
+        let p50 = pct(&mut r.lat_us.clone(), 0.5).unwrap_or(f64::NAN) / 1000.0;
+        let p99 = pct(&mut r.lat_us.clone(), 0.99).unwrap_or(f64::NAN) / 1000.0;
+        let one = |v: f64| [None, Some(v), None];
+        table.add(
+            &sc,
+            &format!("{name}: requests/s"),
+            one(rps),
+            0,
+            Cmp::None,
+            "",
+        );
+        table.add(
+            &sc,
+            &format!("{name}: latency p50 / p99 (ms)"),
+            one(p50),
+            2,
+            Cmp::None,
+            format!("p99 {p99:.2} ms"),
+        );
+        table.add(
+            &sc,
+            &format!("{name}: errors"),
+            one(r.errors as f64),
+            0,
+            Cmp::None,
+            "",
+        );
+        match base {
+            None => base = Some((rps, p50, p99)),
+            Some((b_rps, b50, b99)) => {
+                table.add(
+                    &sc,
+                    &format!("{name}: requests/s ÷ no store"),
+                    one(rps / b_rps),
+                    2,
+                    Cmp::None,
+                    "",
+                );
+                table.add(
+                    &sc,
+                    &format!("{name}: added latency p50 (ms)"),
+                    one(p50 - b50),
+                    2,
+                    Cmp::None,
+                    format!("p99 {:+.2} ms", p99 - b99),
+                );
+                table.add(
+                    &sc,
+                    &format!("{name}: redis-server CPU per request (µs)"),
+                    one(redis_us),
+                    1,
+                    Cmp::None,
+                    "",
+                );
+            }
+        }
+        drop(edge);
+    }
+    let n = if plan.quick { 2_000 } else { 400_000 };
+    if let Some(checks) = redis.limit_checks_per_second(n) {
+        table.add(
+            &sc,
+            "one redis-server alone: limit checks/s (admit.lua, one hot key, redis-benchmark -c 50 -P 16)",
+            [None, Some(checks), None],
+            0,
+            Cmp::None,
+            "",
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs it with no args: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -1863,6 +2083,9 @@ fn main() {
         }
         if plan.runs("wrongkey") {
             scenario_wrong_key(&plan, &env, &mut table).await;
+        }
+        if plan.runs("store") {
+            scenario_store(&plan, &env, &mut table).await;
         }
     });
     println!(

@@ -23,6 +23,9 @@ command -v autossh >/dev/null 2>&1 || apt_packages+=(autossh)
 command -v valgrind >/dev/null 2>&1 || apt_packages+=(valgrind)
 # systemd's own unit verifier
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+# tests/shared.rs: the store several edges share, and a load balancer in front
+command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || apt_packages+=(haproxy)
 # packaging tests (tests/python/test_package.py): dpkg-deb's objdump, a Debian root
 # booted with systemd-nspawn, podman (with runc) for the container image
 command -v objdump >/dev/null 2>&1 || apt_packages+=(binutils)

@@ -63,6 +63,38 @@ label_enum! {
         KeyTokensPerMinute => "key_tokens_per_minute",
         KeyTokensPerDay => "key_tokens_per_day",
         KeyTokensPerMonth => "key_tokens_per_month",
+        /// The shared store did not answer and `state.on_error` is `deny`.
+        StoreUnavailable => "store_unavailable",
+    }
+}
+
+label_enum! {
+    /// `llm_edge_store_errors_total{op}`: what the edge asked the shared
+    /// store (`state.redis`) when it failed or did not answer in time.
+    StoreOp {
+        /// Per-key limits and the token reservation of one request.
+        Admit => "admit",
+        /// Settling a request's tokens and ending its lease.
+        Settle => "settle",
+        /// An upstream slot lease.
+        Slot => "slot",
+        /// Renewing the leases of requests in flight.
+        Renew => "renew",
+        /// The periodic check that tells `/health` the store is back.
+        Ping => "ping",
+        /// Writing or reading the fleet's usage ledger.
+        Ledger => "ledger",
+    }
+}
+
+label_enum! {
+    /// `llm_edge_store_fallbacks_total{policy}`: requests decided without
+    /// the store, by `state.on_error`.
+    StoreFallback {
+        /// Checked against this edge's share of the limits.
+        Local => "local",
+        /// Refused.
+        Deny => "deny",
     }
 }
 
@@ -97,13 +129,16 @@ mod tests {
             LimitReason::ALL.iter().map(|v| v.as_str()).collect(),
             AuthFailure::ALL.iter().map(|v| v.as_str()).collect(),
             DisconnectPhase::ALL.iter().map(|v| v.as_str()).collect(),
+            StoreOp::ALL.iter().map(|v| v.as_str()).collect(),
+            StoreFallback::ALL.iter().map(|v| v.as_str()).collect(),
         ] {
             let mut sorted = list.clone();
             sorted.sort_unstable();
             sorted.dedup();
             assert_eq!(sorted.len(), list.len(), "{list:?}");
         }
-        assert_eq!(LimitReason::ALL.len(), 12);
+        assert_eq!(LimitReason::ALL.len(), 13);
+        assert!(LimitReason::list().contains("store_unavailable"));
         assert!(LimitReason::list().contains("ip_uploads"));
     }
 }

@@ -11,6 +11,8 @@
 //!   model catalogue), as pure logic.
 //! - [`upstream`]: llama-server itself (connections, the server set and
 //!   balancing, slot admission, the relay of one exchange).
+//! - [`shared`]: what several edges share through Redis / Valkey
+//!   (`state.redis`): per-key limits and quotas, upstream slot leases.
 //! - [`config`], [`metrics`], [`check`] (the client-side diagnostics),
 //!   [`errors`] (the one error type), [`server`] (start-up), [`cli`].
 
@@ -28,5 +30,6 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod upstream;

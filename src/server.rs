@@ -142,6 +142,15 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
             state: state.clone(),
         },
     ));
+    if let Some(store) = &state.shared {
+        server.add_service(pingora_core::services::background::background_service(
+            "shared state",
+            SharedStateService {
+                store: store.clone(),
+            },
+        ));
+    }
+    let drain_state = state.clone();
     server.add_service(pingora_core::services::background::background_service(
         "usage ledger",
         LedgerFlusher {
@@ -169,7 +178,50 @@ pub fn run(cfg: Config, upgrade: bool, daemon: bool) -> ! {
         metrics_service.add_tcp(&metrics_listen);
         server.add_service(metrics_service);
     }
-    server.run_forever()
+    let drain = DrainFirst { state: drain_state };
+    server.run(pingora_core::server::RunArgs {
+        shutdown_signal: Box::new(drain),
+    });
+    std::process::exit(0)
+}
+
+/// Pingora's own signal handling, except that a stop (SIGTERM) first marks
+/// the edge draining (`/health` answers 503) for `server.drain_delay` while
+/// it still accepts, so a load balancer checking `/health` moves new
+/// requests to the other edges before this one stops accepting. A reload
+/// (SIGQUIT) hands the listening sockets over at once: nothing is refused.
+struct DrainFirst {
+    state: Arc<GatewayState>,
+}
+
+#[async_trait]
+impl pingora_core::server::ShutdownSignalWatch for DrainFirst {
+    async fn recv(&self) -> pingora_core::server::ShutdownSignal {
+        use pingora_core::server::ShutdownSignal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot watch the stop and reload signals");
+            return std::future::pending().await;
+        };
+        let delay = self.state.cfg.server.drain_delay;
+        tokio::select! {
+            // Not draining: the new process answers on the same sockets.
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => {
+                self.state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                if !delay.is_zero() {
+                    log::info!("draining: /health answers 503 for {} before the listeners close (server.drain_delay)", humantime::format_duration(delay));
+                    tokio::time::sleep(delay).await;
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
 }
 
 /// Logs SIGHUP instead of dying of it, and ends the process as soon as a
@@ -205,6 +257,7 @@ impl pingora_core::services::background::BackgroundService for Lifecycle {
             quiet += 1;
             if quiet >= 2 {
                 log::info!("stopping: no request in flight");
+                push_fleet_usage(&self.state).await;
                 if let Err(e) = self.state.ledger.flush() {
                     log::error!("usage ledger: the last flush failed ({e}); up to one flush interval of usage is lost");
                 }
@@ -219,6 +272,22 @@ impl pingora_core::services::background::BackgroundService for Lifecycle {
                 log::logger().flush();
                 std::process::exit(0);
             }
+        }
+    }
+}
+
+/// Checks the shared store every 500 ms (a store that came back is used
+/// again without a restart) and renews the leases of requests in flight.
+struct SharedStateService {
+    store: Arc<crate::shared::SharedState>,
+}
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for SharedStateService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            () = self.store.clone().run(Duration::from_millis(500)) => {}
         }
     }
 }
@@ -244,6 +313,7 @@ impl pingora_core::services::background::BackgroundService for LedgerFlusher {
                 }
                 _ = tokio::time::sleep(interval) => {}
             }
+            push_fleet_usage(&self.state).await;
             let state = self.state.clone();
             let flushed = tokio::task::spawn_blocking(move || {
                 let flushed = state.ledger.flush();
@@ -258,6 +328,22 @@ impl pingora_core::services::background::BackgroundService for LedgerFlusher {
                 );
             }
         }
+    }
+}
+
+/// With `state.redis`: adds what this edge recorded since the last flush to
+/// the fleet's ledger; kept for the next flush when the store is away.
+async fn push_fleet_usage(state: &GatewayState) {
+    let Some(store) = &state.shared else {
+        return;
+    };
+    let rows = state.ledger.take_fleet_rows();
+    if let Err(e) = store.add_usage(&rows).await {
+        state.ledger.restore_fleet_rows(&rows);
+        log::warn!(
+            "fleet usage ledger: cannot write ({}); kept for the next flush",
+            e.0
+        );
     }
 }
 

@@ -155,8 +155,9 @@ fn llm_edge_unit_is_hardened_and_reloads_safely() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
     let example = llm_edge::config::parse_yaml(include_str!("../conf/llm-edge.yaml")).unwrap();
-    let grace =
-        example.server.grace_period_seconds + example.server.graceful_shutdown_timeout_seconds;
+    let grace = example.server.drain_delay.as_secs()
+        + example.server.grace_period_seconds
+        + example.server.graceful_shutdown_timeout_seconds;
     assert!(
         stop > grace,
         "TimeoutStopSec={stop} must exceed the grace period ({grace} s)"

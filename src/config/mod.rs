@@ -36,7 +36,8 @@ mod tests;
 
 pub use env::{apply_env, env_warnings, process_env, Env};
 pub use runtime::{
-    Config, Downstream, Limits, MetricsConfig, Routing, TlsConfig, Upstream, UpstreamServer,
+    Config, Downstream, Limits, MetricsConfig, Routing, SharedConfig, TlsConfig, Upstream,
+    UpstreamServer,
 };
 pub use schema::{
     parse_yaml, CorsSection, DownstreamSection, FileConfig, KeyLimitsSection, KeySection,

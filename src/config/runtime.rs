@@ -107,6 +107,19 @@ pub struct Config {
     pub state_dir: Option<std::path::PathBuf>,
     pub ledger_flush_interval: std::time::Duration,
     pub logging: LoggingSection,
+    /// The shared store of several edges; `None`: this edge alone.
+    pub shared: Option<SharedConfig>,
+}
+
+/// `state`, validated: present only with `state.redis`.
+#[derive(Debug, Clone)]
+pub struct SharedConfig {
+    pub url: super::Secret,
+    pub on_error: crate::policy::limits::OnStoreError,
+    pub expected_edges: u32,
+    pub timeout: std::time::Duration,
+    pub lease_ttl: std::time::Duration,
+    pub prefix: String,
 }
 
 /// The optional TLS listener (rustls; HTTP/2 over ALPN when `http2`).

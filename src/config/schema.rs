@@ -34,6 +34,43 @@ pub struct FileConfig {
     /// Where the usage ledger lives (`usage.sqlite3`); none: in memory only.
     pub state_dir: Option<std::path::PathBuf>,
     pub ledger: LedgerSection,
+    /// The optional shared state of several edges (Redis / Valkey).
+    pub state: StateSection,
+}
+
+/// What several edges share through Redis or Valkey: per-key limits, token
+/// budgets and quotas, upstream slots. Without `redis`, nothing is shared.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSection {
+    /// `redis://[user:password@]host:port/db` or `rediss://` (TLS).
+    pub redis: Option<Secret>,
+    /// When the store cannot answer: `local` (each edge's own limits
+    /// divided by `expected_edges`) or `deny` (503).
+    pub on_error: crate::policy::limits::OnStoreError,
+    pub expected_edges: u32,
+    /// The longest a request waits on the store before `on_error` applies.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a lease (a concurrent request, an upstream slot) outlives
+    /// the edge that holds it; renewed every third of it while in use.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Prefix of every key the edges write (several fleets on one store).
+    pub prefix: String,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            redis: None,
+            on_error: Default::default(),
+            expected_edges: 2,
+            timeout: Duration::from_millis(100),
+            lease_ttl: Duration::from_secs(30),
+            prefix: "llm-edge".into(),
+        }
+    }
 }
 
 /// The usage ledger's write-behind: aggregated in memory, written every
@@ -120,6 +157,7 @@ impl Default for FileConfig {
             routes: RoutesSection::default(),
             state_dir: None,
             ledger: LedgerSection::default(),
+            state: StateSection::default(),
             logging: LoggingSection::default(),
         }
     }
@@ -341,6 +379,11 @@ pub struct ServerSection {
     pub grace_period_seconds: u64,
     pub graceful_shutdown_timeout_seconds: u64,
     pub error_log: Option<String>,
+    /// On SIGTERM, how long `/health` answers 503 (`draining`) while the
+    /// edge still accepts, so a load balancer's health check takes it out
+    /// before it stops accepting. 0: stop accepting at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
 }
 
 impl Default for ServerSection {
@@ -352,6 +395,7 @@ impl Default for ServerSection {
             grace_period_seconds: 120,
             graceful_shutdown_timeout_seconds: 5,
             error_log: None,
+            drain_delay: Duration::ZERO,
         }
     }
 }

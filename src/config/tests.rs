@@ -446,3 +446,86 @@ fn systemds_state_directory_is_the_ledgers_unless_the_file_says_otherwise() {
     let e = load_str("ledger:\n  flush_interval: 1h\n").unwrap_err();
     assert_eq!(e.path, "ledger.flush_interval");
 }
+
+#[test]
+fn the_shared_store_is_optional_and_checked_with_its_path_named() {
+    assert!(load_str("").unwrap().shared.is_none());
+    let c = load_str("state:\n  redis: redis://:pw@10.0.0.5:6379/2\n").unwrap();
+    let s = c.shared.expect("shared");
+    assert_eq!(s.url.expose(), "redis://:pw@10.0.0.5:6379/2");
+    assert_eq!(s.on_error, crate::policy::limits::OnStoreError::Local);
+    assert_eq!(s.expected_edges, 2);
+    assert_eq!(s.timeout, Duration::from_millis(100));
+    assert!(
+        !format!("{s:?}").contains("pw"),
+        "the password never prints"
+    );
+    let c = load_str(
+        "state:\n  redis: rediss://valkey.internal:6380\n  on_error: deny\n  expected_edges: 3\n  timeout: 50ms\n  lease_ttl: 10s\n",
+    )
+    .unwrap();
+    let s = c.shared.unwrap();
+    assert_eq!(s.on_error, crate::policy::limits::OnStoreError::Deny);
+    assert_eq!(
+        (s.expected_edges, s.lease_ttl),
+        (3, Duration::from_secs(10))
+    );
+    for (yaml, path) in [
+        ("state:\n  redis: http://x:6379\n", "state.redis"),
+        (
+            "state:\n  redis: redis://h\n  expected_edges: 0\n",
+            "state.expected_edges",
+        ),
+        (
+            "state:\n  redis: redis://h\n  timeout: 30s\n",
+            "state.timeout",
+        ),
+        (
+            "state:\n  redis: redis://h\n  lease_ttl: 100ms\n",
+            "state.lease_ttl",
+        ),
+        ("state:\n  redis: redis://h\n  prefix: ''\n", "state.prefix"),
+        (
+            "state:\n  redis: redis://h\n  on_error: retry\n",
+            "state.on_error",
+        ),
+        ("state:\n  redis: redis://h\n  cluster: true\n", "state"),
+        ("server:\n  drain_delay: 1h\n", "server.drain_delay"),
+    ] {
+        let e = load_str(yaml).unwrap_err();
+        assert!(
+            e.path.starts_with(path),
+            "{yaml}: {} ({})",
+            e.path,
+            e.message
+        );
+    }
+}
+
+#[test]
+fn an_edges_share_of_the_limits_rounds_up_and_never_reaches_zero() {
+    use crate::policy::limits::KeyLimits;
+    use crate::policy::tokens::TokenLimits;
+    let l = KeyLimits {
+        requests_per_minute: Some(60),
+        max_concurrent: Some(3),
+        max_tokens: Some(500),
+        tokens: TokenLimits {
+            per_minute: Some(1001),
+            per_day: None,
+            per_month: Some(1),
+        },
+        ..KeyLimits::default()
+    };
+    let s = l.scaled(2);
+    assert_eq!(s.requests_per_minute, Some(30));
+    assert_eq!(s.max_concurrent, Some(2));
+    assert_eq!(
+        s.max_tokens,
+        Some(500),
+        "a per-request ceiling is not shared"
+    );
+    assert_eq!(s.tokens.per_minute, Some(501));
+    assert_eq!((s.tokens.per_day, s.tokens.per_month), (None, Some(1)));
+    assert_eq!(l.scaled(1), l);
+}

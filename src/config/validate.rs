@@ -11,8 +11,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::runtime::{Config, Downstream, Limits, MetricsConfig, TlsConfig};
-use super::schema::{CorsSection, FileConfig, MetricsSection, RoutesSection, TlsSection};
+use super::runtime::{Config, Downstream, Limits, MetricsConfig, SharedConfig, TlsConfig};
+use super::schema::{
+    CorsSection, FileConfig, MetricsSection, RoutesSection, StateSection, TlsSection,
+};
 use super::{err, ConfigError, Secret};
 use crate::policy::clients::{ClientPolicy, IpNet};
 use crate::policy::cors::CorsPolicy;
@@ -99,6 +101,12 @@ impl FileConfig {
             },
         };
         let server = self.server;
+        if server.drain_delay > Duration::from_secs(300) {
+            return Err(err(
+                "server.drain_delay",
+                "must be at most 5m: the edge stops only after it",
+            ));
+        }
         if server.threads == 0 {
             return Err(err("server.threads", "must be at least 1"));
         }
@@ -146,6 +154,7 @@ impl FileConfig {
                 "must be between 100ms and 5m: it is how much usage a crash may lose",
             ));
         }
+        let shared = validate_state(self.state)?;
         Ok(Config {
             listen,
             upstream,
@@ -163,8 +172,57 @@ impl FileConfig {
             state_dir,
             ledger_flush_interval,
             logging: self.logging,
+            shared,
         })
     }
+}
+
+fn validate_state(s: StateSection) -> Result<Option<SharedConfig>, ConfigError> {
+    let Some(url) = s.redis else {
+        return Ok(None);
+    };
+    let scheme = url.expose().split("://").next().unwrap_or_default();
+    if !matches!(scheme, "redis" | "rediss") || !url.expose().contains("://") {
+        return Err(err(
+            "state.redis",
+            "must be a redis:// or rediss:// URL (redis://[user:password@]host:port/db)",
+        ));
+    }
+    if redis::Client::open(url.expose()).is_err() {
+        return Err(err(
+            "state.redis",
+            "is not a valid Redis URL (redis://[user:password@]host:port/db)",
+        ));
+    }
+    if s.expected_edges == 0 || s.expected_edges > 1000 {
+        return Err(err("state.expected_edges", "must be between 1 and 1000"));
+    }
+    if s.timeout < Duration::from_millis(5) || s.timeout > Duration::from_secs(5) {
+        return Err(err(
+            "state.timeout",
+            "must be between 5ms and 5s: requests wait this long on a store that does not answer",
+        ));
+    }
+    if s.lease_ttl < Duration::from_secs(1) || s.lease_ttl > Duration::from_secs(600) {
+        return Err(err(
+            "state.lease_ttl",
+            "must be between 1s and 10m: it is how long a crashed edge's leases hold slots",
+        ));
+    }
+    if s.prefix.is_empty() || s.prefix.contains(char::is_whitespace) {
+        return Err(err(
+            "state.prefix",
+            "must be a non-empty word without spaces",
+        ));
+    }
+    Ok(Some(SharedConfig {
+        url,
+        on_error: s.on_error,
+        expected_edges: s.expected_edges,
+        timeout: s.timeout,
+        lease_ttl: s.lease_ttl,
+        prefix: s.prefix,
+    }))
 }
 
 fn validate_routes(r: RoutesSection, metrics: &MetricsConfig) -> Result<RouteTable, ConfigError> {

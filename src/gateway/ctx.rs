@@ -68,6 +68,11 @@ pub struct RequestCtx {
     /// For several generations (`n` > 1): the completion tokens reserved,
     /// charged in full (llama-server reports only the first one's usage).
     pub reserved_completion: Option<u64>,
+    /// With `state.redis`: its claim on its key's limits across all edges.
+    pub shared: Option<crate::shared::KeyAdmission>,
+    /// The store did not answer (`state.on_error: local`): its claim on
+    /// this edge's share of its key's limits instead.
+    pub fallback: Option<(LimitGuard, Option<TokenReservation>)>,
     /// Its key's limits for the rate-limit response headers.
     pub ratelimit: RateLimitState,
     /// Its cache-affinity key (model requests with several servers).
@@ -100,6 +105,8 @@ impl RequestCtx {
             accounting: Accounting::Off,
             in_flight: None,
             limit_guard: None,
+            shared: None,
+            fallback: None,
             lease: None,
             upstream: None,
             tried: Vec::new(),

@@ -226,6 +226,12 @@ impl GatewayProxy {
         if let Some(reservation) = ctx.tokens.take() {
             reservation.settle(prompt + completion, now);
         }
+        if let Some(shared) = ctx.shared.take() {
+            shared.settle(prompt + completion);
+        }
+        if let Some((_, Some(reservation))) = ctx.fallback.take() {
+            reservation.settle(prompt + completion, now);
+        }
         let (Some(key), Some(model)) = (ctx.key_id.as_deref(), ctx.model.as_deref()) else {
             return;
         };

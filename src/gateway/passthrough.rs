@@ -33,6 +33,7 @@ impl GatewayProxy {
             .into());
         }
         self.admit(ctx, key)?;
+        self.shared_admit(ctx, key, 0).await?;
         let (body, reservation) = self.read_body(session, ctx, key).await?;
         let req = session.req_header();
         let path = req.uri.path();

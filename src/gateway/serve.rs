@@ -11,12 +11,13 @@ use super::ctx::{DisconnectPhase, RequestCtx};
 use super::respond::write_response;
 use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
-use crate::labels::AuthFailure;
+use crate::labels::{AuthFailure, LimitReason, StoreFallback};
 use crate::metrics::app as metrics_app;
 use crate::metrics::KEY_INVALID;
 use crate::openai::{body, prefix};
 use crate::policy::auth::ApiKey;
 use crate::policy::budget::Reservation;
+use crate::policy::limits::OnStoreError;
 use crate::policy::ratelimit::Window;
 use crate::policy::routes::Route;
 use crate::policy::{headers, hygiene, limits, tokens};
@@ -74,7 +75,8 @@ impl GatewayProxy {
         ctx.route = Some(route.clone());
         match route {
             Route::Health => {
-                self.respond_json(session, ctx, 200, json!({"status": "ok"}).to_string())
+                let (status, body) = self.health();
+                self.respond_json(session, ctx, status, body.to_string())
                     .await?;
                 return Ok(());
             }
@@ -119,6 +121,25 @@ impl GatewayProxy {
         }
     }
 
+    /// `/health`: 503 `draining` once a stop began (load balancers take
+    /// the edge out), 200 `degraded` while the shared store is away (the
+    /// edge serves under `state.on_error`), else 200 `ok`.
+    fn health(&self) -> (u16, serde_json::Value) {
+        if self
+            .state
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return (503, json!({"status": "draining"}));
+        }
+        match &self.state.shared {
+            Some(store) if !store.is_up() => {
+                (200, json!({"status": "degraded", "store": "unreachable"}))
+            }
+            _ => (200, json!({"status": "ok"})),
+        }
+    }
+
     /// The key the request presents. A valid key is never throttled by
     /// others' failures from the same address (a NAT, an office): only
     /// requests whose key fails count towards, and are refused by, the
@@ -158,6 +179,83 @@ impl GatewayProxy {
         ctx.ratelimit.requests = self.state.limiter.request_window(&key.id, now);
         self.note_tokens_window(ctx, key);
         ctx.limit_guard = Some(admitted.map_err(|refusal| refusal_error(ctx, refusal))?);
+        Ok(())
+    }
+
+    /// With `state.redis`: the key's limits across every edge, in one
+    /// round trip (after this edge's own checks, which no request over the
+    /// fleet's limits can pass either). A store that does not answer
+    /// leaves the decision to `state.on_error`.
+    pub(super) async fn shared_admit(
+        &self,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+        tokens: u64,
+    ) -> Result<(), GatewayError> {
+        let (Some(store), Some(fallback)) = (&self.state.shared, &self.state.fallback) else {
+            return Ok(());
+        };
+        let Some(limits) = fallback.fleet.get(&key.id).copied() else {
+            return Ok(());
+        };
+        if limits.requests_per_minute.is_none()
+            && limits.max_concurrent.is_none()
+            && limits.tokens.is_empty()
+        {
+            return Ok(());
+        }
+        let now = tokens::now_ms();
+        match store.admit_key(&key.id, &limits, tokens, now).await {
+            Ok(Ok(admission)) => {
+                if let Some(window) = admission.request_window() {
+                    ctx.ratelimit.requests = Some(window);
+                }
+                ctx.shared = Some(admission);
+                Ok(())
+            }
+            Ok(Err(refusal)) => Err(refusal_error(ctx, refusal).into()),
+            Err(down) => {
+                log::debug!("shared store: {}; state.on_error applies", down.0);
+                self.store_fallback(ctx, key, tokens, now)
+            }
+        }
+    }
+
+    fn store_fallback(
+        &self,
+        ctx: &mut RequestCtx,
+        key: &ApiKey,
+        tokens: u64,
+        now_ms: u64,
+    ) -> Result<(), GatewayError> {
+        let metrics = &self.state.metrics;
+        let (Some(fallback), Some(OnStoreError::Local)) = (
+            &self.state.fallback,
+            self.state.shared.as_ref().map(|s| s.on_error()),
+        ) else {
+            metrics.store_fallback(StoreFallback::Deny);
+            ctx.limited = Some(LimitReason::StoreUnavailable);
+            return Err(ApiError::Overloaded(
+                    "the gateways' shared state store is unreachable and this gateway is configured to refuse requests meanwhile (state.on_error: deny); retry shortly".into(),
+                )
+                .into());
+        };
+        metrics.store_fallback(StoreFallback::Local);
+        let guard = fallback
+            .limiter
+            .admit(&key.id, std::time::Instant::now())
+            .map_err(|refusal| refusal_error(ctx, refusal))?;
+        let reservation = if tokens > 0 {
+            Some(
+                fallback
+                    .tokens
+                    .reserve(&key.id, tokens, now_ms)
+                    .map_err(|refusal| refusal_error(ctx, refusal))?,
+            )
+        } else {
+            None
+        };
+        ctx.fallback = Some((guard, reservation));
         Ok(())
     }
 
@@ -257,6 +355,8 @@ impl GatewayProxy {
             None => None,
         };
         let max_tokens = self.reserve_tokens(ctx, key, api_route, &info, body.len(), max_tokens)?;
+        let reserved = ctx.tokens.as_ref().map_or(0, |t| t.tokens());
+        self.shared_admit(ctx, key, reserved).await?;
         let rewrite = body::Rewrite {
             upstream_model: &route.upstream_name,
             max_tokens,

@@ -8,7 +8,9 @@
 //! interval. Without `state_dir` the rows stay in memory for the process's
 //! life. After every flush the ledger tells the token budget what other
 //! processes sharing the file (the other side of a zero-downtime hand-over)
-//! used today and this month, and at start-up what was used before.
+//! used today and this month, and at start-up what was used before. With
+//! `state.redis` it also keeps what it recorded since the last flush for the
+//! fleet's ledger in the store ([`Ledger::take_fleet_rows`]).
 //!
 //! Owns the ledger's rows and their storage; must not import the gateway,
 //! upstream or metrics modules.
@@ -111,6 +113,9 @@ pub struct Ledger {
     /// from the file's totals to see what other processes used.
     own: Mutex<HashMap<String, OwnTotals>>,
     budget: Arc<TokenBudget>,
+    /// With a shared store (`state.redis`): what is not yet added to the
+    /// fleet's ledger there ([`Ledger::take_fleet_rows`]).
+    fleet: Option<Mutex<Aggregate>>,
 }
 
 enum Backing {
@@ -171,6 +176,7 @@ impl Ledger {
             backing,
             own: Mutex::new(HashMap::new()),
             budget,
+            fleet: None,
         };
         ledger.sync_quotas(tokens::now_ms())?;
         ledger.backing.close();
@@ -184,10 +190,38 @@ impl Ledger {
         }
     }
 
+    /// Keeps what this edge records for the fleet's ledger too (with
+    /// `state.redis`); call before serving.
+    pub fn share_with_fleet(&mut self) {
+        self.fleet = Some(Mutex::new(HashMap::new()));
+    }
+
     /// Adds one request's counts (the request path: memory only).
     pub fn record(&self, key: &str, model: &str, now_ms: u64, counts: &Counts) {
         let hour = now_ms / 3_600_000;
         add_to(&mut lock(&self.pending), key, model, hour, counts);
+        if let Some(fleet) = &self.fleet {
+            add_to(&mut lock(fleet), key, model, hour, counts);
+        }
+    }
+
+    /// The hourly rows recorded since the last call, for the fleet's
+    /// ledger; give them back with [`Ledger::restore_fleet_rows`] when
+    /// they could not be written.
+    pub fn take_fleet_rows(&self) -> Vec<Row> {
+        self.fleet
+            .as_ref()
+            .map(|f| rows_of(&std::mem::take(&mut *lock(f))))
+            .unwrap_or_default()
+    }
+
+    pub fn restore_fleet_rows(&self, rows: &[Row]) {
+        if let Some(fleet) = &self.fleet {
+            let mut f = lock(fleet);
+            for r in rows {
+                add_to(&mut f, &r.key, &r.model, r.hour, &r.counts);
+            }
+        }
     }
 
     /// Writes what is pending; then refreshes the quotas from the file.

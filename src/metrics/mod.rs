@@ -21,7 +21,8 @@ use prometheus::{
 };
 
 use crate::labels::{
-    AuthFailure, DisconnectPhase, LimitReason, PromptTokenKind, RoutingOutcome, UpstreamErrorKind,
+    AuthFailure, DisconnectPhase, LimitReason, PromptTokenKind, RoutingOutcome, StoreFallback,
+    StoreOp, UpstreamErrorKind,
 };
 use crate::openai::sse::ResponseStats;
 
@@ -95,6 +96,9 @@ pub struct Metrics {
     upstream_in_flight: IntGaugeVec,
     queue_wait: Histogram,
     quota_used: prometheus::GaugeVec,
+    store_errors: IntCounterVec,
+    store_fallbacks: IntCounterVec,
+    store_up: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -239,6 +243,9 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("register gauge");
                 g
             },
+            store_errors: counter(r, "llm_edge_store_errors_total", &format!("Failed or timed-out calls to the shared store (state.redis), by operation ({})", StoreOp::list()), &["op"]),
+            store_fallbacks: counter(r, "llm_edge_store_fallbacks_total", &format!("Requests decided without the shared store, by state.on_error ({})", StoreFallback::list()), &["policy"]),
+            store_up: IntGauge::new("llm_edge_store_up", "1 when the shared store (state.redis) answers, 0 when it does not; absent without state.redis").expect("gauge"),
             registry,
         };
         // Every series of a known upstream exists from the start, at 0, so
@@ -272,6 +279,31 @@ impl Metrics {
         }
         metrics.create_series_at_zero();
         metrics
+    }
+
+    /// Registers the shared store's series (only with `state.redis`), at 0.
+    pub fn enable_store(&self) {
+        let _ = self.registry.register(Box::new(self.store_up.clone()));
+        for op in StoreOp::ALL {
+            self.store_errors.with_label_values(&[op.as_str()]);
+        }
+        for policy in StoreFallback::ALL {
+            self.store_fallbacks.with_label_values(&[policy.as_str()]);
+        }
+    }
+
+    pub fn store_error(&self, op: StoreOp) {
+        self.store_errors.with_label_values(&[op.as_str()]).inc();
+    }
+
+    pub fn store_fallback(&self, policy: StoreFallback) {
+        self.store_fallbacks
+            .with_label_values(&[policy.as_str()])
+            .inc();
+    }
+
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 
     /// `used / quota` of one key's quota (`period`: day or month).

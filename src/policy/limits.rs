@@ -28,6 +28,37 @@ pub enum OverMaxTokens {
     Reject,
 }
 
+/// What an edge does when the shared store (`state.redis`) cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Enforce this edge's own limits, each divided by `state.expected_edges`.
+    #[default]
+    Local,
+    /// Refuse with 503 until the store answers again.
+    Deny,
+}
+
+impl KeyLimits {
+    /// This edge's share of fleet-wide limits when `edges` edges share them
+    /// and the store is away: each count divided, rounded up, at least 1.
+    pub fn scaled(&self, edges: u32) -> KeyLimits {
+        let edges = edges.max(1);
+        let div32 = |n: u32| n.div_ceil(edges).max(1);
+        let div64 = |n: u64| n.div_ceil(u64::from(edges)).max(1);
+        KeyLimits {
+            requests_per_minute: self.requests_per_minute.map(div32),
+            max_concurrent: self.max_concurrent.map(div32),
+            tokens: TokenLimits {
+                per_minute: self.tokens.per_minute.map(div64),
+                per_day: self.tokens.per_day.map(div64),
+                per_month: self.tokens.per_month.map(div64),
+            },
+            ..*self
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeyLimits {
     pub requests_per_minute: Option<u32>,

@@ -51,7 +51,7 @@ pub fn month_of(ms: u64) -> (u64, u64) {
 }
 
 /// The first day (days since the epoch) of the month after `month`.
-fn next_month_start(month: u64) -> u64 {
+pub fn next_month_start(month: u64) -> u64 {
     let next = month + 1;
     days_from_civil((next / 12) as i64, (next % 12 + 1) as u32, 1) as u64
 }

@@ -19,6 +19,9 @@ pub enum Denied {
     QueueFull,
     /// Waited `queue_timeout` without a slot.
     Timeout,
+    /// The shared store (`state.redis`) did not answer and
+    /// `state.on_error` is `deny`.
+    StoreUnavailable,
 }
 
 #[derive(Debug, Default)]

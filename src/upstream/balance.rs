@@ -32,6 +32,9 @@ use prometheus::IntGauge;
 use crate::config::{self, UpstreamServer};
 use crate::metrics::Metrics;
 use crate::openai::prefix::Affinity;
+use crate::policy::limits::OnStoreError;
+use crate::shared::decide::{local_slots, slot_backoff};
+use crate::shared::{SharedState, SlotLease};
 use crate::upstream::admission::{Denied, SlotPermit, SlotQueue};
 use crate::upstream::affinity::{self, Choice};
 use crate::upstream::client::{HealthReport, UpstreamClient};
@@ -96,6 +99,9 @@ pub struct Member {
     /// Requests assigned to it and not finished, queued ones included.
     assigned: AtomicUsize,
     health: AtomicU8,
+    /// Requests holding one of this edge's share of the slots while the
+    /// shared store is away.
+    local_share: Arc<AtomicUsize>,
     /// `llm_edge_upstream_up` for this server, kept in step with `health`.
     up: IntGauge,
     /// Why it was last marked down or loading, for the all-down message.
@@ -157,6 +163,8 @@ pub struct UpstreamSet {
     cfg: config::Upstream,
     /// Rotates the starting point among equally loaded servers.
     next: AtomicUsize,
+    /// With `state.redis`: slots are leased across all edges too.
+    shared: std::sync::OnceLock<Arc<SharedState>>,
 }
 
 /// A request's claim on one server: counted as assigned to it (and holding
@@ -167,6 +175,24 @@ pub struct Lease {
     slot: Option<SlotPermit>,
     /// How cache-affinity routing chose it (`None`: least load).
     pub choice: Option<Choice>,
+    /// With `state.redis`: the same slot, leased across all edges.
+    shared_slot: Option<SharedSlot>,
+}
+
+/// A slot across edges: a lease in the store, or, while the store is away
+/// (`state.on_error: local`), one of this edge's share of the slots.
+#[derive(Debug)]
+enum SharedSlot {
+    Leased(#[allow(dead_code)] SlotLease),
+    LocalShare(Arc<AtomicUsize>),
+}
+
+impl Drop for SharedSlot {
+    fn drop(&mut self) {
+        if let SharedSlot::LocalShare(count) = self {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl std::fmt::Debug for Lease {
@@ -240,6 +266,7 @@ impl UpstreamSet {
                 slots: (server.max_in_flight > 0)
                     .then(|| SlotQueue::new(server.max_in_flight, cfg.max_queued)),
                 assigned: AtomicUsize::new(0),
+                local_share: Arc::new(AtomicUsize::new(0)),
                 health: AtomicU8::new(Health::Unknown.as_u8()),
                 up: metrics.upstream_up_gauge(&server.name),
                 reason: std::sync::Mutex::new(String::new()),
@@ -252,7 +279,13 @@ impl UpstreamSet {
             members,
             cfg: cfg.clone(),
             next: AtomicUsize::new(0),
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shares every server's `max_in_flight` with the other edges.
+    pub fn share(&self, store: Arc<SharedState>) {
+        let _ = self.shared.set(store);
     }
 
     pub fn config(&self) -> &config::Upstream {
@@ -376,11 +409,59 @@ impl UpstreamSet {
     /// `queue_timeout`) for one of its slots when it has a limit.
     /// Cancel-safe: dropping the future leaves the queue.
     pub async fn lease(self: &Arc<Self>, index: usize, key: &str) -> Result<Lease, Denied> {
+        let started = tokio::time::Instant::now();
         let mut lease = self.assign(index);
         if let Some(slots) = &self.members[index].slots {
             lease.slot = Some(slots.acquire(key, self.cfg.queue_timeout).await?);
+            if let Some(store) = self.shared.get() {
+                let deadline = started + self.cfg.queue_timeout;
+                lease.shared_slot = self.shared_slot(store, index, deadline).await?;
+            }
         }
         Ok(lease)
+    }
+
+    /// With this edge's slot in hand (the local queue kept the order fair
+    /// across keys), the same slot across every edge: tried again with a
+    /// short back-off while other edges hold them all, until `deadline`.
+    /// While the store is away (`state.on_error: local`), one of this
+    /// edge's share of the slots instead.
+    async fn shared_slot(
+        &self,
+        store: &Arc<SharedState>,
+        index: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<SharedSlot>, Denied> {
+        let member = &self.members[index];
+        let server = member.server();
+        let mut attempt = 0;
+        loop {
+            match store.acquire_slot(&server.name, server.max_in_flight).await {
+                Ok(Some(lease)) => return Ok(Some(SharedSlot::Leased(lease))),
+                Ok(None) => {}
+                Err(_) => match store.on_error() {
+                    OnStoreError::Deny => return Err(Denied::StoreUnavailable),
+                    OnStoreError::Local => {
+                        let share =
+                            local_slots(server.max_in_flight, store.config().expected_edges);
+                        let taken = member.local_share.fetch_update(
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                            |n| (n < share).then_some(n + 1),
+                        );
+                        if taken.is_ok() {
+                            return Ok(Some(SharedSlot::LocalShare(member.local_share.clone())));
+                        }
+                    }
+                },
+            }
+            let wait = slot_backoff(attempt);
+            attempt += 1;
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(Denied::Timeout);
+            }
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Counts a request as assigned to server `index`, without a slot
@@ -392,6 +473,7 @@ impl UpstreamSet {
             index,
             slot: None,
             choice: None,
+            shared_slot: None,
         }
     }
 

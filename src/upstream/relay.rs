@@ -369,6 +369,10 @@ fn busy(set: &UpstreamSet, index: usize, denied: Denied) -> NotOpened {
                 humantime::format_duration(cfg.queue_timeout)
             ),
         ),
+        Denied::StoreUnavailable => (
+            LimitReason::StoreUnavailable,
+            "the gateways' shared state store is unreachable and this gateway is configured to refuse requests meanwhile (state.on_error: deny); retry shortly".to_string(),
+        ),
     };
     NotOpened {
         upstream: Some(index),

@@ -228,14 +228,17 @@ class LlamaServer:
 class Gateway:
     """The real llm-edge binary in front of a llama-server."""
 
-    def __init__(self, llama_url, tmp_dir, upstream_extra=None, env=None, extra_models="", extra_keys="", servers=None):
+    def __init__(self, llama_url, tmp_dir, upstream_extra=None, env=None, extra_models="", extra_keys="",
+                 servers=None, extra_top=""):
         """`extra_models` / `extra_keys`: YAML list items appended to `models:` / `keys:`;
-        `servers`: [(name, url)] for `upstream.servers` instead of `llama_url`."""
+        `servers`: [(name, url)] for `upstream.servers` instead of `llama_url`;
+        `extra_top`: top-level sections (e.g. `state:`)."""
         binary = os.environ.get("LLM_EDGE_BIN") or os.path.join(REPO, "target", "debug", "llm-edge")
         if not os.path.exists(binary):
             pytest.fail(f"{binary} is missing: run `cargo build --bins` (scripts/test.sh does)")
         os.makedirs(tmp_dir, exist_ok=True)
         self.port, self.metrics_port = free_port(), free_port()
+        self.config = os.path.join(tmp_dir, "llm-edge.yaml")
         upstream = {"api_key": UPSTREAM_KEY, **(upstream_extra or {})}
         if not servers:
             upstream = {"url": llama_url, **upstream}
@@ -254,7 +257,7 @@ models:
 {extra_models}keys:
   - id: alice
     sha256: {sha256(CLIENT_KEY)}
-{extra_keys}metrics:
+{extra_keys}{extra_top}metrics:
   listen: 127.0.0.1:{self.metrics_port}
 server:
   threads: 2
