@@ -18,6 +18,7 @@ from real_llama import (
     http,
     metric,
     reply,  # noqa: F401 (fixture)
+    wait_until,
 )
 
 
@@ -71,17 +72,25 @@ def test_the_second_turn_is_served_from_the_first_turns_cache(affinity_gateway, 
 
     # The access log names each turn's server and its reuse: the two turns
     # of every conversation went to one server.
-    lines = [ln for ln in gw.log().splitlines() if '"POST /v1/chat/completions"' in ln]
-    assert len(lines) == 8, gw.log()
+    # (each line is written just after its response: wait for the last one)
+    def access_lines():
+        found = [ln for ln in gw.log().splitlines() if '"POST /v1/chat/completions"' in ln]
+        return found if len(found) == 8 else None
+
+    lines = wait_until(access_lines, 10, interval=0.05, what="eight access-log lines")
     servers = [re.search(r" upstream=(\w+)", ln).group(1) for ln in lines]
     cached = [int(re.search(r" cached=(\d+)", ln).group(1)) for ln in lines]
     assert servers[:4] == servers[4:], servers
     assert set(servers[:4]) == {"a", "b"}, f"new conversations spread over both servers: {servers}"
     assert all(c > 0 for c in cached[4:]), cached
 
-    samples = gw.metrics()
+    # (totals are recorded just after each access-log line)
+    def recorded():
+        m = gw.metrics()
+        return m if metric(m, "llm_edge_upstream_prompt_tokens_total", kind="cached") == sum(cached) else None
+
+    samples = wait_until(recorded, 10, interval=0.05, what="the cached prompt tokens in the metrics")
     assert metric(samples, "llm_edge_routing_total", outcome="hit") == 4
-    assert metric(samples, "llm_edge_upstream_prompt_tokens_total", kind="cached") == sum(cached)
     predicted = metric(samples, "llm_edge_upstream_prompt_tokens_total", kind="predicted_cached")
     assert predicted > 0
     print(f"servers {servers}, cached {cached}, predicted {predicted:.0f}")
