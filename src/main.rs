@@ -59,12 +59,11 @@ fn gen_key(id: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!("# The new API key. Give it to the client; llm-edge stores only its hash:");
-    println!("{key}");
-    println!("# Add this under `keys:` in the config, then reload (systemctl reload llm-edge):");
-    println!("  - id: {id}");
-    println!("    sha256: {}", llm_edge::policy::auth::digest_hex(&key));
-    ExitCode::SUCCESS
+    let text = format!(
+        "# The new API key. Give it to the client; llm-edge stores only its hash:\n{key}\n# Add this under `keys:` in the config, then reload (systemctl reload llm-edge):\n  - id: {id}\n    sha256: {}\n",
+        llm_edge::policy::auth::digest_hex(&key)
+    );
+    print_out(&text)
 }
 
 fn hash_key() -> ExitCode {
@@ -88,6 +87,20 @@ fn hash_key() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    println!("{}", llm_edge::policy::auth::digest_hex(key));
-    ExitCode::SUCCESS
+    print_out(&format!("{}\n", llm_edge::policy::auth::digest_hex(key)))
+}
+
+/// Writes to stdout; a reader that went away (`gen-key | head -2`) ends
+/// the command quietly instead of a panic.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llm-edge: cannot write the output: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -332,3 +332,19 @@ async fn without_keys_every_v1_request_is_refused_with_a_reason() {
         .contains("no API keys configured"));
     assert!(gw.log().contains("no API keys are configured"));
 }
+
+/// `llm-edge gen-key | head -1`: a reader that leaves early is no panic.
+#[test]
+fn gen_key_into_a_closed_pipe_ends_quietly() {
+    let mut child = llm_edge()
+        .arg("gen-key")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
