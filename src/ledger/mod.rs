@@ -75,11 +75,15 @@ fn add_to(agg: &mut Aggregate, key: &str, model: &str, hour: u64, counts: &Count
     if !agg.contains_key(key) {
         agg.insert(key.to_string(), HashMap::new());
     }
-    let models = agg.get_mut(key).expect("inserted above");
+    let Some(models) = agg.get_mut(key) else {
+        return;
+    };
     if !models.contains_key(model) {
         models.insert(model.to_string(), HashMap::new());
     }
-    let hours = models.get_mut(model).expect("inserted above");
+    let Some(hours) = models.get_mut(model) else {
+        return;
+    };
     hours.entry(hour).or_default().add(counts);
 }
 
@@ -143,7 +147,7 @@ impl Backing {
                 Err(e) => return Some(Err(e)),
             }
         }
-        Some(f(store.as_mut().expect("opened above")))
+        store.as_mut().map(f)
     }
 
     fn close(&self) {
