@@ -39,18 +39,26 @@ fn token_ok(expected: Option<&str>, authorization: Option<&[u8]>) -> bool {
     presented.len() == expected.len() && bool::from(presented.ct_eq(expected.as_bytes()))
 }
 
-/// Status and body of one scrape (also used on the public listener when configured).
-pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16, Vec<u8>) {
-    let metrics = &state.metrics;
-    if !token_ok(
+/// The metrics token, when one is configured: the 401 otherwise.
+fn authorize(state: &GatewayState, authorization: Option<&[u8]>) -> Result<(), (u16, Vec<u8>)> {
+    if token_ok(
         state.cfg.metrics.bearer_token.as_ref().map(Secret::expose),
         authorization,
     ) {
-        let err = ApiError::InvalidKey(
-            "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
-                .into(),
-        );
-        return (401, err.body(None).to_vec());
+        return Ok(());
+    }
+    let err = ApiError::InvalidKey(
+        "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
+            .into(),
+    );
+    Err((401, err.body(None).to_vec()))
+}
+
+/// Status and body of one scrape (also used on the public listener when configured).
+pub async fn scrape(state: &GatewayState, authorization: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let metrics = &state.metrics;
+    if let Err(refused) = authorize(state, authorization) {
+        return refused;
     }
     let set = &state.upstream;
     if set.is_single() {
@@ -75,15 +83,8 @@ pub const USAGE_PATH: &str = "/usage";
 /// `GET /usage?since=7d&key=alice&by=model`: the ledger's rows from
 /// `since` ago (default 24h), grouped, with each limited key's quota use.
 pub fn usage(state: &GatewayState, authorization: Option<&[u8]>, query: &str) -> (u16, Vec<u8>) {
-    if !token_ok(
-        state.cfg.metrics.bearer_token.as_ref().map(Secret::expose),
-        authorization,
-    ) {
-        let err = ApiError::InvalidKey(
-            "missing or wrong metrics token: send 'Authorization: Bearer <metrics.bearer_token>'"
-                .into(),
-        );
-        return (401, err.body(None).to_vec());
+    if let Err(refused) = authorize(state, authorization) {
+        return refused;
     }
     let (mut since, mut key, mut by) = ("24h".to_string(), None, GroupBy::Key);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
