@@ -299,3 +299,31 @@ async fn several_generations_are_charged_for_all_of_them() {
     })
     .await;
 }
+
+/// A client that leaves before any answer (a non-streamed answer's header
+/// comes last) is charged its prompt: llama-server may have worked on it.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_charged_its_prompt() {
+    let (_mock, gw) = setup(&carol("      tokens_per_day: 100000\n")).await;
+    let b = body(10);
+    let gone = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(CAROL)
+        .header("x-mock-first-token-delay-ms", "3000")
+        .header("x-mock-delay-ms", "300")
+        .timeout(std::time::Duration::from_millis(300))
+        .body(b.clone())
+        .send()
+        .await;
+    assert!(gone.is_err(), "it was answered: {gone:?}");
+    let estimate = (b.len() as u64).div_ceil(3);
+    eventually_async("the prompt is charged", async || {
+        let doc = usage(&gw, "key=carol").await;
+        doc["total"]["cancelled"] == 1 && doc["total"]["prompt_tokens"] == estimate
+    })
+    .await;
+    assert_eq!(
+        usage(&gw, "key=carol").await["total"]["completion_tokens"],
+        0
+    );
+}

@@ -204,8 +204,9 @@ impl ProxyHttp for GatewayProxy {
 impl GatewayProxy {
     /// Replaces the request's token reservation with what it used, and adds
     /// it to the usage ledger. A stream cut before its usage arrived is
-    /// charged its prompt estimate plus the tokens it streamed; a request
-    /// that got no answer from a server, nothing; several generations (`n`),
+    /// charged its prompt estimate plus the tokens it streamed, one whose
+    /// client left before any answer its prompt estimate; a request refused
+    /// or failed before a server answered, nothing; several generations (`n`),
     /// at least what was reserved for them.
     fn settle_usage(&self, ctx: &mut RequestCtx, status: u16, stats: Option<&ResponseStats>) {
         let now = tokens::now_ms();
@@ -218,6 +219,11 @@ impl GatewayProxy {
             counts.prompt
         };
         let (prompt, completion) = match (ctx.upstream_status, ctx.reserved_completion) {
+            // Left before any answer: llama-server may have been working on
+            // the prompt (a non-streamed answer's header comes last), so the
+            // prompt is charged; a request that never left the gateway pays
+            // it too, the safe side of a budget.
+            (None, _) if ctx.disconnect.is_some() => (ctx.prompt_estimate, 0),
             (None, _) => (0, 0),
             // Several generations: llama-server's usage is the first one's.
             (Some(s), Some(reserved)) if s < 400 => (prompt, counts.completion.max(reserved)),
