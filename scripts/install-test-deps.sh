@@ -26,6 +26,7 @@ command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
 # tests/shared.rs: the store several edges share, and a load balancer in front
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || apt_packages+=(haproxy)
+command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)   # tests/shared.rs: a TLS store
 # packaging tests (tests/python/test_package.py): dpkg-deb's objdump, a Debian root
 # booted with systemd-nspawn, podman (with runc) for the container image
 command -v objdump >/dev/null 2>&1 || apt_packages+=(binutils)

@@ -69,15 +69,19 @@ label_enum! {
 }
 
 label_enum! {
-    /// `llm_edge_store_errors_total{op}`: what the edge asked the shared
-    /// store (`state.redis`) when it failed or did not answer in time.
+    /// `llm_edge_store_calls_total{op}` and `llm_edge_store_errors_total{op}`:
+    /// what the edge asked the shared store (`state.redis`), one round trip each.
     StoreOp {
-        /// Per-key limits and the token reservation of one request.
+        /// Per-key limits and the token reservation of one request, with
+        /// the lease of an upstream slot pipelined when it needs one.
         Admit => "admit",
         /// Settling a request's tokens and ending its lease.
         Settle => "settle",
-        /// An upstream slot lease.
+        /// An upstream slot lease on its own: a request without key limits,
+        /// or one waiting while other edges hold every slot.
         Slot => "slot",
+        /// Giving an upstream slot back.
+        Release => "release",
         /// Renewing the leases of requests in flight.
         Renew => "renew",
         /// The periodic check that tells `/health` the store is back.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mock_llama::{MockLlama, MockOptions};
 use support::gateway::{free_port, sha256_hex, Gateway};
-use support::http::{client, eventually_async, eventually_within, metric};
+use support::http::{client, eventually, eventually_async, eventually_within, metric};
 
 const CAROL: &str = "sk-carol-0123456789abcdef0123456789";
 const DAVE: &str = "sk-dave-0123456789abcdef01234567890";
@@ -95,6 +95,20 @@ impl Redis {
             r.read_line(&mut line).unwrap();
         }
         line.trim().trim_start_matches(':').parse().unwrap()
+    }
+
+    /// A command that answers `+OK`.
+    fn ok(&self, words: &[&str]) {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut out = format!("*{}\r\n", words.len());
+        for w in words {
+            out.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+        s.write_all(out.as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "+OK", "{words:?}");
     }
 
     fn zcard(&self, key: &str) -> i64 {
@@ -454,6 +468,210 @@ async fn a_two_slot_upstream_never_sees_more_than_two_in_flight_from_two_edges()
         redis.zcard(&slots_key(&mock)) == 0 && redis.zcard("llm-edge:{k:erin}:conc") == 0
     })
     .await;
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn key_limits_and_the_upstream_slot_cost_one_store_round_trip_per_request() {
+    let upstream = "  max_in_flight: 4\n  queue_timeout: 10s\n";
+    let (redis, mock, gws) = fleet(1, upstream, "", "").await;
+    let edge = &gws[0];
+    // erin has a concurrency limit and a day quota: every admission runs admit.lua.
+    let statuses = hammer(&edge.url(), ERIN, 20, 1, chat(3)).await;
+    assert_eq!(count(&statuses, 200), 20, "{statuses:?}");
+    // A store that forgot its scripts (restarted, SCRIPT FLUSH) gets them again.
+    redis.ok(&["SCRIPT", "FLUSH"]);
+    let statuses = hammer(&edge.url(), ERIN, 5, 1, chat(3)).await;
+    assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
+    // A slow one: its slot lease is in the store while it runs.
+    let url = edge.url();
+    let slow = tokio::spawn(async move {
+        client()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(ERIN)
+            .header("x-mock-delay-ms", "1500")
+            .body(chat(3))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    });
+    eventually("the slow request holds a fleet slot", || {
+        redis.zcard(&slots_key(&mock)) == 1
+    })
+    .await;
+    assert_eq!(slow.await.unwrap(), 200);
+    let scrape = edge.scrape().await;
+    let calls = |op: &str| {
+        metric(
+            &scrape,
+            "llm_edge_store_calls_total",
+            &[&format!("op=\"{op}\"")],
+        )
+    };
+    assert_eq!(
+        calls("admit"),
+        26.0,
+        "one admission round trip per request\n{scrape}"
+    );
+    assert_eq!(
+        metric(&scrape, "llm_edge_store_errors_total", &[]),
+        0.0,
+        "the store decided every request (none fell back to local limits)\n{scrape}"
+    );
+    assert_eq!(
+        calls("slot"),
+        0.0,
+        "no second round trip for the slot: it came with the admission\n{scrape}"
+    );
+    eventually_async("every slot released, off the request's path", async || {
+        let s = edge.scrape().await;
+        metric(&s, "llm_edge_store_calls_total", &["op=\"release\""]) == 26.0
+            && redis.zcard(&slots_key(&mock)) == 0
+    })
+    .await;
+}
+
+/// Writes a CA and a certificate for 127.0.0.1 signed by it into `dir`
+/// (openssl, as an operator would).
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=llm-edge test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "store.key",
+        "-out",
+        "store.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "store.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "store.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn a_tls_store_with_a_password_is_used_and_the_password_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let port = free_port();
+    let password = "store-password-7f3a9c";
+    let bin = which("redis-server").expect("redis-server");
+    let path = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let mut redis = Command::new(bin)
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            &path("store.pem"),
+            "--tls-key-file",
+            &path("store.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args([
+            "--requirepass",
+            password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mock = MockLlama::start(MockOptions::default()).await;
+    let state = format!("  redis: rediss://:{password}@127.0.0.1:{port}/0\n");
+    // The store's CA, trusted the way an operator would: SSL_CERT_FILE.
+    let edge = Gateway::start_with_env(
+        &edge_config(&mock, "  max_in_flight: 2\n", &state),
+        &[("SSL_CERT_FILE", &path("ca.pem"))],
+    );
+    // frank's day quota (2000 tokens): 10 × 300 reserved cannot all fit.
+    let statuses = hammer(&edge.url(), FRANK, 10, 1, chat(295)).await;
+    let scrape = edge.scrape().await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert_eq!(
+        metric(&scrape, "llm_edge_store_errors_total", &[]),
+        0.0,
+        "{scrape}\n{}",
+        edge.log()
+    );
+    assert_eq!(metric(&scrape, "llm_edge_store_up", &[]), 1.0);
+    assert!(
+        count(&statuses, 200) >= 1 && count(&statuses, 429) >= 1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        metric(&scrape, "llm_edge_store_calls_total", &["op=\"admit\""]),
+        count(&statuses, 200) as f64,
+        "the store admitted every request served\n{scrape}"
+    );
+    assert!(
+        !edge.log().contains(password),
+        "the store's password reached the log"
+    );
 }
 
 const STREAM_BODY: &str =

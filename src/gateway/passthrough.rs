@@ -33,7 +33,7 @@ impl GatewayProxy {
             .into());
         }
         self.admit(ctx, key)?;
-        self.shared_admit(ctx, key, 0).await?;
+        self.shared_admit(ctx, key, 0, None).await?;
         let (body, reservation) = self.read_body(session, ctx, key).await?;
         let req = session.req_header();
         let path = req.uri.path();
@@ -64,6 +64,8 @@ impl GatewayProxy {
             accounting: false,
             affinity: None,
         };
-        relay.forward(session, ctx, req, body, reservation).await
+        relay
+            .forward(session, ctx, req, body, reservation, None)
+            .await
     }
 }

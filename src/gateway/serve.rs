@@ -21,6 +21,8 @@ use crate::policy::limits::OnStoreError;
 use crate::policy::ratelimit::Window;
 use crate::policy::routes::Route;
 use crate::policy::{headers, hygiene, limits, tokens};
+use crate::shared::SlotLease;
+use crate::upstream::balance::FirstPick;
 use crate::upstream::relay::Relay;
 
 impl GatewayProxy {
@@ -184,39 +186,42 @@ impl GatewayProxy {
 
     /// With `state.redis`: the key's limits across every edge, in one
     /// round trip (after this edge's own checks, which no request over the
-    /// fleet's limits can pass either). A store that does not answer
-    /// leaves the decision to `state.on_error`.
+    /// fleet's limits can pass either), with the lease of `slot` (an
+    /// upstream's name and `max_in_flight`) pipelined in the same round
+    /// trip; the lease, when it was taken, is returned. A store that does
+    /// not answer leaves the decision to `state.on_error`.
     pub(super) async fn shared_admit(
         &self,
         ctx: &mut RequestCtx,
         key: &ApiKey,
         tokens: u64,
-    ) -> Result<(), GatewayError> {
+        slot: Option<(&str, usize)>,
+    ) -> Result<Option<SlotLease>, GatewayError> {
         let (Some(store), Some(fallback)) = (&self.state.shared, &self.state.fallback) else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(limits) = fallback.fleet.get(&key.id).copied() else {
-            return Ok(());
+            return Ok(None);
         };
         if limits.requests_per_minute.is_none()
             && limits.max_concurrent.is_none()
             && limits.tokens.is_empty()
         {
-            return Ok(());
+            return Ok(None);
         }
         let now = tokens::now_ms();
-        match store.admit_key(&key.id, &limits, tokens, now).await {
-            Ok(Ok(admission)) => {
+        match store.admit_key(&key.id, &limits, tokens, now, slot).await {
+            Ok((Ok(admission), slot)) => {
                 if let Some(window) = admission.request_window() {
                     ctx.ratelimit.requests = Some(window);
                 }
                 ctx.shared = Some(admission);
-                Ok(())
+                Ok(slot)
             }
-            Ok(Err(refusal)) => Err(refusal_error(ctx, refusal).into()),
+            Ok((Err(refusal), _)) => Err(refusal_error(ctx, refusal).into()),
             Err(down) => {
                 log::debug!("shared store: {}; state.on_error applies", down.0);
-                self.store_fallback(ctx, key, tokens, now)
+                self.store_fallback(ctx, key, tokens, now).map(|()| None)
             }
         }
     }
@@ -355,13 +360,6 @@ impl GatewayProxy {
             None => None,
         };
         let max_tokens = self.reserve_tokens(ctx, key, api_route, &info, body.len(), max_tokens)?;
-        let reserved = ctx.tokens.as_ref().map_or(0, |t| t.tokens());
-        self.shared_admit(ctx, key, reserved).await?;
-        let rewrite = body::Rewrite {
-            upstream_model: &route.upstream_name,
-            max_tokens,
-            insert_as: insert_as.unwrap_or(body::InsertAs::MaxTokens),
-        };
         // The affinity key comes from the body as the client sent it.
         let affinity = (api_route.generates() && !self.state.upstream.is_single())
             .then(|| {
@@ -372,6 +370,31 @@ impl GatewayProxy {
                 Box::new(prefix::derive(&body, &route.name, header))
             })
             .filter(|a| !a.is_empty());
+        // With a shared store, the server is chosen now, so that its slot
+        // across edges is leased in the key's admission round trip.
+        let upstream = &self.state.upstream;
+        let mut first = self.state.shared.as_ref().and_then(|_| {
+            let (index, choice) =
+                upstream.choose_for(&route.upstreams, &[], affinity.as_deref())?;
+            Some(FirstPick {
+                index,
+                choice,
+                slot: None,
+            })
+        });
+        let early = first
+            .as_ref()
+            .and_then(|pick| upstream.slot_to_lease_early(pick.index));
+        let reserved = ctx.tokens.as_ref().map_or(0, |t| t.tokens());
+        let slot = self.shared_admit(ctx, key, reserved, early).await?;
+        if let Some(pick) = first.as_mut() {
+            pick.slot = slot;
+        }
+        let rewrite = body::Rewrite {
+            upstream_model: &route.upstream_name,
+            max_tokens,
+            insert_as: insert_as.unwrap_or(body::InsertAs::MaxTokens),
+        };
         let body = body::rewrite(body, &info, &rewrite);
         let req = session.req_header();
         let req = headers::upstream_request(
@@ -396,7 +419,9 @@ impl GatewayProxy {
             accounting: !api_route.counts_tokens_only(),
             affinity: affinity.as_deref(),
         };
-        let result = relay.forward(session, ctx, req, body, reservation).await;
+        let result = relay
+            .forward(session, ctx, req, body, reservation, first)
+            .await;
         ctx.affinity = affinity;
         result
     }

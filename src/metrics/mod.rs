@@ -96,6 +96,7 @@ pub struct Metrics {
     upstream_in_flight: IntGaugeVec,
     queue_wait: Histogram,
     quota_used: prometheus::GaugeVec,
+    store_calls: IntCounterVec,
     store_errors: IntCounterVec,
     store_fallbacks: IntCounterVec,
     store_up: IntGauge,
@@ -243,6 +244,7 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("register gauge");
                 g
             },
+            store_calls: counter(r, "llm_edge_store_calls_total", &format!("Round trips to the shared store (state.redis), by operation ({}); on a request's path: admit (and slot while waiting for one held elsewhere)", StoreOp::list()), &["op"]),
             store_errors: counter(r, "llm_edge_store_errors_total", &format!("Failed or timed-out calls to the shared store (state.redis), by operation ({})", StoreOp::list()), &["op"]),
             store_fallbacks: counter(r, "llm_edge_store_fallbacks_total", &format!("Requests decided without the shared store, by state.on_error ({})", StoreFallback::list()), &["policy"]),
             store_up: IntGauge::new("llm_edge_store_up", "1 when the shared store (state.redis) answers, 0 when it does not; absent without state.redis").expect("gauge"),
@@ -285,11 +287,16 @@ impl Metrics {
     pub fn enable_store(&self) {
         let _ = self.registry.register(Box::new(self.store_up.clone()));
         for op in StoreOp::ALL {
+            self.store_calls.with_label_values(&[op.as_str()]);
             self.store_errors.with_label_values(&[op.as_str()]);
         }
         for policy in StoreFallback::ALL {
             self.store_fallbacks.with_label_values(&[policy.as_str()]);
         }
+    }
+
+    pub fn store_call(&self, op: StoreOp) {
+        self.store_calls.with_label_values(&[op.as_str()]).inc();
     }
 
     pub fn store_error(&self, op: StoreOp) {

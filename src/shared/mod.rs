@@ -5,9 +5,13 @@
 //! the leases of requests in flight and their renewal, and whether the
 //! store is answering (`/health`, `llm_edge_store_up`).
 //!
-//! One round trip per admitted request (`admit.lua`: concurrency, requests
-//! per minute, tokens per minute, day and month quotas together), one per
-//! upstream slot (`slot.lua`); settling and releasing happen after the
+//! One round trip per admitted request: `admit.lua` (concurrency, requests
+//! per minute, tokens per minute, day and month quotas together) pipelined
+//! with `slot.lua` (a lease on the upstream the request will most likely
+//! use) when that upstream has `max_in_flight`. Two scripts rather than one
+//! because a key's limits and an upstream's slots live under different hash
+//! tags (one cluster slot each). Only a request that finds every slot held
+//! asks again while it waits; settling and releasing happen after the
 //! response, off the request's path. A store that does not answer within
 //! `state.timeout` is marked down and skipped at once until the background
 //! check sees it again; what happens meanwhile is the caller's
@@ -152,6 +156,7 @@ impl SharedState {
             return Err(StoreDown("the store did not answer its last check".into()));
         }
         let conn = self.conn().await?;
+        self.metrics.store_call(op);
         let (result, outage) = match tokio::time::timeout(self.cfg.timeout, f(conn)).await {
             Ok(Ok(v)) => (Ok(v), false),
             // A script error is a bug, not an outage: only lost
@@ -211,43 +216,89 @@ impl SharedState {
 
     /// Checks and takes one request's per-key limits across every edge, in
     /// one round trip: a concurrent-request lease, one request of the
-    /// per-minute limit, and `tokens` of the token budget and quotas.
-    /// `Ok(Err(_))`: refused; `Err(_)`: the store did not decide.
+    /// per-minute limit, and `tokens` of the token budget and quotas. With
+    /// `slot` (an upstream's name and `max_in_flight`), a lease on one of
+    /// that upstream's slots is taken in the same round trip (pipelined);
+    /// `None` in the answer when every slot was held (or the key was
+    /// refused: that lease is given back at once).
+    /// `Ok((Err(_), _))`: refused; `Err(_)`: the store did not decide.
     pub async fn admit_key(
         self: &Arc<Self>,
         key_id: &str,
         limits: &KeyLimits,
         tokens: u64,
         now_ms: u64,
-    ) -> Result<Result<KeyAdmission, Refusal>, StoreDown> {
+        slot: Option<(&str, usize)>,
+    ) -> Result<(Result<KeyAdmission, Refusal>, Option<SlotLease>), StoreDown> {
         let names = key_names(&self.cfg.prefix, key_id, now_ms);
         let (n, member) = self.lease_id();
         let ttl = self.cfg.lease_ttl.as_millis() as u64;
         let t = &limits.tokens;
-        let reply: Vec<i64> = self
-            .call(StoreOp::Admit, |mut conn| {
-                let mut inv = self.admit.prepare_invoke();
-                inv.key(&names.rpm)
-                    .key(&names.concurrent)
-                    .key(&names.tpm)
-                    .key(&names.day)
-                    .key(&names.month)
-                    .arg(limits.requests_per_minute.unwrap_or(0))
-                    .arg(limits.max_concurrent.unwrap_or(0))
-                    .arg(&member)
-                    .arg(ttl)
-                    .arg(tokens);
-                token_args(&mut inv, t);
-                async move { inv.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let mut admit = self.admit.prepare_invoke();
+        admit
+            .key(&names.rpm)
+            .key(&names.concurrent)
+            .key(&names.tpm)
+            .key(&names.day)
+            .key(&names.month)
+            .arg(limits.requests_per_minute.unwrap_or(0))
+            .arg(limits.max_concurrent.unwrap_or(0))
+            .arg(&member)
+            .arg(ttl)
+            .arg(tokens);
+        token_args(&mut admit, t);
+        let (reply, slot) = match slot {
+            None => {
+                let reply: Vec<i64> = self
+                    .call(StoreOp::Admit, |mut conn| async move {
+                        admit.invoke_async(&mut conn).await
+                    })
+                    .await?;
+                (reply, None)
+            }
+            Some((name, max)) => {
+                let key = slot_key(&self.cfg.prefix, name);
+                let (slot_n, slot_member) = self.lease_id();
+                let mut take = self.slot.prepare_invoke();
+                take.key(&key).arg(max).arg(&slot_member).arg(ttl);
+                let (reply, taken): (Vec<i64>, i64) = self
+                    .call(StoreOp::Admit, |mut conn| async move {
+                        let mut pipe = redis::pipe();
+                        pipe.invoke_script(&admit).invoke_script(&take);
+                        match pipe.query_async(&mut conn).await {
+                            Err(e)
+                                if e.kind()
+                                    == redis::ErrorKind::Server(
+                                        redis::ServerErrorKind::NoScript,
+                                    ) =>
+                            {
+                                // A restarted or flushed store: load both
+                                // (slot first, so wherever admit.lua is
+                                // loaded slot.lua is too, and a retry never
+                                // takes the key's limits twice), then once more.
+                                redis::pipe()
+                                    .load_script(&self.slot)
+                                    .load_script(&self.admit)
+                                    .query_async::<()>(&mut conn)
+                                    .await?;
+                                pipe.query_async(&mut conn).await
+                            }
+                            other => other,
+                        }
+                    })
+                    .await?;
+                // Held from here on, so that a refusal below gives it back.
+                let lease = (taken == 1).then(|| self.slot_lease(slot_n, key, slot_member));
+                (reply, lease)
+            }
+        };
         match decide::verdict(&reply) {
             Some(Verdict::Admitted { requests_left, .. }) => {
                 let holds_lease = limits.max_concurrent.is_some();
                 if holds_lease {
                     self.hold(n, names.concurrent.clone(), member.clone());
                 }
-                Ok(Ok(KeyAdmission {
+                let admission = KeyAdmission {
                     store: Some(self.clone()),
                     lease: holds_lease.then_some(n),
                     member,
@@ -255,14 +306,26 @@ impl SharedState {
                     limits: *limits,
                     tokens,
                     requests_left,
-                }))
+                };
+                Ok((Ok(admission), slot))
             }
-            Some(Verdict::Refused(r)) => {
-                Ok(Err(decide::refusal(r, key_id, limits, tokens, now_ms)))
-            }
+            Some(Verdict::Refused(r)) => Ok((
+                Err(decide::refusal(r, key_id, limits, tokens, now_ms)),
+                None,
+            )),
             None => Err(StoreDown(format!(
                 "unexpected reply from admit.lua: {reply:?}"
             ))),
+        }
+    }
+
+    fn slot_lease(self: &Arc<Self>, n: u64, key: String, member: String) -> SlotLease {
+        self.hold(n, key.clone(), member.clone());
+        SlotLease {
+            store: self.clone(),
+            n,
+            key,
+            member,
         }
     }
 
@@ -283,16 +346,7 @@ impl SharedState {
                 async move { inv.invoke_async(&mut conn).await }
             })
             .await?;
-        if taken != 1 {
-            return Ok(None);
-        }
-        self.hold(n, key.clone(), member.clone());
-        Ok(Some(SlotLease {
-            store: self.clone(),
-            n,
-            key,
-            member,
-        }))
+        Ok((taken == 1).then(|| self.slot_lease(n, key, member)))
     }
 
     /// Runs `f` on the current runtime, if there is one (a drop at exit
@@ -509,7 +563,7 @@ impl Drop for SlotLease {
         );
         SharedState::spawn(async move {
             let released = store
-                .call(StoreOp::Slot, |mut conn| async move {
+                .call(StoreOp::Release, |mut conn| async move {
                     redis::cmd("ZREM")
                         .arg(&key)
                         .arg(&member)

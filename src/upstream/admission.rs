@@ -75,6 +75,12 @@ impl SlotQueue {
         self.lock().queued
     }
 
+    /// Whether a request would take a slot at once, without queueing.
+    pub fn has_room(&self) -> bool {
+        let s = self.lock();
+        s.in_flight < self.limit && s.queued == 0
+    }
+
     /// Waits for a slot for a request of `key`, at most `timeout`.
     /// Cancel-safe: dropping the future leaves the queue.
     pub async fn acquire(

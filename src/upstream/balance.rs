@@ -179,6 +179,16 @@ pub struct Lease {
     shared_slot: Option<SharedSlot>,
 }
 
+/// The server chosen for a request's first attempt when it was admitted,
+/// so that its slot across edges could be leased in the same round trip as
+/// the key's limits (`slot`: that lease, when there was room).
+#[derive(Debug)]
+pub struct FirstPick {
+    pub index: usize,
+    pub choice: Option<Choice>,
+    pub slot: Option<SlotLease>,
+}
+
 /// A slot across edges: a lease in the store, or, while the store is away
 /// (`state.on_error: local`), one of this edge's share of the slots.
 #[derive(Debug)]
@@ -408,17 +418,44 @@ impl UpstreamSet {
     /// Assigns a request to server `index`, waiting (at most
     /// `queue_timeout`) for one of its slots when it has a limit.
     /// Cancel-safe: dropping the future leaves the queue.
-    pub async fn lease(self: &Arc<Self>, index: usize, key: &str) -> Result<Lease, Denied> {
+    /// `taken`: the slot across edges, when the request's admission
+    /// already leased it (in the same round trip as the key's limits).
+    pub async fn lease(
+        self: &Arc<Self>,
+        index: usize,
+        key: &str,
+        taken: Option<SlotLease>,
+    ) -> Result<Lease, Denied> {
         let started = tokio::time::Instant::now();
         let mut lease = self.assign(index);
         if let Some(slots) = &self.members[index].slots {
             lease.slot = Some(slots.acquire(key, self.cfg.queue_timeout).await?);
             if let Some(store) = self.shared.get() {
-                let deadline = started + self.cfg.queue_timeout;
-                lease.shared_slot = self.shared_slot(store, index, deadline).await?;
+                lease.shared_slot = match taken {
+                    Some(taken) => Some(SharedSlot::Leased(taken)),
+                    None => {
+                        let deadline = started + self.cfg.queue_timeout;
+                        self.shared_slot(store, index, deadline).await?
+                    }
+                };
             }
         }
         Ok(lease)
+    }
+
+    /// The slot across edges worth leasing together with a request's key
+    /// limits, for a request that will go to server `index`: its name and
+    /// `max_in_flight`, when there is a store, the server has a limit and
+    /// this edge has one of its slots free (a request that would queue here
+    /// leases later, so that it never holds a fleet slot while it waits).
+    pub fn slot_to_lease_early(&self, index: usize) -> Option<(&str, usize)> {
+        self.shared.get()?;
+        let member = self.members.get(index)?;
+        let server = member.server();
+        let slots = member.slots.as_ref()?;
+        slots
+            .has_room()
+            .then_some((server.name.as_str(), server.max_in_flight))
     }
 
     /// With this edge's slot in hand (the local queue kept the order fair

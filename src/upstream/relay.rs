@@ -42,7 +42,7 @@ use crate::policy::cors::CorsPolicy;
 use crate::policy::headers;
 use crate::policy::routes::Dialect;
 use crate::upstream::admission::Denied;
-use crate::upstream::balance::{Health, Lease, UpstreamSet};
+use crate::upstream::balance::{FirstPick, Health, Lease, UpstreamSet};
 use crate::upstream::client::{Exchange, UpstreamFailure};
 
 /// Why a write to the client did not complete.
@@ -264,17 +264,25 @@ async fn open(
     relay: &Relay<'_>,
     req: &RequestHeader,
     body: &Bytes,
+    mut first: Option<FirstPick>,
 ) -> Result<(Lease, Exchange), NotOpened> {
     let (set, metrics) = (relay.upstream, relay.metrics);
     let mut tried: Vec<usize> = Vec::new();
     let mut failed: Option<(usize, UpstreamFailure)> = None;
     let mut full: Option<NotOpened> = None;
     loop {
-        let Some((index, choice)) = set.choose_for(relay.allowed, &tried, relay.affinity) else {
-            return Err(match full {
-                Some(busy) if failed.is_none() => busy,
-                _ => no_server_left(relay, failed),
-            });
+        let (index, choice, taken) = match first.take() {
+            Some(pick) => (pick.index, pick.choice, pick.slot),
+            None => {
+                let Some((index, choice)) = set.choose_for(relay.allowed, &tried, relay.affinity)
+                else {
+                    return Err(match full {
+                        Some(busy) if failed.is_none() => busy,
+                        _ => no_server_left(relay, failed),
+                    });
+                };
+                (index, choice, None)
+            }
         };
         if let Some((previous, failure)) = failed.take() {
             // Another server takes over: count the failure now.
@@ -282,7 +290,7 @@ async fn open(
         }
         let server = set.members()[index].server();
         let waited = std::time::Instant::now();
-        let lease = set.lease(index, relay.key).await;
+        let lease = set.lease(index, relay.key, taken).await;
         if server.max_in_flight > 0 {
             metrics.queue_waited(waited.elapsed());
         }
@@ -393,8 +401,9 @@ impl Relay<'_> {
         req: RequestHeader,
         body: Bytes,
         reservation: Reservation,
+        first: Option<FirstPick>,
     ) -> Result<(), GatewayError> {
-        forward(self, session, ctx, req, body, reservation).await
+        forward(self, session, ctx, req, body, reservation, first).await
     }
 }
 
@@ -405,13 +414,14 @@ async fn forward(
     req: RequestHeader,
     body: Bytes,
     reservation: Reservation,
+    first: Option<FirstPick>,
 ) -> Result<(), GatewayError> {
     let metrics = relay.metrics;
     let cfg = relay.upstream.config();
     let deadline = cfg.total_timeout.map(|t| Instant::from_std(ctx.start) + t);
 
     let opened = tokio::select! {
-        opened = open(relay, &req, &body) => opened,
+        opened = open(relay, &req, &body, first) => opened,
         _ = session.as_downstream_mut().read_body_or_idle(true) => {
             return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
         }
