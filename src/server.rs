@@ -337,9 +337,7 @@ async fn push_fleet_usage(state: &GatewayState) {
     let Some(store) = &state.shared else {
         return;
     };
-    let rows = state.ledger.take_fleet_rows();
-    if let Err(e) = store.add_usage(&rows).await {
-        state.ledger.restore_fleet_rows(&rows);
+    if let Err(e) = store.add_usage(|| state.ledger.take_fleet_rows()).await {
         log::warn!(
             "fleet usage ledger: cannot write ({}); kept for the next flush",
             e.0

@@ -53,6 +53,7 @@ impl Redis {
         let child = Command::new(bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--enable-debug-command", "local"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -109,6 +110,12 @@ impl Redis {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "+OK", "{words:?}");
+    }
+
+    /// Stalls the whole store for `seconds` (DEBUG SLEEP), as an overloaded
+    /// or paused Redis would; returns when it answers again.
+    fn stall(&self, seconds: f64) {
+        self.ok(&["DEBUG", "SLEEP", &seconds.to_string()]);
     }
 
     fn zcard(&self, key: &str) -> i64 {
@@ -947,27 +954,61 @@ async fn llm_edge_usage_reads_the_whole_fleets_ledger() {
     let (a, b) = (&gws[0], &gws[1]);
     assert_eq!(hammer(&a.url(), ERIN, 3, 3, chat(4)).await, vec![200; 3]);
     assert_eq!(hammer(&b.url(), ERIN, 2, 2, chat(4)).await, vec![200; 2]);
-    let usage = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_llm-edge"))
-            .arg("--config")
-            .arg(a.dir.path().join("llm-edge.yaml"))
-            .args(["usage", "--json", "--since", "2h", "--key", "erin"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
     // Each edge adds its rows at its next flush (200 ms here).
     eventually_within(
         Duration::from_secs(10),
         "both edges' requests in the ledger",
-        || usage()["total"]["requests"] == 5,
+        || fleet_usage(a, "erin")["total"]["requests"] == 5,
     )
     .await;
-    let total = usage()["total"].clone();
+    let total = fleet_usage(a, "erin")["total"].clone();
     assert!(total["completion_tokens"].as_u64().unwrap() >= 5, "{total}");
+}
+
+/// `llm-edge usage --json` for one key over the last two hours, as an
+/// operator runs it beside `gw`'s config.
+fn fleet_usage(gw: &Gateway, key: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-edge"))
+        .arg("--config")
+        .arg(gw.dir.path().join("llm-edge.yaml"))
+        .args(["usage", "--json", "--since", "2h", "--key", key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn a_ledger_write_the_store_applied_without_answering_in_time_is_counted_once() {
+    let (redis, _mock, gws) = fleet(1, "", "  timeout: 100ms\n", "").await;
+    let a = &gws[0];
+    let redis = std::sync::Arc::new(redis);
+    for _ in 0..3 {
+        assert_eq!(hammer(&a.url(), ERIN, 4, 4, chat(4)).await, vec![200; 4]);
+        // The store stalls past state.timeout: the flush carrying these
+        // requests gets no answer, though the store applies it on waking.
+        let r = redis.clone();
+        tokio::task::spawn_blocking(move || r.stall(0.7))
+            .await
+            .unwrap();
+    }
+    eventually_within(
+        Duration::from_secs(10),
+        "every request in the fleet's ledger",
+        || fleet_usage(a, "erin")["total"]["requests"].as_u64() >= Some(12),
+    )
+    .await;
+    // Several flush intervals later, still exactly once each.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let scrape = a.scrape().await;
+    assert!(
+        metric(&scrape, "llm_edge_store_errors_total", &["op=\"ledger\""]) >= 1.0,
+        "a ledger write timed out\n{scrape}"
+    );
+    assert_eq!(fleet_usage(a, "erin")["total"]["requests"], 12);
 }

@@ -210,22 +210,12 @@ impl Ledger {
     }
 
     /// The hourly rows recorded since the last call, for the fleet's
-    /// ledger; give them back with [`Ledger::restore_fleet_rows`] when
-    /// they could not be written.
+    /// ledger (the shared store keeps them until they are written).
     pub fn take_fleet_rows(&self) -> Vec<Row> {
         self.fleet
             .as_ref()
             .map(|f| rows_of(&std::mem::take(&mut *lock(f))))
             .unwrap_or_default()
-    }
-
-    pub fn restore_fleet_rows(&self, rows: &[Row]) {
-        if let Some(fleet) = &self.fleet {
-            let mut f = lock(fleet);
-            for r in rows {
-                add_to(&mut f, &r.key, &r.model, r.hour, &r.counts);
-            }
-        }
     }
 
     /// Writes what is pending; then refreshes the quotas from the file.

@@ -45,6 +45,15 @@ pub fn usage_key(prefix: &str, hour: u64) -> String {
     format!("{prefix}:usage:{hour}")
 }
 
+/// The marker of one edge's ledger batch `id` (`edge`: the process's
+/// random id), set when the batch is applied.
+pub fn usage_batch_key(prefix: &str, edge: &str, id: u64) -> String {
+    format!("{prefix}:usage-batch:{edge}:{id}")
+}
+
+/// How long a batch's marker outlives it: far longer than any retry.
+pub const USAGE_BATCH_TTL_S: u64 = 86_400;
+
 /// How long an hour of the fleet's ledger is kept (about 13 months).
 pub const USAGE_TTL_S: u64 = 400 * 86_400;
 

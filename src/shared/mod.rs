@@ -65,6 +65,9 @@ pub struct SharedState {
     next: AtomicU64,
     /// Leases held by requests in flight here: id -> (zset, member).
     leases: Mutex<HashMap<u64, (String, String)>>,
+    /// The fleet-ledger batch sent without an answer: (id, rows).
+    usage_batch: Mutex<Option<(u64, Vec<Row>)>>,
+    usage: Script,
 }
 
 impl std::fmt::Debug for SharedState {
@@ -95,6 +98,8 @@ impl SharedState {
             edge: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             next: AtomicU64::new(1),
             leases: Mutex::new(HashMap::new()),
+            usage_batch: Mutex::new(None),
+            usage: Script::new(include_str!("usage.lua")),
             cfg,
         }))
     }
@@ -384,25 +389,53 @@ impl SharedState {
         Ok(renewed.max(0) as usize)
     }
 
-    /// Adds this edge's hourly rows to the fleet's ledger, in one atomic
-    /// round trip (MULTI/EXEC).
-    pub async fn add_usage(&self, rows: &[Row]) -> Result<(), StoreDown> {
+    /// Adds this edge's hourly rows (what `take` hands over) to the fleet's
+    /// ledger, as one batch applied atomically and at most once
+    /// (`usage.lua`). A batch that got no answer is kept and sent again as
+    /// it was, before any new rows are taken: the store may have applied
+    /// it, and the same id is then skipped instead of counted twice.
+    pub async fn add_usage(&self, take: impl FnOnce() -> Vec<Row>) -> Result<(), StoreDown> {
+        let unconfirmed = lock(&self.usage_batch).clone();
+        if let Some((id, rows)) = unconfirmed {
+            self.send_usage(id, &rows).await?;
+            *lock(&self.usage_batch) = None;
+        }
+        let rows = take();
         if rows.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.usage_batch) = Some((id, rows.clone()));
+        self.send_usage(id, &rows).await?;
+        *lock(&self.usage_batch) = None;
+        Ok(())
+    }
+
+    async fn send_usage(&self, id: u64, rows: &[Row]) -> Result<(), StoreDown> {
+        let mut inv = self.usage.prepare_invoke();
+        inv.key(decide::usage_batch_key(&self.cfg.prefix, &self.edge, id))
+            .arg(decide::USAGE_BATCH_TTL_S)
+            .arg(decide::USAGE_TTL_S);
+        let mut hours: Vec<u64> = Vec::new();
         for row in rows {
-            let key = decide::usage_key(&self.cfg.prefix, row.hour);
+            let index = match hours.iter().position(|h| *h == row.hour) {
+                Some(i) => i,
+                None => {
+                    hours.push(row.hour);
+                    inv.key(decide::usage_key(&self.cfg.prefix, row.hour));
+                    hours.len() - 1
+                }
+            };
             for (field, value) in decide::usage_fields(row) {
-                pipe.hincr(&key, field, value).ignore();
+                // KEYS[1] is the marker: the hours start at 2.
+                inv.arg(index + 2).arg(field).arg(value);
             }
-            pipe.expire(&key, decide::USAGE_TTL_S as i64).ignore();
         }
         self.call(StoreOp::Ledger, |mut conn| async move {
-            pipe.query_async::<()>(&mut conn).await
+            inv.invoke_async::<i64>(&mut conn).await
         })
         .await
+        .map(|_| ())
     }
 
     /// One check of the store (PING); marks it up or down.
@@ -431,6 +464,10 @@ impl SharedState {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The fleet's ledger from `since_hour` on, for `llm-edge usage` (no
