@@ -224,7 +224,12 @@ const CREATED_BY_THE_FIRST_REQUEST: &[&str] = &[
 /// Exported only by an edge with a shared store (`state.redis`), from its
 /// start (tests/shared.rs reads them): 0 on an edge without one would fire
 /// the store alert.
-const ONLY_WITH_A_STORE: &[&str] = &["llm_edge_store_up"];
+const ONLY_WITH_A_STORE: &[&str] = &[
+    "llm_edge_store_up",
+    "llm_edge_store_calls_total",
+    "llm_edge_store_errors_total",
+    "llm_edge_store_fallbacks_total",
+];
 
 #[tokio::test]
 async fn every_series_a_panel_or_alert_reads_exists_at_zero_from_start_up() {

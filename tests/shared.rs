@@ -839,6 +839,31 @@ async fn with_the_store_down_edges_serve_under_their_local_share_then_rejoin() {
 
 #[tokio::test]
 #[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn quota_tokens_used_while_the_store_was_away_reach_the_fleet_quota_when_it_is_back() {
+    let state = "  on_error: local\n  expected_edges: 1\n  timeout: 50ms\n";
+    let (mut redis, _mock, gws) = fleet(1, "", state, "").await;
+    let a = &gws[0];
+    redis.stop();
+    // frank has tokens_per_day: 2000, this edge's share while the store is away.
+    let served = hammer_counted(&a.url(), FRANK, 3, 1, chat(50)).await;
+    assert!(served.iter().all(|(s, _)| *s == 200), "{served:?}");
+    let used: u64 = served.iter().map(|(_, t)| t).sum();
+    assert!(used > 0);
+    // A store that came back empty (no persistence) learns them from the edge.
+    redis.restart();
+    eventually_within(
+        Duration::from_secs(10),
+        "the fleet's day quota counts the tokens used meanwhile",
+        || redis.day_used("frank") == used as i64,
+    )
+    .await;
+    // And only once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(redis.day_used("frank"), used as i64);
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
 async fn with_on_error_deny_a_dead_store_means_503() {
     let state = "  on_error: deny\n  timeout: 50ms\n";
     let (mut redis, _mock, gws) = fleet(1, "  max_in_flight: 2\n", state, "").await;

@@ -237,6 +237,16 @@ impl GatewayProxy {
         }
         if let Some((_, Some(reservation))) = ctx.fallback.take() {
             reservation.settle(prompt + completion, now);
+            // Decided without the store: the fleet's quotas learn of it later.
+            if let (Some(store), Some(fallback), Some(key)) = (
+                &self.state.shared,
+                &self.state.fallback,
+                ctx.key_id.as_deref(),
+            ) {
+                if let Some(limits) = fallback.fleet.get(key) {
+                    store.owe(key, &limits.tokens, prompt + completion, now);
+                }
+            }
         }
         let (Some(key), Some(model)) = (ctx.key_id.as_deref(), ctx.model.as_deref()) else {
             return;

@@ -65,6 +65,9 @@ pub struct SharedState {
     next: AtomicU64,
     /// Leases held by requests in flight here: id -> (zset, member).
     leases: Mutex<HashMap<u64, (String, String)>>,
+    /// Tokens this edge's requests used while the store was away, which
+    /// the fleet's quota counters never saw: counter -> (tokens, ttl s).
+    owed: Mutex<HashMap<String, (u64, u64)>>,
     /// The fleet-ledger batch sent without an answer: (id, rows).
     usage_batch: Mutex<Option<(u64, Vec<Row>)>>,
     usage: Script,
@@ -98,6 +101,7 @@ impl SharedState {
             edge: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             next: AtomicU64::new(1),
             leases: Mutex::new(HashMap::new()),
+            owed: Mutex::new(HashMap::new()),
             usage_batch: Mutex::new(None),
             usage: Script::new(include_str!("usage.lua")),
             cfg,
@@ -389,6 +393,55 @@ impl SharedState {
         Ok(renewed.max(0) as usize)
     }
 
+    /// Notes `tokens` that key `key_id` used at `now_ms` under this edge's
+    /// own share of its limits (the store did not answer), so that the
+    /// fleet's day and month quotas count them once it answers again.
+    pub fn owe(&self, key_id: &str, limits: &TokenLimits, tokens: u64, now_ms: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let names = key_names(&self.cfg.prefix, key_id, now_ms);
+        let mut owed = lock(&self.owed);
+        for (limit, counter, ttl) in [
+            (limits.per_day, names.day, DAY_TTL_S),
+            (limits.per_month, names.month, MONTH_TTL_S),
+        ] {
+            if limit.is_some() {
+                owed.entry(counter).or_insert((0, ttl)).0 += tokens;
+            }
+        }
+    }
+
+    /// Adds what [`SharedState::owe`] noted to the quota counters, in one
+    /// atomic round trip; kept for the next try when the store does not
+    /// answer (a write applied without an answer then counts twice: the
+    /// safe side of a budget).
+    pub async fn pay_back(&self) -> Result<usize, StoreDown> {
+        let owed: Vec<(String, (u64, u64))> = lock(&self.owed).drain().collect();
+        if owed.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (counter, (tokens, ttl)) in &owed {
+            pipe.incr(counter, *tokens).ignore();
+            pipe.expire(counter, *ttl as i64).ignore();
+        }
+        let paid = self
+            .call(StoreOp::Settle, |mut conn| async move {
+                pipe.query_async::<()>(&mut conn).await
+            })
+            .await;
+        if let Err(e) = paid {
+            let mut back = lock(&self.owed);
+            for (counter, (tokens, ttl)) in owed {
+                back.entry(counter).or_insert((0, ttl)).0 += tokens;
+            }
+            return Err(e);
+        }
+        Ok(owed.len())
+    }
+
     /// Adds this edge's hourly rows (what `take` hands over) to the fleet's
     /// ledger, as one batch applied atomically and at most once
     /// (`usage.lua`). A batch that got no answer is kept and sent again as
@@ -449,13 +502,21 @@ impl SharedState {
 
     /// The background duty of an edge with a store: checks it every
     /// `interval` (so a store that came back is used again without a
-    /// restart) and renews the leases of requests in flight.
+    /// restart), adds the tokens used while it was away to the fleet's quotas,
+    /// and renews the leases of requests in flight.
     pub async fn run(self: Arc<Self>, interval: Duration) {
         let renew_every = self.cfg.lease_ttl / 3;
         let mut last_renew = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(interval).await;
-            self.check().await;
+            if self.check().await {
+                if let Err(e) = self.pay_back().await {
+                    log::warn!(
+                        "shared store: adding the tokens used while it was away failed ({}); retrying",
+                        e.0
+                    );
+                }
+            }
             if last_renew.elapsed() >= renew_every {
                 last_renew = tokio::time::Instant::now();
                 if let Err(e) = self.renew_leases().await {
