@@ -680,7 +680,11 @@ async fn a_real_prometheus_evaluates_every_dashboard_and_alert_query() {
             .query(&expr, Some(end))
             .await
             .unwrap_or_else(|e| panic!("{name}: {expr}: {e}"));
-        if result.is_empty() {
+        // No store in this scenario: those queries must parse and run.
+        let store_only = metric_names(&expr)
+            .iter()
+            .all(|m| ONLY_WITH_A_STORE.contains(&m.as_str()));
+        if result.is_empty() && !store_only {
             empty.push(format!("dashboard {name}: {expr}"));
         }
     }
