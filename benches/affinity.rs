@@ -8,21 +8,29 @@
 //! `LLM_EDGE_BIN`) in front of them. For each routing, `least_load` then
 //! `cache_affinity`, on freshly started servers (empty caches), it runs the
 //! same workload: `AFFINITY_CONVERSATIONS` conversations (default 24) of
-//! `AFFINITY_TURNS` turns (default 8), sharing one long system prompt (about
-//! 1,000 tokens), each user turn adding about 650 tokens (a pasted page), each reply the
-//! model's one sentence; `AFFINITY_WORKERS` clients (default 6, one per slot,
-//! so every server stays busy) each run their share of the conversations one
-//! after the other, each turn after a pause (uniform, 0 to twice
-//! `AFFINITY_THINK_MS`, default 150 ms: the user reads and types). Every
-//! request streams (with `stream_options.include_usage`).
+//! `AFFINITY_TURNS` turns (default 10), sharing one long system prompt (about
+//! 1,000 tokens), each user turn adding about 1,300 tokens (a pasted page,
+//! `AFFINITY_USER_WORDS`, default 1200), each reply the model's one sentence;
+//! `AFFINITY_WORKERS` clients (default 12: two per slot, so every server stays
+//! busy and requests queue at the gateway, as with more users than slots)
+//! each run their share of the conversations one after the other, each turn
+//! after a pause (uniform, 0 to twice `AFFINITY_THINK_MS`, default 800 ms:
+//! the user reads and types). Every request streams (with
+//! `stream_options.include_usage`).
 //!
-//! Why one active conversation per slot: llama-server (b11434) gives a
+//! Why two conversations per slot, with pauses: llama-server (b11434) gives a
 //! request the slot whose cached prompt shares the largest fraction with it
-//! (`--slot-prompt-similarity`) and reuses that slot's cache only. With a
-//! shared system prompt every slot qualifies, so a conversation keeps its
-//! history only while it has a slot of its own; its host-RAM prompt cache
-//! (`--cache-ram`) is not consulted then. More conversations at once than
-//! slots evict each other's histories whatever the routing.
+//! (`--slot-prompt-similarity`), and when that would keep less than half of
+//! the slot's cached prompt it saves it to its host-RAM prompt cache
+//! (`--cache-ram`) and restores the saved prompt that matches the request
+//! best; so a conversation that comes back to the server that served it
+//! finds its history in a slot or in RAM. With one client per slot and short
+//! pauses, least load is itself sticky (the server a conversation just left
+//! is the one with a free slot when it comes back), which hides the
+//! difference a real fleet with more users than slots sees; with short user
+//! turns and long pauses the servers idle and time to first token is the
+//! same for both. Earlier workloads and their figures are in
+//! docs/PERFORMANCE.md.
 //!
 //! `AFFINITY_ROUNDS` (default 2) interleaved rounds of both (least load
 //! first, then affinity first, ...), each on fresh servers, are pooled.
@@ -606,11 +614,11 @@ fn main() {
     let w = if full {
         Workload {
             conversations: env_usize("AFFINITY_CONVERSATIONS", 24),
-            turns: env_usize("AFFINITY_TURNS", 8),
-            workers: env_usize("AFFINITY_WORKERS", 6),
+            turns: env_usize("AFFINITY_TURNS", 10),
+            workers: env_usize("AFFINITY_WORKERS", 12),
             system_words: env_usize("AFFINITY_SYSTEM_WORDS", 900),
-            user_words: env_usize("AFFINITY_USER_WORDS", 600),
-            think: Duration::from_millis(env_usize("AFFINITY_THINK_MS", 150) as u64),
+            user_words: env_usize("AFFINITY_USER_WORDS", 1200),
+            think: Duration::from_millis(env_usize("AFFINITY_THINK_MS", 800) as u64),
         }
     } else {
         Workload {
