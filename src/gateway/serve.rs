@@ -20,8 +20,8 @@ use crate::policy::budget::Reservation;
 use crate::policy::limits::OnStoreError;
 use crate::policy::ratelimit::Window;
 use crate::policy::routes::Route;
-use crate::policy::{headers, hygiene, limits, tokens};
-use crate::upstream::relay::Relay;
+use crate::policy::{hygiene, limits, tokens};
+use crate::upstream::relay::{Relay, UpstreamPath};
 
 impl GatewayProxy {
     pub(super) async fn serve(
@@ -373,17 +373,6 @@ impl GatewayProxy {
             })
             .filter(|a| !a.is_empty());
         let body = body::rewrite(body, &info, &rewrite);
-        let req = session.req_header();
-        let req = headers::upstream_request(
-            req,
-            &headers::Forwarding {
-                path: api_route.upstream_path().unwrap_or("/"),
-                query: req.uri.query(),
-                body_len: Some(body.len()),
-                request_id: ctx.request_id.as_deref(),
-                client_ip: ctx.client_ip,
-            },
-        )?;
         let relay = Relay {
             upstream: &self.state.upstream,
             metrics: &self.state.metrics,
@@ -395,8 +384,10 @@ impl GatewayProxy {
             expects_json: true,
             accounting: !api_route.counts_tokens_only(),
             affinity: affinity.as_deref(),
+            path: UpstreamPath::Fixed(api_route.upstream_path().unwrap_or("/")),
+            content_length: true,
         };
-        let result = relay.forward(session, ctx, req, body, reservation).await;
+        let result = relay.forward(session, ctx, body, reservation).await;
         ctx.affinity = affinity;
         result
     }

@@ -43,7 +43,7 @@ use crate::policy::headers;
 use crate::policy::routes::Dialect;
 use crate::upstream::admission::Denied;
 use crate::upstream::balance::{Health, Lease, UpstreamSet};
-use crate::upstream::client::{Exchange, UpstreamFailure};
+use crate::upstream::client::{Exchange, Unsent, UpstreamFailure};
 
 /// Why a write to the client did not complete.
 enum WriteFailed {
@@ -170,6 +170,19 @@ pub struct Relay<'a> {
     pub accounting: bool,
     /// The request's cache-affinity key, if it has one.
     pub affinity: Option<&'a crate::openai::prefix::Affinity>,
+    /// The path it takes upstream.
+    pub path: UpstreamPath,
+    /// Whether it is sent with a `Content-Length` (a request with a body).
+    pub content_length: bool,
+}
+
+/// Which path a relayed request takes upstream.
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamPath {
+    /// This one: a model route's canonical path (never the client's spelling).
+    Fixed(&'static str),
+    /// The client's own (passthrough), without a trailing slash.
+    Client,
 }
 
 /// The largest non-streamed response read whole and checked; a larger one
@@ -257,46 +270,75 @@ impl NotOpened {
     }
 }
 
+/// How far opening an exchange got, kept across a rebuild of the request
+/// header (see [`Opened::Rebuild`]).
+#[derive(Default)]
+struct Opening {
+    tried: Vec<usize>,
+    failed: Option<(usize, UpstreamFailure)>,
+    full: Option<NotOpened>,
+    /// A lease whose pooled connection was stale: the request goes out
+    /// again on a fresh connection to the same server.
+    stale: Option<Lease>,
+}
+
+enum Opened {
+    Done(Result<(Lease, Exchange), NotOpened>),
+    /// The request header went with a stale connection: build it again
+    /// and call [`open`] once more.
+    Rebuild,
+}
+
 /// Picks a server, waits for one of its slots, sends the request; when the
-/// connect fails, marks that server down and tries the next one, and when
-/// its queue is full, tries the next one too.
+/// connect fails, marks that server down and tries the next one (the same
+/// header, re-addressed), and when its queue is full, tries the next one too.
 async fn open(
     relay: &Relay<'_>,
-    req: &RequestHeader,
+    st: &mut Opening,
+    req: &mut Option<Box<RequestHeader>>,
     body: &Bytes,
-) -> Result<(Lease, Exchange), NotOpened> {
+) -> Opened {
     let (set, metrics) = (relay.upstream, relay.metrics);
-    let mut tried: Vec<usize> = Vec::new();
-    let mut failed: Option<(usize, UpstreamFailure)> = None;
-    let mut full: Option<NotOpened> = None;
     loop {
-        let Some((index, choice)) = set.choose_for(relay.allowed, &tried, relay.affinity) else {
-            return Err(match full {
-                Some(busy) if failed.is_none() => busy,
-                _ => no_server_left(relay, failed),
-            });
+        let Some(header) = req.take() else {
+            return Opened::Rebuild;
         };
-        if let Some((previous, failure)) = failed.take() {
-            // Another server takes over: count the failure now.
-            metrics.upstream_error(&set.members()[previous].server().name, failure.kind());
-        }
-        let server = set.members()[index].server();
-        let waited = std::time::Instant::now();
-        let lease = set.lease(index, relay.key).await;
-        if server.max_in_flight > 0 {
-            metrics.queue_waited(waited.elapsed());
-        }
-        let mut lease = match lease {
-            Ok(lease) => lease,
-            Err(Denied::QueueFull) => {
-                tried.push(index);
-                full = Some(busy(set, index, Denied::QueueFull));
-                continue;
+        let (index, lease, sent) = if let Some(lease) = st.stale.take() {
+            let sent = lease.member().client.send_fresh(header, body).await;
+            (lease.index(), lease, sent)
+        } else {
+            let Some((index, choice)) = set.choose_for(relay.allowed, &st.tried, relay.affinity)
+            else {
+                return Opened::Done(Err(match st.full.take() {
+                    Some(busy) if st.failed.is_none() => busy,
+                    _ => no_server_left(relay, st.failed.take()),
+                }));
+            };
+            if let Some((previous, failure)) = st.failed.take() {
+                // Another server takes over: count the failure now.
+                metrics.upstream_error(&set.members()[previous].server().name, failure.kind());
             }
-            Err(denied) => return Err(busy(set, index, denied)),
+            let server = set.members()[index].server();
+            let waited = std::time::Instant::now();
+            let lease = set.lease(index, relay.key).await;
+            if server.max_in_flight > 0 {
+                metrics.queue_waited(waited.elapsed());
+            }
+            let mut lease = match lease {
+                Ok(lease) => lease,
+                Err(Denied::QueueFull) => {
+                    st.tried.push(index);
+                    st.full = Some(busy(set, index, Denied::QueueFull));
+                    *req = Some(header);
+                    continue;
+                }
+                Err(denied) => return Opened::Done(Err(busy(set, index, denied))),
+            };
+            lease.choice = choice;
+            let sent = lease.member().client.send(header, body).await;
+            (index, lease, sent)
         };
-        lease.choice = choice;
-        match lease.member().client.send(req, body).await {
+        match sent {
             Ok(exchange) => {
                 // A 503 is llama-server loading its model (or overloaded):
                 // only the health check brings such a server back.
@@ -304,9 +346,13 @@ async fn open(
                 if status != 503 {
                     set.mark(index, Health::Up, "");
                 }
-                return Ok((lease, exchange));
+                return Opened::Done(Ok((lease, exchange)));
             }
-            Err(failure) => {
+            Err(Unsent::Stale) => {
+                st.stale = Some(lease);
+                return Opened::Rebuild;
+            }
+            Err(Unsent::Failed { failure, header }) => {
                 if matches!(
                     failure,
                     UpstreamFailure::Connect(_) | UpstreamFailure::NoResponse(_)
@@ -314,10 +360,11 @@ async fn open(
                     set.mark(index, Health::Down, &failure.short_reason());
                 }
                 if !failure.nothing_sent() {
-                    return Err(NotOpened::failed(set, index, failure));
+                    return Opened::Done(Err(NotOpened::failed(set, index, failure)));
                 }
-                tried.push(index);
-                failed = Some((index, failure));
+                st.tried.push(index);
+                st.failed = Some((index, failure));
+                *req = header;
             }
         }
     }
@@ -390,11 +437,40 @@ impl Relay<'_> {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        req: RequestHeader,
         body: Bytes,
         reservation: Reservation,
     ) -> Result<(), GatewayError> {
-        forward(self, session, ctx, req, body, reservation).await
+        forward(self, session, ctx, body, reservation).await
+    }
+
+    /// The header llama-server gets for this request (still unaddressed).
+    fn upstream_request(
+        &self,
+        client: &RequestHeader,
+        ctx: &RequestCtx,
+        body_len: usize,
+    ) -> pingora_error::Result<Box<RequestHeader>> {
+        let path = match self.path {
+            UpstreamPath::Fixed(path) => path,
+            // The client's own path, without a trailing slash.
+            UpstreamPath::Client => {
+                let path = client.uri.path();
+                path.strip_suffix('/')
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or(path)
+            }
+        };
+        let req = headers::upstream_request(
+            client,
+            &headers::Forwarding {
+                path,
+                query: client.uri.query(),
+                body_len: self.content_length.then_some(body_len),
+                request_id: ctx.request_id.as_deref(),
+                client_ip: ctx.client_ip,
+            },
+        )?;
+        Ok(Box::new(req))
     }
 }
 
@@ -402,7 +478,6 @@ async fn forward(
     relay: &Relay<'_>,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    req: RequestHeader,
     body: Bytes,
     reservation: Reservation,
 ) -> Result<(), GatewayError> {
@@ -410,15 +485,28 @@ async fn forward(
     let cfg = relay.upstream.config();
     let deadline = cfg.total_timeout.map(|t| Instant::from_std(ctx.start) + t);
 
-    let opened = tokio::select! {
-        opened = open(relay, &req, &body) => opened,
-        _ = session.as_downstream_mut().read_body_or_idle(true) => {
-            return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
-        }
-        _ = until(deadline) => {
-            return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
+    // One header for every attempt: failover re-addresses it; only a stale
+    // pooled connection, which takes it along, makes us build another.
+    let mut req = Some(relay.upstream_request(session.req_header(), ctx, body.len())?);
+    let mut opening = Opening::default();
+    let opened = loop {
+        let step = tokio::select! {
+            step = open(relay, &mut opening, &mut req, &body) => step,
+            _ = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
+            }
+            _ = until(deadline) => {
+                return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
+            }
+        };
+        match step {
+            Opened::Done(opened) => break opened,
+            Opened::Rebuild => {
+                req = Some(relay.upstream_request(session.req_header(), ctx, body.len())?);
+            }
         }
     };
+    drop(req);
     drop(body);
     drop(reservation);
     // Held until the response is over: the server's slot and its in-flight count.
@@ -473,7 +561,10 @@ async fn forward(
                 };
                 ctx.accounting.feed(&body);
                 resp.remove_header("transfer-encoding");
-                resp.insert_header("Content-Length", body.len().to_string())?;
+                resp.insert_header(
+                    http::header::CONTENT_LENGTH,
+                    headers::short_value(body.len())?,
+                )?;
                 ctx.bytes_out += body.len();
                 write_header(session, ctx, relay.cors, resp).await?;
                 return match write_body(session, Some(body), true, cfg.idle_timeout, deadline).await
