@@ -188,16 +188,14 @@ impl ProxyHttp for GatewayProxy {
         if log::log_enabled!(target: crate::logging::ACCESS_TARGET, log::Level::Info) {
             let req = session.req_header();
             let upstream = self.upstream_server(ctx).map(|s| s.name.as_str());
-            let client = ctx
-                .client_ip
-                .map_or_else(|| "-".to_string(), |ip| ip.to_string());
+            let client = ctx::OrDash(ctx.client_ip);
             let (method, path) = (req.method.as_str(), req.uri.path());
             let line = match self.state.cfg.logging.access_log_format {
                 AccessLogFormat::Text => {
-                    ctx.access_log_line(&client, method, path, status, upstream)
+                    ctx.access_log_line(client, method, path, status, upstream)
                 }
                 AccessLogFormat::Json => {
-                    ctx.access_log_json(&client, method, path, status, upstream)
+                    ctx.access_log_json(client, method, path, status, upstream)
                 }
             };
             log::info!(target: crate::logging::ACCESS_TARGET, "{line}");
