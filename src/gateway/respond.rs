@@ -25,10 +25,11 @@ impl GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         status: u16,
-        body: String,
+        body: impl Into<Bytes>,
     ) -> Result<(), GatewayError> {
+        let body = body.into();
         let resp = json_response_header(status, body.len())?;
-        write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await
+        write_response(session, ctx, &self.state.cfg.cors, resp, body).await
     }
 
     /// Answers with an OpenAI-shaped error.

@@ -5,7 +5,9 @@
 //! the allow-lists, even while the upstream is down.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde_json::json;
 
 /// One public model and how to reach it upstream.
@@ -26,6 +28,12 @@ pub struct Catalogue {
     index: HashMap<String, usize>,
     default: usize,
     created: u64,
+    /// `/v1/models` bodies, rendered once rather than per request: the
+    /// whole list (keys without an allow-list) when the catalogue is built,
+    /// an allow-list's on its first request. A reload builds a new
+    /// catalogue, so they never outlive the models they list.
+    all: Bytes,
+    restricted: Arc<Mutex<HashMap<Box<[String]>, Bytes>>>,
 }
 
 impl Catalogue {
@@ -41,12 +49,16 @@ impl Catalogue {
             }
         }
         let default = *index.get(default)?;
-        Some(Catalogue {
+        let mut catalogue = Catalogue {
             routes,
             index,
             default,
             created,
-        })
+            all: Bytes::new(),
+            restricted: Arc::default(),
+        };
+        catalogue.all = Bytes::from(catalogue.list_json(|_| true));
+        Some(catalogue)
     }
 
     /// Looks up a public name or alias; `None` means the default model.
@@ -94,6 +106,24 @@ impl Catalogue {
         json!({ "object": "list", "data": data }).to_string()
     }
 
+    /// The `GET /v1/models` body for a key with `allowed_models` (`None`:
+    /// every model), from the catalogue's cache.
+    pub fn list_body(&self, allowed_models: Option<&[String]>) -> Bytes {
+        let Some(allowed) = allowed_models else {
+            return self.all.clone();
+        };
+        let mut cache = match self.restricted.lock() {
+            Ok(cache) => cache,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(body) = cache.get(allowed) {
+            return body.clone();
+        }
+        let body = Bytes::from(self.list_json(|r| allowed.iter().any(|m| *m == r.name)));
+        cache.insert(allowed.into(), body.clone());
+        body
+    }
+
     /// `GET /v1/models/{id}`.
     pub fn model_json(&self, id: &str) -> Option<String> {
         let route = self.index.get(id).map(|&i| &self.routes[i])?;
@@ -113,6 +143,19 @@ mod tests {
             upstream_name: upstream.into(),
             owned_by: "llm-edge".into(),
             upstreams: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn cached_lists_are_the_rendered_ones() {
+        let c = catalogue();
+        assert_eq!(c.list_body(None), c.list_json(|_| true).as_bytes());
+        let only = vec!["llama".to_string()];
+        for _ in 0..2 {
+            assert_eq!(
+                c.list_body(Some(&only)),
+                c.list_json(|r| r.name == "llama").as_bytes()
+            );
         }
     }
 

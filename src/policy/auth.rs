@@ -59,6 +59,11 @@ impl ApiKey {
         ApiKey::new("anonymous".into(), [0; 32], None)
     }
 
+    /// The public models it may use; `None`: all.
+    pub fn allowed_models(&self) -> Option<&[String]> {
+        self.allowed_models.as_deref()
+    }
+
     pub fn allows(&self, public_model: &str) -> bool {
         match &self.allowed_models {
             None => true,
