@@ -94,7 +94,7 @@ impl GatewayProxy {
         ctx.key_id = Some(key.id.clone());
         match route {
             Route::ListModels => {
-                let list = self.state.cfg.catalogue.list_json(|m| key.allows(&m.name));
+                let list = self.state.cfg.catalogue.list_body(key.allowed_models());
                 self.respond_json(session, ctx, 200, list).await?;
                 Ok(())
             }
@@ -438,8 +438,11 @@ impl GatewayProxy {
                 .await
                 .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
         }
-        // Allocated as bytes arrive too: a declared length is only a claim.
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+        // A body that arrives as one piece is kept as it is; the buffer is
+        // allocated for a second piece, as bytes arrive (a declared length
+        // is only a claim).
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
         let body_timeout = self.state.cfg.downstream.body_timeout;
         let deadline = tokio::time::Instant::now() + body_timeout;
         loop {
@@ -451,7 +454,7 @@ impl GatewayProxy {
                     return Err(ApiError::BodyTimeout(format!(
                         "the request body did not arrive within {} (downstream.body_timeout); received {} bytes",
                         humantime::format_duration(body_timeout),
-                        buf.len()
+                        first.as_ref().map_or(buf.len(), Bytes::len)
                     ))
                     .into())
                 }
@@ -479,17 +482,26 @@ impl GatewayProxy {
                     .into())
                 }
             };
-            let total = buf.len() + chunk.len();
+            let held = first.as_ref().map_or(buf.len(), Bytes::len);
+            let total = held + chunk.len();
             if total > limit {
                 return Err(ApiError::BodyTooLarge { limit }.into());
             }
             if !reservation.grow_to(total) {
                 return Err(overloaded().into());
             }
-            buf.extend_from_slice(&chunk);
+            if held == 0 {
+                first = Some(chunk);
+            } else {
+                if let Some(first) = first.take() {
+                    buf.reserve(declared.unwrap_or(0).min(64 * 1024).max(total));
+                    buf.extend_from_slice(&first);
+                }
+                buf.extend_from_slice(&chunk);
+            }
             ctx.bytes_in = total;
         }
-        Ok((buf.freeze(), reservation))
+        Ok((first.unwrap_or_else(|| buf.freeze()), reservation))
     }
 }
 

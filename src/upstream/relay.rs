@@ -64,12 +64,35 @@ async fn write_body(
     stall: Duration,
     deadline: Option<Instant>,
 ) -> Result<(), WriteFailed> {
+    let timer = tokio::time::sleep(stall);
+    tokio::pin!(timer);
+    write_body_timed(session, chunk, end, timer, stall, deadline).await
+}
+
+/// [`write_body`] with a timer the caller keeps (a stream's, moved for each
+/// chunk instead of registering a new one).
+async fn write_body_timed(
+    session: &mut Session,
+    chunk: Option<Bytes>,
+    end: bool,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    stall: Duration,
+    deadline: Option<Instant>,
+) -> Result<(), WriteFailed> {
     let stall_at = Instant::now() + stall;
     let limit = deadline.map_or(stall_at, |d| d.min(stall_at));
-    match tokio::time::timeout_at(limit, session.write_response_body(chunk, end)).await {
+    timer.as_mut().reset(limit);
+    // The write first, as `timeout_at` polls it: a write that completes
+    // at once never sees the timer.
+    let written = tokio::select! {
+        biased;
+        written = session.write_response_body(chunk, end) => Ok(written),
+        _ = timer => Err(()),
+    };
+    match written {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteFailed::ClientGone),
-        Err(_) => {
+        Err(()) => {
             // A write may have stopped half-way: the connection cannot be reused.
             session.set_keepalive(None);
             if deadline.is_some_and(|d| d < stall_at) {
@@ -184,6 +207,10 @@ pub enum UpstreamPath {
     /// The client's own (passthrough), without a trailing slash.
     Client,
 }
+
+/// The least a stream's chunk buffer holds (typical SSE events are a few
+/// hundred bytes; several can arrive in one read).
+const CHUNK_BUFFER: usize = 1024;
 
 /// The largest non-streamed response read whole and checked; a larger one
 /// is relayed as it comes (only embeddings of big batches get there).
@@ -559,7 +586,7 @@ async fn forward(
                         return Err(e.into());
                     }
                 };
-                ctx.accounting.feed(&body);
+                ctx.accounting.feed_whole(&body);
                 resp.remove_header("transfer-encoding");
                 resp.insert_header(
                     http::header::CONTENT_LENGTH,
@@ -601,19 +628,29 @@ async fn forward(
         }
     }
 
-    let model = ctx.model.clone();
-    let _stream = is_sse.then(|| metrics.stream_started(model.as_deref()));
-    let inter_token = metrics.inter_token_histogram(model.as_deref());
+    // The stream's metric handles, looked up once.
+    let _stream = is_sse.then(|| metrics.stream_started(ctx.model.as_deref()));
+    let first_token = metrics.first_token_histogram(ctx.model.as_deref());
+    let inter_token = metrics.inter_token_histogram(ctx.model.as_deref());
     let mut last_token: Option<std::time::Instant> = None;
     let stall = cfg.idle_timeout;
     let total_timeout = || total_timeout_error(cfg.total_timeout.unwrap_or_default());
     // One idle timer and one total-deadline timer per response for reading
-    // from upstream, the idle one reset per chunk: registering a fresh timer
-    // for every chunk costs more than moving one.
+    // from upstream, and one stall timer for writing to the client, the
+    // idle and stall ones reset per chunk: registering a fresh timer for
+    // every chunk costs more than moving one.
     let total = until(deadline);
     tokio::pin!(total);
     let idle = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle);
+    let write_stall = tokio::time::sleep(stall);
+    tokio::pin!(write_stall);
+    // Each chunk is copied out of Pingora's buffer into this one and handed
+    // to the client as a frozen slice of it. Once the client's write has
+    // dropped that slice the next chunk reuses the same memory: no
+    // allocation per chunk (sized for typical SSE events; it grows for a
+    // larger piece).
+    let mut out = bytes::BytesMut::new();
     loop {
         idle.as_mut().reset(Instant::now() + cfg.idle_timeout);
         let next = tokio::select! {
@@ -628,7 +665,13 @@ async fn forward(
             _ = &mut total => {
                 return end_broken_response(session, ctx, is_sse, total_timeout(), stall).await;
             }
-            read = exchange.http.read_body_bytes() => Ok(read),
+            read = exchange.http.read_body_ref() => {
+                Ok(read.map(|r| r.map(|piece| {
+                    out.reserve(piece.len().max(CHUNK_BUFFER));
+                    out.extend_from_slice(piece);
+                    out.split().freeze()
+                })))
+            }
             _ = &mut idle => Err(()),
             _ = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(ctx.client_left(DisconnectPhase::Streaming));
@@ -640,12 +683,13 @@ async fn forward(
                 if ctx.accounting.feed(&chunk) > 0 {
                     let now = std::time::Instant::now();
                     match last_token {
-                        None => metrics.first_token(model.as_deref(), now - ctx.start),
+                        None => first_token.observe((now - ctx.start).as_secs_f64()),
                         Some(prev) => inter_token.observe((now - prev).as_secs_f64()),
                     }
                     last_token = Some(now);
                 }
-                match write_body(session, Some(chunk), false, stall, deadline).await {
+                let timer = write_stall.as_mut();
+                match write_body_timed(session, Some(chunk), false, timer, stall, deadline).await {
                     Ok(()) => {}
                     Err(WriteFailed::ClientGone) => {
                         return Err(ctx.client_left(DisconnectPhase::Streaming));
@@ -758,7 +802,17 @@ async fn read_whole(
     deadline: Option<Instant>,
 ) -> Result<Whole, GatewayError> {
     let cfg = relay.upstream.config();
-    let mut buf = bytes::BytesMut::new();
+    // Sized by the announced length when there is one: the body is then
+    // read into one buffer of exactly its size (no growth, and no second
+    // allocation when it becomes `Bytes`).
+    let announced = exchange
+        .http
+        .resp_header()
+        .and_then(|h| h.headers.get(http::header::CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut buf = bytes::BytesMut::with_capacity(announced.min(WHOLE_MAX));
     let total = until(deadline);
     tokio::pin!(total);
     loop {
@@ -767,14 +821,17 @@ async fn read_whole(
             _ = &mut total => {
                 return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
             }
-            read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_bytes()) => read,
+            // Copied straight from Pingora's buffer (`read_body_bytes` would
+            // copy each piece once more).
+            read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_ref()) => {
+                read.map(|r| r.map(|piece| piece.map(|piece| buf.extend_from_slice(piece))))
+            }
             _ = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
             }
         };
         match next {
-            Ok(Ok(Some(chunk))) => {
-                buf.extend_from_slice(&chunk);
+            Ok(Ok(Some(()))) => {
                 if buf.len() > WHOLE_MAX {
                     return Ok(Whole::Partial(buf.freeze()));
                 }
