@@ -8,6 +8,8 @@
 //! `anthropic` SDKs and Claude Code parse. llama-server's own JSON errors are
 //! passed through; what it answers that is not JSON becomes one of these.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde_json::json;
 
@@ -19,10 +21,11 @@ use crate::policy::routes::Dialect;
 /// A failure the gateway reports to the client itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
+    // Static texts (no allocation per refusal) unless built otherwise.
     #[error("{0}")]
-    MissingKey(String),
+    MissingKey(Cow<'static, str>),
     #[error("{0}")]
-    InvalidKey(String),
+    InvalidKey(Cow<'static, str>),
     #[error("the API key '{key_id}' is not allowed to use the model '{model}'")]
     ModelNotAllowed { key_id: String, model: String },
     #[error("{0}")]
@@ -354,9 +357,24 @@ impl serde::Serialize for Message<'_> {
     }
 }
 
+/// `body` as JSON in a buffer of exactly its length, measured by a first
+/// pass: a full `Vec` becomes `Bytes` without a second allocation.
 fn encode(body: &impl serde::Serialize) -> Bytes {
-    let mut out = Vec::with_capacity(256);
-    // Writing these structs into a Vec cannot fail (string keys, no maps).
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut len = Count(0);
+    // Neither pass can fail: these structs have string keys and no maps,
+    // and neither writer refuses bytes.
+    let _ = serde_json::to_writer(&mut len, body);
+    let mut out = Vec::with_capacity(len.0);
     let _ = serde_json::to_writer(&mut out, body);
     Bytes::from(out)
 }

@@ -21,7 +21,7 @@ fn every_error_has_the_openai_shape() {
 
 #[test]
 fn statuses_match_the_contract() {
-    assert_eq!(ApiError::MissingKey(String::new()).status(), 401);
+    assert_eq!(ApiError::MissingKey(String::new().into()).status(), 401);
     assert_eq!(
         ApiError::ModelNotAllowed {
             key_id: "a".into(),

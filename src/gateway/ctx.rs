@@ -26,7 +26,8 @@ pub struct RequestCtx {
     /// The request's `Origin` (cleaned for the log), when the policy refuses it.
     pub cors_refused: Option<String>,
     pub route: Option<Route>,
-    pub key_id: Option<String>,
+    /// The key's id; `invalid` for a wrong key (static, no copy).
+    pub key_id: Option<std::borrow::Cow<'static, str>>,
     /// Public model name, once resolved.
     pub model: Option<String>,
     /// The status the client got (499 when it left first).

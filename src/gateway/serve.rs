@@ -91,7 +91,7 @@ impl GatewayProxy {
             ctx.ip_slot = entered.map_err(|refusal| refusal_error(ctx, refusal))?;
         }
         let key = self.authenticate(session, ctx)?;
-        ctx.key_id = Some(key.id.clone());
+        ctx.key_id = Some(key.id.clone().into());
         match route {
             Route::ListModels => {
                 let list = self.state.cfg.catalogue.list_body(key.allowed_models());
@@ -157,7 +157,7 @@ impl GatewayProxy {
             Ok(key) => Ok(key),
             Err(e) => {
                 if e.auth_failure() == Some(AuthFailure::InvalidKey) {
-                    ctx.key_id = Some(KEY_INVALID.to_string());
+                    ctx.key_id = Some(KEY_INVALID.into());
                 }
                 if let Some(ip) = ctx.client_ip {
                     let clients = &self.state.clients;
