@@ -119,7 +119,7 @@ impl Catalogue {
         if let Some(body) = cache.get(allowed) {
             return body.clone();
         }
-        let body = Bytes::from(self.list_json(|r| allowed.iter().any(|m| *m == r.name)));
+        let body = Bytes::from(self.list_json(|r| allowed.contains(&r.name)));
         cache.insert(allowed.into(), body.clone());
         body
     }

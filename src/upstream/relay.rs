@@ -298,7 +298,7 @@ impl NotOpened {
 }
 
 /// How far opening an exchange got, kept across a rebuild of the request
-/// header (see [`Opened::Rebuild`]).
+/// header (see [`Unopened::Rebuild`]).
 #[derive(Default)]
 struct Opening {
     tried: Vec<usize>,
@@ -309,8 +309,10 @@ struct Opening {
     stale: Option<Lease>,
 }
 
-enum Opened {
-    Done(Result<(Lease, Exchange), NotOpened>),
+/// Why [`open`] returned without an exchange.
+enum Unopened {
+    /// No server took it: the answer.
+    Not(NotOpened),
     /// The request header went with a stale connection: build it again
     /// and call [`open`] once more.
     Rebuild,
@@ -324,11 +326,11 @@ async fn open(
     st: &mut Opening,
     req: &mut Option<Box<RequestHeader>>,
     body: &Bytes,
-) -> Opened {
+) -> Result<(Lease, Exchange), Unopened> {
     let (set, metrics) = (relay.upstream, relay.metrics);
     loop {
         let Some(header) = req.take() else {
-            return Opened::Rebuild;
+            return Err(Unopened::Rebuild);
         };
         let (index, lease, sent) = if let Some(lease) = st.stale.take() {
             let sent = lease.member().client.send_fresh(header, body).await;
@@ -336,7 +338,7 @@ async fn open(
         } else {
             let Some((index, choice)) = set.choose_for(relay.allowed, &st.tried, relay.affinity)
             else {
-                return Opened::Done(Err(match st.full.take() {
+                return Err(Unopened::Not(match st.full.take() {
                     Some(busy) if st.failed.is_none() => busy,
                     _ => no_server_left(relay, st.failed.take()),
                 }));
@@ -359,7 +361,7 @@ async fn open(
                     *req = Some(header);
                     continue;
                 }
-                Err(denied) => return Opened::Done(Err(busy(set, index, denied))),
+                Err(denied) => return Err(Unopened::Not(busy(set, index, denied))),
             };
             lease.choice = choice;
             let sent = lease.member().client.send(header, body).await;
@@ -373,11 +375,11 @@ async fn open(
                 if status != 503 {
                     set.mark(index, Health::Up, "");
                 }
-                return Opened::Done(Ok((lease, exchange)));
+                return Ok((lease, exchange));
             }
             Err(Unsent::Stale) => {
                 st.stale = Some(lease);
-                return Opened::Rebuild;
+                return Err(Unopened::Rebuild);
             }
             Err(Unsent::Failed { failure, header }) => {
                 if matches!(
@@ -387,7 +389,7 @@ async fn open(
                     set.mark(index, Health::Down, &failure.short_reason());
                 }
                 if !failure.nothing_sent() {
-                    return Opened::Done(Err(NotOpened::failed(set, index, failure)));
+                    return Err(Unopened::Not(NotOpened::failed(set, index, failure)));
                 }
                 st.tried.push(index);
                 st.failed = Some((index, failure));
@@ -527,8 +529,9 @@ async fn forward(
             }
         };
         match step {
-            Opened::Done(opened) => break opened,
-            Opened::Rebuild => {
+            Ok(opened) => break Ok(opened),
+            Err(Unopened::Not(not)) => break Err(not),
+            Err(Unopened::Rebuild) => {
                 req = Some(relay.upstream_request(session.req_header(), ctx, body.len())?);
             }
         }
