@@ -73,6 +73,15 @@ struct ModelSeries {
     streams_active: IntGauge,
 }
 
+/// The series of one configured server (in `upstreams` order), by the
+/// index of each typed label's value.
+struct ServerSeries {
+    errors: Vec<IntCounter>,
+    routing: Vec<IntCounter>,
+    prompt_tokens: Vec<IntCounter>,
+    forgotten: IntCounter,
+}
+
 /// The per-route series (in `routes::LABELS` order).
 struct RouteSeries {
     request_bytes: IntCounter,
@@ -88,6 +97,7 @@ pub struct Metrics {
     /// unknown model's `other`) is still looked up when it happens.
     per_model: HashMap<String, ModelSeries>,
     per_route: Vec<RouteSeries>,
+    per_server: Vec<ServerSeries>,
     auth_failure_series: Vec<IntCounter>,
     disconnect_series: Vec<IntCounter>,
     known_models: HashSet<String>,
@@ -226,6 +236,7 @@ impl Metrics {
         let mut metrics = Metrics {
             per_model: HashMap::new(),
             per_route: Vec::new(),
+            per_server: Vec::new(),
             auth_failure_series: Vec::new(),
             disconnect_series: Vec::new(),
             known_models: models.into_iter().map(str::to_string).collect(),
@@ -341,6 +352,28 @@ impl Metrics {
                 }),
             })
             .collect();
+        self.per_server = self
+            .upstreams
+            .iter()
+            .map(|name| ServerSeries {
+                errors: UpstreamErrorKind::ALL
+                    .iter()
+                    .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()]))
+                    .collect(),
+                routing: RoutingOutcome::ALL
+                    .iter()
+                    .map(|o| self.routing.with_label_values(&[name, o.as_str()]))
+                    .collect(),
+                prompt_tokens: PromptTokenKind::ALL
+                    .iter()
+                    .map(|k| {
+                        self.upstream_prompt_tokens
+                            .with_label_values(&[name, k.as_str()])
+                    })
+                    .collect(),
+                forgotten: self.affinity_forgotten.with_label_values(&[name]),
+            })
+            .collect();
         self.auth_failure_series = AuthFailure::ALL
             .iter()
             .map(|r| self.auth_failures.with_label_values(&[r.as_str()]))
@@ -353,6 +386,11 @@ impl Metrics {
 
     fn model_series(&self, model: Option<&str>) -> Option<&ModelSeries> {
         model.and_then(|m| self.per_model.get(m))
+    }
+
+    fn server_series(&self, upstream: &str) -> Option<&ServerSeries> {
+        let i = self.upstreams.iter().position(|n| n == upstream)?;
+        self.per_server.get(i)
     }
 
     fn route_series(&self, route: &str) -> Option<&RouteSeries> {
@@ -568,35 +606,57 @@ impl Metrics {
 
     /// `upstream` must be a configured server's name (bounded labels).
     pub fn upstream_error(&self, upstream: &str, kind: UpstreamErrorKind) {
-        self.upstream_errors
-            .with_label_values(&[upstream, kind.as_str()])
-            .inc();
+        match self
+            .server_series(upstream)
+            .and_then(|s| s.errors.get(kind.index()))
+        {
+            Some(c) => c.inc(),
+            None => self
+                .upstream_errors
+                .with_label_values(&[upstream, kind.as_str()])
+                .inc(),
+        }
     }
 
     /// A cache-affinity choice of server `upstream` (a configured name).
     pub fn routed(&self, upstream: &str, outcome: RoutingOutcome) {
-        self.routing
-            .with_label_values(&[upstream, outcome.as_str()])
-            .inc();
+        match self
+            .server_series(upstream)
+            .and_then(|s| s.routing.get(outcome.index()))
+        {
+            Some(c) => c.inc(),
+            None => self
+                .routing
+                .with_label_values(&[upstream, outcome.as_str()])
+                .inc(),
+        }
     }
 
     /// A model request's prompt at server `upstream`: all its tokens, the
     /// cached ones predicted, and those reported cached.
     pub fn upstream_prompt(&self, upstream: &str, prompt: u64, predicted: u64, cached: u64) {
+        let series = self.server_series(upstream);
         for (kind, n) in [
             (PromptTokenKind::Prompt, prompt),
             (PromptTokenKind::Predicted, predicted),
             (PromptTokenKind::Cached, cached),
         ] {
-            self.upstream_prompt_tokens
-                .with_label_values(&[upstream, kind.as_str()])
-                .inc_by(n);
+            match series.and_then(|s| s.prompt_tokens.get(kind.index())) {
+                Some(c) => c.inc_by(n),
+                None => self
+                    .upstream_prompt_tokens
+                    .with_label_values(&[upstream, kind.as_str()])
+                    .inc_by(n),
+            }
         }
     }
 
     /// The closed loop forgot index entries of server `upstream`.
     pub fn affinity_forgot(&self, upstream: &str) {
-        self.affinity_forgotten.with_label_values(&[upstream]).inc();
+        match self.server_series(upstream) {
+            Some(s) => s.forgotten.inc(),
+            None => self.affinity_forgotten.with_label_values(&[upstream]).inc(),
+        }
     }
 
     /// `llm_edge_upstream_up` of a configured server, kept by its [`Member`](crate::upstream::balance::Member).
