@@ -20,7 +20,9 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 #[derive(Debug)]
 pub struct RequestCtx {
     pub start: Instant,
-    pub request_id: Option<String>,
+    /// The request id, as the header value it travels as (one buffer,
+    /// shared by the upstream request, the response and the log).
+    pub request_id: Option<http::HeaderValue>,
     /// The request's `Origin`, when the CORS policy allows it.
     pub cors_origin: Option<String>,
     /// The request's `Origin` (cleaned for the log), when the policy refuses it.
@@ -132,6 +134,11 @@ impl RequestCtx {
         GatewayError::ClientGone
     }
 
+    /// The request id as text (ids are checked or generated printable ASCII).
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok())
+    }
+
     pub fn route_label(&self) -> &'static str {
         self.route.as_ref().map_or(UNKNOWN_ROUTE, Route::label)
     }
@@ -165,7 +172,7 @@ impl RequestCtx {
         if let Some(cached) = self.cached {
             let _ = write!(line, " cached={cached}");
         }
-        if let Some(id) = &self.request_id {
+        if let Some(id) = self.request_id() {
             let _ = write!(line, " request_id={id}");
         }
         if let Some(code) = self.error_code {
@@ -256,7 +263,7 @@ impl RequestCtx {
             model: self.model.as_deref(),
             origin: self.cors_refused.as_deref(),
             path,
-            request_id: self.request_id.as_deref(),
+            request_id: self.request_id(),
             route: self.route_label(),
             status,
             ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()),
@@ -326,7 +333,7 @@ mod tests {
         ctx.route = Some(Route::ChatCompletions);
         ctx.key_id = Some("alice".into());
         ctx.cors_refused = Some("http://evil".into());
-        ctx.request_id = Some("r1".into());
+        ctx.request_id = Some(http::HeaderValue::from_static("r1"));
         let line = ctx.access_log_json("1.2.3.4", "POST", "/v1/x \"q\"", 200, None);
         assert!(!line.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();

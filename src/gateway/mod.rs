@@ -80,8 +80,8 @@ impl ProxyHttp for GatewayProxy {
         }
         let incoming = session
             .get_header("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| ctx::valid_request_id(id));
+            .filter(|v| v.to_str().is_ok_and(ctx::valid_request_id))
+            .cloned();
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -93,9 +93,10 @@ impl ProxyHttp for GatewayProxy {
         let origin = session.get_header("origin").and_then(|v| v.to_str().ok());
         ctx.cors_origin = self.state.cfg.cors.allowed(origin);
         ctx.cors_refused = self.state.cfg.cors.refused(origin);
-        ctx.request_id = Some(match incoming {
-            Some(id) => id.to_string(),
-            None => uuid::Uuid::new_v4().simple().to_string(),
+        ctx.request_id = incoming.or_else(|| {
+            let mut id = [0u8; uuid::fmt::Simple::LENGTH];
+            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut id);
+            http::HeaderValue::from_str(id).ok()
         });
         Ok(())
     }

@@ -53,7 +53,7 @@ impl GatewayProxy {
             session.set_keepalive(None);
         }
         let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, Route::dialect);
-        let body = err.body_in(dialect, ctx.request_id.as_deref());
+        let body = err.body_in(dialect, ctx.request_id());
         let mut resp = json_response_header(err.status(), body.len())?;
         match err {
             ApiError::MissingKey(_) | ApiError::InvalidKey(_) => {

@@ -98,7 +98,7 @@ pub struct Forwarding<'a> {
     pub query: Option<&'a str>,
     /// `None`: a request without a body (no `Content-Length` is sent).
     pub body_len: Option<usize>,
-    pub request_id: Option<&'a str>,
+    pub request_id: Option<&'a HeaderValue>,
     pub client_ip: Option<IpAddr>,
 }
 
@@ -142,9 +142,7 @@ pub fn upstream_request(client: &RequestHeader, fwd: &Forwarding) -> Result<Requ
         headers.insert(http::header::CONTENT_LENGTH, short_value(len)?);
     }
     if let Some(id) = fwd.request_id {
-        let id =
-            HeaderValue::from_str(id).or_err(ErrorType::InvalidHTTPHeader, "invalid request id")?;
-        headers.insert(X_REQUEST_ID.clone(), id);
+        headers.insert(X_REQUEST_ID.clone(), id.clone());
     }
     if let Some(ip) = fwd.client_ip {
         headers.insert(X_FORWARDED_FOR.clone(), short_value(ip)?);
@@ -317,14 +315,12 @@ pub fn is_chunked(headers: &http::HeaderMap) -> bool {
 
 pub fn finish_client_response(
     resp: &mut ResponseHeader,
-    request_id: Option<&str>,
+    request_id: Option<&HeaderValue>,
     cors: &CorsPolicy,
     allowed_origin: Option<&str>,
 ) -> Result<()> {
     if let Some(id) = request_id {
-        let id = HeaderValue::from_str(id)
-            .or_err(ErrorType::InvalidHTTPHeader, "invalid value while insert")?;
-        set_header(resp, X_REQUEST_ID.clone(), id)?;
+        set_header(resp, X_REQUEST_ID.clone(), id.clone())?;
     }
     cors.apply(resp, allowed_origin)
 }

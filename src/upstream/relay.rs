@@ -119,7 +119,7 @@ pub async fn write_header(
 ) -> Result<(), GatewayError> {
     headers::finish_client_response(
         &mut resp,
-        ctx.request_id.as_deref(),
+        ctx.request_id.as_ref(),
         cors,
         ctx.cors_origin.as_deref(),
     )?;
@@ -495,7 +495,7 @@ impl Relay<'_> {
                 path,
                 query: client.uri.query(),
                 body_len: self.content_length.then_some(body_len),
-                request_id: ctx.request_id.as_deref(),
+                request_id: ctx.request_id.as_ref(),
                 client_ip: ctx.client_ip,
             },
         )?;
@@ -773,7 +773,7 @@ async fn end_broken_response(
     if is_sse {
         ctx.error_code = Some(err.code());
         let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, |r| r.dialect());
-        let event = err.sse_event_in(dialect, ctx.request_id.as_deref());
+        let event = err.sse_event_in(dialect, ctx.request_id());
         ctx.bytes_out += event.len();
         return match write_body(session, Some(event), true, stall, None).await {
             Ok(()) => Ok(()),
