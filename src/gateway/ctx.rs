@@ -28,10 +28,11 @@ pub struct RequestCtx {
     /// The request's `Origin` (cleaned for the log), when the policy refuses it.
     pub cors_refused: Option<String>,
     pub route: Option<Route>,
-    /// The key's id; `invalid` for a wrong key (static, no copy).
-    pub key_id: Option<std::borrow::Cow<'static, str>>,
-    /// Public model name, once resolved.
-    pub model: Option<String>,
+    /// The key's id, shared with the key table (no copy per request);
+    /// `invalid` for a wrong key.
+    pub key_id: Option<std::sync::Arc<str>>,
+    /// Public model name, once resolved (shared with the catalogue).
+    pub model: Option<std::sync::Arc<str>>,
     /// The status the client got (499 when it left first).
     pub status: Option<u16>,
     pub upstream_status: Option<u16>,
@@ -280,6 +281,14 @@ impl Default for RequestCtx {
     fn default() -> Self {
         RequestCtx::new()
     }
+}
+
+/// The `key` label of a wrong key, shared (made once).
+pub fn invalid_key_id() -> std::sync::Arc<str> {
+    static INVALID: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+    INVALID
+        .get_or_init(|| crate::metrics::KEY_INVALID.into())
+        .clone()
 }
 
 /// An `X-Request-Id` we accept from the client: short, printable, no spaces.

@@ -13,7 +13,6 @@ use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
 use crate::labels::{AuthFailure, LimitReason, StoreFallback};
 use crate::metrics::app as metrics_app;
-use crate::metrics::KEY_INVALID;
 use crate::openai::{body, prefix};
 use crate::policy::auth::ApiKey;
 use crate::policy::budget::Reservation;
@@ -91,7 +90,7 @@ impl GatewayProxy {
             ctx.ip_slot = entered.map_err(|refusal| refusal_error(ctx, refusal))?;
         }
         let key = self.authenticate(session, ctx)?;
-        ctx.key_id = Some(key.id.clone().into());
+        ctx.key_id = Some(key.id.clone());
         match route {
             Route::ListModels => {
                 let list = self.state.cfg.catalogue.list_body(key.allowed_models());
@@ -157,7 +156,7 @@ impl GatewayProxy {
             Ok(key) => Ok(key),
             Err(e) => {
                 if e.auth_failure() == Some(AuthFailure::InvalidKey) {
-                    ctx.key_id = Some(KEY_INVALID.into());
+                    ctx.key_id = Some(super::ctx::invalid_key_id());
                 }
                 if let Some(ip) = ctx.client_ip {
                     let clients = &self.state.clients;
@@ -195,7 +194,7 @@ impl GatewayProxy {
         let (Some(store), Some(fallback)) = (&self.state.shared, &self.state.fallback) else {
             return Ok(());
         };
-        let Some(limits) = fallback.fleet.get(&key.id).copied() else {
+        let Some(limits) = fallback.fleet.get(&*key.id).copied() else {
             return Ok(());
         };
         if limits.requests_per_minute.is_none()
@@ -343,7 +342,7 @@ impl GatewayProxy {
         ctx.model = Some(route.name.clone());
         if !key.allows(&route.name) {
             return Err(ApiError::ModelNotAllowed {
-                key_id: key.id.clone(),
+                key_id: key.id.to_string(),
                 model: requested.unwrap_or(&route.name).to_string(),
             }
             .into());

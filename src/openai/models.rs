@@ -13,7 +13,7 @@ use serde_json::json;
 /// One public model and how to reach it upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRoute {
-    pub name: String,
+    pub name: Arc<str>,
     pub aliases: Vec<String>,
     pub upstream_name: String,
     pub owned_by: String,
@@ -42,8 +42,9 @@ impl Catalogue {
     pub fn new(routes: Vec<ModelRoute>, default: &str, created: u64) -> Option<Catalogue> {
         let mut index = HashMap::new();
         for (i, route) in routes.iter().enumerate() {
-            for name in std::iter::once(&route.name).chain(&route.aliases) {
-                if index.insert(name.clone(), i).is_some() {
+            let aliases = route.aliases.iter().map(String::as_str);
+            for name in std::iter::once(&*route.name).chain(aliases) {
+                if index.insert(name.to_string(), i).is_some() {
                     return None;
                 }
             }
@@ -79,7 +80,7 @@ impl Catalogue {
 
     /// Every name a client may send, public names first, then aliases.
     fn listed_names(&self) -> impl Iterator<Item = (&str, &ModelRoute)> {
-        let names = self.routes.iter().map(|r| (r.name.as_str(), r));
+        let names = self.routes.iter().map(|r| (&*r.name, r));
         let aliases = self
             .routes
             .iter()
@@ -119,7 +120,7 @@ impl Catalogue {
         if let Some(body) = cache.get(allowed) {
             return body.clone();
         }
-        let body = Bytes::from(self.list_json(|r| allowed.contains(&r.name)));
+        let body = Bytes::from(self.list_json(|r| allowed.iter().any(|m| **m == *r.name)));
         cache.insert(allowed.into(), body.clone());
         body
     }
@@ -154,7 +155,7 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(
                 c.list_body(Some(&only)),
-                c.list_json(|r| r.name == "llama").as_bytes()
+                c.list_json(|r| &*r.name == "llama").as_bytes()
             );
         }
     }
@@ -174,9 +175,9 @@ mod tests {
     #[test]
     fn resolves_names_aliases_and_default() {
         let c = catalogue();
-        assert_eq!(c.resolve(Some("qwen")).unwrap().name, "qwen3");
+        assert_eq!(c.resolve(Some("qwen")).unwrap().name.as_ref(), "qwen3");
         assert_eq!(c.resolve(Some("llama")).unwrap().upstream_name, "llama");
-        assert_eq!(c.resolve(None).unwrap().name, "qwen3");
+        assert_eq!(c.resolve(None).unwrap().name.as_ref(), "qwen3");
         assert!(c.resolve(Some("gpt-4")).is_none());
         assert!(c.resolve(Some("/models/qwen3.gguf")).is_none());
     }
@@ -206,7 +207,8 @@ mod tests {
             .unwrap()
             .iter()
             .all(|m| m["object"] == "model"));
-        let only_llama: Value = serde_json::from_str(&c.list_json(|r| r.name == "llama")).unwrap();
+        let only_llama: Value =
+            serde_json::from_str(&c.list_json(|r| &*r.name == "llama")).unwrap();
         assert_eq!(only_llama["data"].as_array().unwrap().len(), 1);
     }
 
