@@ -14,7 +14,8 @@
 //! Under `cargo test --benches` it runs a tiny version that only checks that
 //! it works. Knobs: `COST_REQUESTS` (default 400), `COST_STREAMS` (20 streams
 //! of `COST_CHUNKS`, default 100, chunks), `NGINX_BIN` (`none` to skip nginx),
-//! `LLM_EDGE_BIN`, `COST_DUMPS=DIR` (keep the dumps for `callgrind_annotate`).
+//! `LLM_EDGE_BIN`, `COST_DUMPS=DIR` (keep the dumps for `callgrind_annotate`),
+//! `COST_VALGRIND_ARGS` (more callgrind options, for a diagnostic run).
 //! Only 127.0.0.1; every loop is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -64,6 +65,7 @@ impl Profiled {
             .arg("--tool=callgrind")
             .arg(format!("--callgrind-out-file={}/cg.%p", out_dir.display()))
             .args(["--dump-instr=no", "--dump-line=no", "--trace-children=no"])
+            .args(extra_valgrind_args())
             .arg(program)
             .args(args)
             .env("RUST_LOG", "warn")
@@ -144,6 +146,16 @@ impl Drop for Profiled {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `COST_VALGRIND_ARGS`: more callgrind options, space-separated, for a
+/// diagnostic run, e.g. `--separate-callers20=_rjem_malloc` to see whole
+/// caller chains of allocations in a kept dump (the counts printed then
+/// miss those allocations: their names change).
+fn extra_valgrind_args() -> Vec<String> {
+    std::env::var("COST_VALGRIND_ARGS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 fn dumps(dir: &Path) -> Vec<PathBuf> {

@@ -8,6 +8,8 @@
 //! `anthropic` SDKs and Claude Code parse. llama-server's own JSON errors are
 //! passed through; what it answers that is not JSON becomes one of these.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde_json::json;
 
@@ -19,10 +21,11 @@ use crate::policy::routes::Dialect;
 /// A failure the gateway reports to the client itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
+    // Static texts (no allocation per refusal) unless built otherwise.
     #[error("{0}")]
-    MissingKey(String),
+    MissingKey(Cow<'static, str>),
     #[error("{0}")]
-    InvalidKey(String),
+    InvalidKey(Cow<'static, str>),
     #[error("the API key '{key_id}' is not allowed to use the model '{model}'")]
     ModelNotAllowed { key_id: String, model: String },
     #[error("{0}")]
@@ -205,8 +208,20 @@ impl ApiError {
     }
 
     /// The JSON body, with the request id when one is known.
+    ///
+    /// Serialized straight from borrowed fields (one buffer) rather than
+    /// through a `serde_json::Value` tree, which costs a score of
+    /// allocations per refusal; the bytes are the same as [`Self::json`]'s.
     pub fn body(&self, request_id: Option<&str>) -> Bytes {
-        Bytes::from(self.json(request_id).to_string())
+        encode(&OpenAiEnvelope {
+            error: OpenAiError {
+                code: self.code(),
+                message: Message(self),
+                param: self.param(),
+                request_id,
+                kind: self.error_type(),
+            },
+        })
     }
 
     /// The OpenAI error object (`{"error":{...}}`), for callers that add members.
@@ -240,7 +255,14 @@ impl ApiError {
     /// The JSON body in `dialect`'s shape.
     pub fn body_in(&self, dialect: Dialect, request_id: Option<&str>) -> Bytes {
         match dialect {
-            Dialect::Anthropic => Bytes::from(self.anthropic_json(request_id).to_string()),
+            Dialect::Anthropic => encode(&AnthropicEnvelope {
+                error: AnthropicError {
+                    message: Message(self),
+                    kind: self.anthropic_type(),
+                },
+                request_id,
+                kind: "error",
+            }),
             Dialect::OpenAi | Dialect::Responses => self.body(request_id),
         }
     }
@@ -288,6 +310,73 @@ impl ApiError {
         event.extend_from_slice(b"\n\n");
         Bytes::from(event)
     }
+}
+
+// The error bodies as borrowed structs. Members in alphabetical order, as
+// `serde_json::Value` (a sorted map) writes them, so the bytes do not depend
+// on which of the two built a body.
+
+#[derive(serde::Serialize)]
+struct OpenAiEnvelope<'a> {
+    error: OpenAiError<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct OpenAiError<'a> {
+    code: &'static str,
+    message: Message<'a>,
+    param: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct AnthropicEnvelope<'a> {
+    error: AnthropicError<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct AnthropicError<'a> {
+    message: Message<'a>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// The error's text, escaped as it is formatted (no intermediate `String`).
+struct Message<'a>(&'a ApiError);
+
+impl serde::Serialize for Message<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self.0)
+    }
+}
+
+/// `body` as JSON in a buffer of exactly its length, measured by a first
+/// pass: a full `Vec` becomes `Bytes` without a second allocation.
+fn encode(body: &impl serde::Serialize) -> Bytes {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut len = Count(0);
+    // Neither pass can fail: these structs have string keys and no maps,
+    // and neither writer refuses bytes.
+    let _ = serde_json::to_writer(&mut len, body);
+    let mut out = Vec::with_capacity(len.0);
+    let _ = serde_json::to_writer(&mut out, body);
+    Bytes::from(out)
 }
 
 // ---------------------------------------------------------------------------

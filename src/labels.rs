@@ -23,6 +23,11 @@ macro_rules! label_enum {
                 }
             }
 
+            /// Its position in `ALL`, for arrays of metric handles.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+
             /// Every value, for HELP texts.
             pub fn list() -> String {
                 Self::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
@@ -142,6 +147,12 @@ mod tests {
             assert_eq!(sorted.len(), list.len(), "{list:?}");
         }
         assert_eq!(LimitReason::ALL.len(), 13);
+        for (i, reason) in LimitReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i);
+        }
+        for (i, phase) in DisconnectPhase::ALL.iter().enumerate() {
+            assert_eq!(phase.index(), i);
+        }
         assert!(LimitReason::list().contains("store_unavailable"));
         assert!(LimitReason::list().contains("ip_uploads"));
     }

@@ -51,7 +51,7 @@ impl GatewayState {
     pub fn new(cfg: Config) -> Result<Arc<GatewayState>, String> {
         let cfg = Arc::new(cfg);
         let metrics = Metrics::new(
-            cfg.catalogue.routes().iter().map(|m| m.name.as_str()),
+            cfg.catalogue.routes().iter().map(|m| &*m.name),
             cfg.keys.ids(),
             cfg.upstream.servers.iter().map(|s| s.name.as_str()),
         );

@@ -835,13 +835,13 @@ pub fn check_auth(header: &[u8]) {
     for anonymous in [false, true] {
         let table = key_table(secret, anonymous);
         match table.authenticate(Some(header)) {
-            Ok(key) if key.id == "anonymous" => {
+            Ok(key) if &*key.id == "anonymous" => {
                 assert!(anonymous);
             }
             Ok(key) => {
                 let secret_of = SECRETS
                     .iter()
-                    .find(|(id, _)| *id == key.id)
+                    .find(|(id, _)| *id == &*key.id)
                     .map(|(_, s)| *s)
                     .or(secret)
                     .unwrap();
@@ -862,7 +862,7 @@ pub fn check_auth(header: &[u8]) {
                 let key = table
                     .authenticate(Some(presented.as_bytes()))
                     .expect("a configured secret must authenticate");
-                assert!(key.id == "extra" || SECRETS.iter().any(|(_, x)| *x == s));
+                assert!(&*key.id == "extra" || SECRETS.iter().any(|(_, x)| *x == s));
             }
         }
     }

@@ -23,7 +23,7 @@ fn defaults_listen_on_loopback_8000_and_forward_to_8080() {
         c.upstream.servers[0].addr,
         "127.0.0.1:8080".parse().unwrap()
     );
-    assert_eq!(c.catalogue.default_route().name, "local");
+    assert_eq!(c.catalogue.default_route().name.as_ref(), "local");
     assert!(c.keys.is_empty());
     assert_eq!(c.limits.max_body_bytes, 32 << 20);
     assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
@@ -49,7 +49,10 @@ fn tls_files_must_be_regular_files() {
 fn the_shipped_example_config_is_valid() {
     let text = include_str!("../../conf/llm-edge.yaml");
     let c = load_str(text).unwrap();
-    assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
+    assert_eq!(
+        c.catalogue.default_route().name.as_ref(),
+        "qwen3-30b-a3b-instruct"
+    );
 }
 
 #[test]
@@ -84,7 +87,7 @@ server:
     assert_eq!(c.upstream.servers[0].addr.port(), 8081);
     assert_eq!(c.upstream.first_byte_timeout, Duration::from_secs(180));
     assert_eq!(c.upstream.total_timeout, Some(Duration::from_secs(3600)));
-    assert_eq!(c.catalogue.default_route().name, "qwen3");
+    assert_eq!(c.catalogue.default_route().name.as_ref(), "qwen3");
     let alice = c.keys.authenticate(Some(b"Bearer sk-test")).unwrap();
     assert!(alice.allows("qwen3"));
     assert!(!alice.allows("small"));
@@ -170,16 +173,20 @@ fn seed_environment_works_without_a_file() {
     };
     let c = Config::load(None, &env).unwrap();
     assert_eq!(c.upstream.servers[0].addr.port(), 18080);
-    assert_eq!(c.catalogue.default_route().name, "qwen3-30b-a3b-instruct");
+    assert_eq!(
+        c.catalogue.default_route().name.as_ref(),
+        "qwen3-30b-a3b-instruct"
+    );
     assert_eq!(
         c.keys
             .authenticate(Some(b"Bearer sk-local-abc"))
             .unwrap()
-            .id,
+            .id
+            .as_ref(),
         "env-1"
     );
     let two = c.keys.authenticate(Some(b"Bearer sk-two")).unwrap();
-    assert_eq!(two.id, "env-2");
+    assert_eq!(&*two.id, "env-2");
     assert!(two.allows("qwen3-30b-a3b-instruct"));
 }
 
@@ -189,7 +196,7 @@ fn default_model_env_reuses_a_listed_alias() {
     let file = parse_yaml("models:\n  - name: qwen\n    aliases: [q]\n").unwrap();
     let c = apply_env(file, &env).validate().unwrap();
     assert_eq!(c.catalogue.routes().len(), 1);
-    assert_eq!(c.catalogue.default_route().name, "qwen");
+    assert_eq!(c.catalogue.default_route().name.as_ref(), "qwen");
 }
 
 #[test]

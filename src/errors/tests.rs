@@ -21,7 +21,7 @@ fn every_error_has_the_openai_shape() {
 
 #[test]
 fn statuses_match_the_contract() {
-    assert_eq!(ApiError::MissingKey(String::new()).status(), 401);
+    assert_eq!(ApiError::MissingKey(String::new().into()).status(), 401);
     assert_eq!(
         ApiError::ModelNotAllowed {
             key_id: "a".into(),
@@ -94,4 +94,19 @@ fn sse_event_is_one_data_frame() {
     assert!(ev.ends_with(b"\n\n"));
     let json: Value = serde_json::from_slice(&ev[6..ev.len() - 2]).unwrap();
     assert_eq!(json["error"]["code"], "upstream_error");
+}
+
+#[test]
+fn bodies_are_the_bytes_of_the_json_trees() {
+    for e in super::every_api_error() {
+        for id in [None, Some("req-\"1\"")] {
+            assert_eq!(e.body(id), e.json(id).to_string().as_bytes(), "{e:?}");
+            let anthropic = e.body_in(Dialect::Anthropic, id);
+            assert_eq!(
+                anthropic,
+                e.anthropic_json(id).to_string().as_bytes(),
+                "{e:?}"
+            );
+        }
+    }
 }

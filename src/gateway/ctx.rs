@@ -1,6 +1,6 @@
 //! The per-request record ([`RequestCtx`]) and the access-log line built from it.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::time::{Duration, Instant};
 
 use crate::errors::GatewayError;
@@ -20,15 +20,19 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 #[derive(Debug)]
 pub struct RequestCtx {
     pub start: Instant,
-    pub request_id: Option<String>,
+    /// The request id, as the header value it travels as (one buffer,
+    /// shared by the upstream request, the response and the log).
+    pub request_id: Option<http::HeaderValue>,
     /// The request's `Origin`, when the CORS policy allows it.
     pub cors_origin: Option<String>,
     /// The request's `Origin` (cleaned for the log), when the policy refuses it.
     pub cors_refused: Option<String>,
     pub route: Option<Route>,
-    pub key_id: Option<String>,
-    /// Public model name, once resolved.
-    pub model: Option<String>,
+    /// The key's id, shared with the key table (no copy per request);
+    /// `invalid` for a wrong key.
+    pub key_id: Option<std::sync::Arc<str>>,
+    /// Public model name, once resolved (shared with the catalogue).
+    pub model: Option<std::sync::Arc<str>>,
     /// The status the client got (499 when it left first).
     pub status: Option<u16>,
     pub upstream_status: Option<u16>,
@@ -131,28 +135,34 @@ impl RequestCtx {
         GatewayError::ClientGone
     }
 
+    /// The request id as text (ids are checked or generated printable ASCII).
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok())
+    }
+
     pub fn route_label(&self) -> &'static str {
         self.route.as_ref().map_or(UNKNOWN_ROUTE, Route::label)
     }
 
     /// One access-log line. Only bounded, non-secret values: the key id, never the key.
+    /// Written field by field into one buffer (no string per field).
     pub fn access_log_line(
         &self,
-        client: &str,
+        client: impl fmt::Display,
         method: &str,
         path: &str,
         status: u16,
         upstream: Option<&str>,
     ) -> String {
-        let mut line = String::with_capacity(200);
+        let mut line = String::with_capacity(256);
         let _ = write!(
             line,
             "{client} \"{method} {path}\" {status} route={} key={} model={} upstream_status={} ttfb_ms={} bytes_in={} bytes_out={} duration_ms={}",
             self.route_label(),
             self.key_id.as_deref().unwrap_or("-"),
             self.model.as_deref().unwrap_or("-"),
-            self.upstream_status.map_or("-".to_string(), |s| s.to_string()),
-            self.first_byte.map_or("-".to_string(), |d| d.as_millis().to_string()),
+            OrDash(self.upstream_status),
+            OrDash(self.first_byte.map(|d| d.as_millis())),
             self.bytes_in,
             self.bytes_out,
             self.start.elapsed().as_millis(),
@@ -163,7 +173,7 @@ impl RequestCtx {
         if let Some(cached) = self.cached {
             let _ = write!(line, " cached={cached}");
         }
-        if let Some(id) = &self.request_id {
+        if let Some(id) = self.request_id() {
             let _ = write!(line, " request_id={id}");
         }
         if let Some(code) = self.error_code {
@@ -182,6 +192,51 @@ impl RequestCtx {
     }
 }
 
+/// A value, or `-` when there is none (the access log's empty field).
+pub struct OrDash<T>(pub Option<T>);
+
+impl<T: fmt::Display> fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// The JSON access-log record, borrowed from the request's. Members in
+/// alphabetical order, as a `serde_json::Value` writes them.
+#[derive(serde::Serialize)]
+struct JsonLine<'a, C: fmt::Display> {
+    bytes_in: usize,
+    bytes_out: usize,
+    cached: Option<u64>,
+    #[serde(serialize_with = "display")]
+    client: C,
+    cors: Option<&'static str>,
+    disconnect: Option<&'static str>,
+    duration_ms: u64,
+    error: Option<&'static str>,
+    key: Option<&'a str>,
+    method: &'a str,
+    model: Option<&'a str>,
+    origin: Option<&'a str>,
+    path: &'a str,
+    request_id: Option<&'a str>,
+    route: &'static str,
+    status: u16,
+    #[serde(serialize_with = "display")]
+    ts: humantime::Rfc3339Timestamp,
+    ttfb_ms: Option<u64>,
+    upstream: Option<&'a str>,
+    upstream_error: Option<&'static str>,
+    upstream_status: Option<u16>,
+}
+
+fn display<S: serde::Serializer>(v: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
 impl RequestCtx {
     /// The same record as [`access_log_line`](Self::access_log_line), as one
     /// JSON object (`logging.access_log_format: json`): every field always
@@ -189,36 +244,36 @@ impl RequestCtx {
     /// with a UTC timestamp `ts`.
     pub fn access_log_json(
         &self,
-        client: &str,
+        client: impl fmt::Display,
         method: &str,
         path: &str,
         status: u16,
         upstream: Option<&str>,
     ) -> String {
-        serde_json::json!({
-            "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "client": client,
-            "method": method,
-            "path": path,
-            "status": status,
-            "route": self.route_label(),
-            "key": self.key_id,
-            "model": self.model,
-            "upstream_status": self.upstream_status,
-            "ttfb_ms": self.first_byte.map(|d| d.as_millis() as u64),
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "duration_ms": self.start.elapsed().as_millis() as u64,
-            "upstream": upstream,
-            "cached": self.cached,
-            "request_id": self.request_id,
-            "error": self.error_code,
-            "upstream_error": self.upstream_error.map(UpstreamErrorKind::as_str),
-            "disconnect": self.disconnect.map(DisconnectPhase::as_str),
-            "cors": self.cors_refused.as_ref().map(|_| "refused"),
-            "origin": self.cors_refused,
-        })
-        .to_string()
+        let line = JsonLine {
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            cached: self.cached,
+            client,
+            cors: self.cors_refused.as_ref().map(|_| "refused"),
+            disconnect: self.disconnect.map(DisconnectPhase::as_str),
+            duration_ms: self.start.elapsed().as_millis() as u64,
+            error: self.error_code,
+            key: self.key_id.as_deref(),
+            method,
+            model: self.model.as_deref(),
+            origin: self.cors_refused.as_deref(),
+            path,
+            request_id: self.request_id(),
+            route: self.route_label(),
+            status,
+            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+            ttfb_ms: self.first_byte.map(|d| d.as_millis() as u64),
+            upstream,
+            upstream_error: self.upstream_error.map(UpstreamErrorKind::as_str),
+            upstream_status: self.upstream_status,
+        };
+        serde_json::to_string(&line).unwrap_or_default()
     }
 }
 
@@ -226,6 +281,14 @@ impl Default for RequestCtx {
     fn default() -> Self {
         RequestCtx::new()
     }
+}
+
+/// The `key` label of a wrong key, shared (made once).
+pub fn invalid_key_id() -> std::sync::Arc<str> {
+    static INVALID: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+    INVALID
+        .get_or_init(|| crate::metrics::KEY_INVALID.into())
+        .clone()
 }
 
 /// An `X-Request-Id` we accept from the client: short, printable, no spaces.
@@ -279,10 +342,13 @@ mod tests {
         ctx.route = Some(Route::ChatCompletions);
         ctx.key_id = Some("alice".into());
         ctx.cors_refused = Some("http://evil".into());
-        ctx.request_id = Some("r1".into());
+        ctx.request_id = Some(http::HeaderValue::from_static("r1"));
         let line = ctx.access_log_json("1.2.3.4", "POST", "/v1/x \"q\"", 200, None);
         assert!(!line.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        // Keys sorted, every field present: the bytes a `Value` would write.
+        assert_eq!(v.to_string(), line);
+        assert_eq!(v.as_object().unwrap().len(), 21);
         assert_eq!(v["client"], "1.2.3.4");
         assert_eq!(v["path"], "/v1/x \"q\"");
         assert_eq!(v["status"], 200);

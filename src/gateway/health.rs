@@ -96,7 +96,7 @@ impl GatewayProxy {
         };
         let error = ApiError::UpstreamUnavailable(message);
         ctx.error_code = Some(error.code());
-        let mut body = error.json(ctx.request_id.as_deref());
+        let mut body = error.json(ctx.request_id());
         body["status"] = json!(state);
         body["upstream"] = json!(authority);
         body["upstreams"] = json!(servers);

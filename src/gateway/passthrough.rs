@@ -9,9 +9,8 @@ use super::ctx::RequestCtx;
 use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
 use crate::policy::auth::ApiKey;
-use crate::policy::headers;
 use crate::policy::routes::Dialect;
-use crate::upstream::relay::Relay;
+use crate::upstream::relay::{Relay, UpstreamPath};
 
 impl GatewayProxy {
     /// A path the operator opened: the key and its request limits hold; the
@@ -36,22 +35,7 @@ impl GatewayProxy {
         self.shared_admit(ctx, key, 0, None).await?;
         let (body, reservation) = self.read_body(session, ctx, key).await?;
         let req = session.req_header();
-        let path = req.uri.path();
-        let path = path
-            .strip_suffix('/')
-            .filter(|p| !p.is_empty())
-            .unwrap_or(path);
         let has_body = !body.is_empty() || !matches!(req.method.as_str(), "GET" | "HEAD");
-        let req = headers::upstream_request(
-            req,
-            &headers::Forwarding {
-                path,
-                query: req.uri.query(),
-                body_len: has_body.then_some(body.len()),
-                request_id: ctx.request_id.as_deref(),
-                client_ip: ctx.client_ip,
-            },
-        )?;
         let relay = Relay {
             upstream: &self.state.upstream,
             metrics: &self.state.metrics,
@@ -63,9 +47,9 @@ impl GatewayProxy {
             expects_json: false,
             accounting: false,
             affinity: None,
+            path: UpstreamPath::Client,
+            content_length: has_body,
         };
-        relay
-            .forward(session, ctx, req, body, reservation, None)
-            .await
+        relay.forward(session, ctx, body, reservation, None).await
     }
 }

@@ -3,7 +3,7 @@
 //! belong), and the brief linger after an early answer.
 
 use bytes::Bytes;
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
@@ -11,6 +11,7 @@ use super::ctx::{DisconnectPhase, RequestCtx};
 use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
 use crate::policy::cors::CorsPolicy;
+use crate::policy::headers;
 use crate::policy::routes::{Dialect, Route};
 
 /// How long, after answering 413, we keep reading (and discarding) what the
@@ -24,10 +25,11 @@ impl GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         status: u16,
-        body: String,
+        body: impl Into<Bytes>,
     ) -> Result<(), GatewayError> {
+        let body = body.into();
         let resp = json_response_header(status, body.len())?;
-        write_response(session, ctx, &self.state.cfg.cors, resp, Bytes::from(body)).await
+        write_response(session, ctx, &self.state.cfg.cors, resp, body).await
     }
 
     /// Answers with an OpenAI-shaped error.
@@ -51,11 +53,12 @@ impl GatewayProxy {
             session.set_keepalive(None);
         }
         let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, Route::dialect);
-        let body = err.body_in(dialect, ctx.request_id.as_deref());
+        let body = err.body_in(dialect, ctx.request_id());
         let mut resp = json_response_header(err.status(), body.len())?;
         match err {
             ApiError::MissingKey(_) | ApiError::InvalidKey(_) => {
-                resp.insert_header("WWW-Authenticate", "Bearer")?;
+                // Lower-case static name and value: nothing to copy.
+                resp.insert_header("www-authenticate", http::HeaderValue::from_static("Bearer"))?;
             }
             ApiError::MethodNotAllowed { allowed, .. } => {
                 resp.insert_header("Allow", *allowed)?;
@@ -63,7 +66,7 @@ impl GatewayProxy {
             _ => {}
         }
         if let Some(seconds) = err.retry_after() {
-            resp.insert_header("Retry-After", seconds.to_string())?;
+            resp.insert_header("retry-after", headers::short_value(seconds)?)?;
         }
         if write_response(session, ctx, &self.state.cfg.cors, resp, body)
             .await
@@ -82,10 +85,15 @@ impl GatewayProxy {
 }
 
 pub(super) fn json_response_header(status: u16, len: usize) -> Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header("Content-Type", "application/json")?;
-    resp.insert_header("Content-Length", len.to_string())?;
-    Ok(resp)
+    let status = http::StatusCode::from_u16(status)
+        .or_err(ErrorType::InvalidHTTPHeader, "invalid status")?;
+    let mut map = http::HeaderMap::with_capacity(6);
+    map.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    map.insert(http::header::CONTENT_LENGTH, headers::short_value(len)?);
+    Ok(headers::response_from(status, map))
 }
 
 /// Writes a whole response the gateway answers itself.

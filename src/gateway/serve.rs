@@ -13,17 +13,16 @@ use super::GatewayProxy;
 use crate::errors::{ApiError, GatewayError};
 use crate::labels::{AuthFailure, LimitReason, StoreFallback};
 use crate::metrics::app as metrics_app;
-use crate::metrics::KEY_INVALID;
 use crate::openai::{body, prefix};
 use crate::policy::auth::ApiKey;
 use crate::policy::budget::Reservation;
 use crate::policy::limits::OnStoreError;
 use crate::policy::ratelimit::Window;
 use crate::policy::routes::Route;
-use crate::policy::{headers, hygiene, limits, tokens};
+use crate::policy::{hygiene, limits, tokens};
 use crate::shared::SlotLease;
 use crate::upstream::balance::FirstPick;
-use crate::upstream::relay::Relay;
+use crate::upstream::relay::{Relay, UpstreamPath};
 
 impl GatewayProxy {
     pub(super) async fn serve(
@@ -96,7 +95,7 @@ impl GatewayProxy {
         ctx.key_id = Some(key.id.clone());
         match route {
             Route::ListModels => {
-                let list = self.state.cfg.catalogue.list_json(|m| key.allows(&m.name));
+                let list = self.state.cfg.catalogue.list_body(key.allowed_models());
                 self.respond_json(session, ctx, 200, list).await?;
                 Ok(())
             }
@@ -159,7 +158,7 @@ impl GatewayProxy {
             Ok(key) => Ok(key),
             Err(e) => {
                 if e.auth_failure() == Some(AuthFailure::InvalidKey) {
-                    ctx.key_id = Some(KEY_INVALID.to_string());
+                    ctx.key_id = Some(super::ctx::invalid_key_id());
                 }
                 if let Some(ip) = ctx.client_ip {
                     let clients = &self.state.clients;
@@ -200,7 +199,7 @@ impl GatewayProxy {
         let (Some(store), Some(fallback)) = (&self.state.shared, &self.state.fallback) else {
             return Ok(None);
         };
-        let Some(limits) = fallback.fleet.get(&key.id).copied() else {
+        let Some(limits) = fallback.fleet.get(&*key.id).copied() else {
             return Ok(None);
         };
         if limits.requests_per_minute.is_none()
@@ -348,7 +347,7 @@ impl GatewayProxy {
         ctx.model = Some(route.name.clone());
         if !key.allows(&route.name) {
             return Err(ApiError::ModelNotAllowed {
-                key_id: key.id.clone(),
+                key_id: key.id.to_string(),
                 model: requested.unwrap_or(&route.name).to_string(),
             }
             .into());
@@ -396,17 +395,6 @@ impl GatewayProxy {
             insert_as: insert_as.unwrap_or(body::InsertAs::MaxTokens),
         };
         let body = body::rewrite(body, &info, &rewrite);
-        let req = session.req_header();
-        let req = headers::upstream_request(
-            req,
-            &headers::Forwarding {
-                path: api_route.upstream_path().unwrap_or("/"),
-                query: req.uri.query(),
-                body_len: Some(body.len()),
-                request_id: ctx.request_id.as_deref(),
-                client_ip: ctx.client_ip,
-            },
-        )?;
         let relay = Relay {
             upstream: &self.state.upstream,
             metrics: &self.state.metrics,
@@ -418,10 +406,10 @@ impl GatewayProxy {
             expects_json: true,
             accounting: !api_route.counts_tokens_only(),
             affinity: affinity.as_deref(),
+            path: UpstreamPath::Fixed(api_route.upstream_path().unwrap_or("/")),
+            content_length: true,
         };
-        let result = relay
-            .forward(session, ctx, req, body, reservation, first)
-            .await;
+        let result = relay.forward(session, ctx, body, reservation, first).await;
         ctx.affinity = affinity;
         result
     }
@@ -472,8 +460,11 @@ impl GatewayProxy {
                 .await
                 .map_err(|_| ctx.client_left(DisconnectPhase::BeforeFirstToken))?;
         }
-        // Allocated as bytes arrive too: a declared length is only a claim.
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024));
+        // A body that arrives as one piece is kept as it is; the buffer is
+        // allocated for a second piece, as bytes arrive (a declared length
+        // is only a claim).
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
         let body_timeout = self.state.cfg.downstream.body_timeout;
         let deadline = tokio::time::Instant::now() + body_timeout;
         loop {
@@ -485,7 +476,7 @@ impl GatewayProxy {
                     return Err(ApiError::BodyTimeout(format!(
                         "the request body did not arrive within {} (downstream.body_timeout); received {} bytes",
                         humantime::format_duration(body_timeout),
-                        buf.len()
+                        first.as_ref().map_or(buf.len(), Bytes::len)
                     ))
                     .into())
                 }
@@ -513,17 +504,26 @@ impl GatewayProxy {
                     .into())
                 }
             };
-            let total = buf.len() + chunk.len();
+            let held = first.as_ref().map_or(buf.len(), Bytes::len);
+            let total = held + chunk.len();
             if total > limit {
                 return Err(ApiError::BodyTooLarge { limit }.into());
             }
             if !reservation.grow_to(total) {
                 return Err(overloaded().into());
             }
-            buf.extend_from_slice(&chunk);
+            if held == 0 {
+                first = Some(chunk);
+            } else {
+                if let Some(first) = first.take() {
+                    buf.reserve(declared.unwrap_or(0).min(64 * 1024).max(total));
+                    buf.extend_from_slice(&first);
+                }
+                buf.extend_from_slice(&chunk);
+            }
             ctx.bytes_in = total;
         }
-        Ok((buf.freeze(), reservation))
+        Ok((first.unwrap_or_else(|| buf.freeze()), reservation))
     }
 }
 

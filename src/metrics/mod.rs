@@ -12,12 +12,12 @@
 
 pub mod app;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::labels::{
@@ -62,8 +62,44 @@ pub struct RequestRecord<'a> {
     pub stats: Option<&'a ResponseStats>,
 }
 
+/// The series of one configured model, held rather than looked up: a
+/// `with_label_values` call hashes its labels and takes a lock each time.
+struct ModelSeries {
+    ttft: Histogram,
+    inter_token: Histogram,
+    prompt_tps: Histogram,
+    generation_tps: Histogram,
+    cache_hit_ratio: Histogram,
+    streams_active: IntGauge,
+}
+
+/// The series of one configured server (in `upstreams` order), by the
+/// index of each typed label's value.
+struct ServerSeries {
+    errors: Vec<IntCounter>,
+    routing: Vec<IntCounter>,
+    prompt_tokens: Vec<IntCounter>,
+    forgotten: IntCounter,
+}
+
+/// The per-route series (in `routes::LABELS` order).
+struct RouteSeries {
+    request_bytes: IntCounter,
+    response_bytes: IntCounter,
+    /// Prompt, completion and cached tokens (generating routes only).
+    tokens: Option<[IntCounter; 3]>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Handles of series that exist from the start anyway (configured
+    /// models, route labels, the typed labels' values); anything else (an
+    /// unknown model's `other`) is still looked up when it happens.
+    per_model: HashMap<String, ModelSeries>,
+    per_route: Vec<RouteSeries>,
+    per_server: Vec<ServerSeries>,
+    auth_failure_series: Vec<IntCounter>,
+    disconnect_series: Vec<IntCounter>,
     known_models: HashSet<String>,
     known_keys: HashSet<String>,
     /// Server names (`upstream` label values), in configuration order.
@@ -198,7 +234,12 @@ impl Metrics {
             .register(Box::new(upstream_up.clone()))
             .expect("register gauge");
 
-        let metrics = Metrics {
+        let mut metrics = Metrics {
+            per_model: HashMap::new(),
+            per_route: Vec::new(),
+            per_server: Vec::new(),
+            auth_failure_series: Vec::new(),
+            disconnect_series: Vec::new(),
             known_models: models.into_iter().map(str::to_string).collect(),
             known_keys: keys.into_iter().map(str::to_string).collect(),
             upstreams: upstreams.into_iter().map(str::to_string).collect(),
@@ -280,7 +321,85 @@ impl Metrics {
                 .with_label_values(&[phase.as_str()]);
         }
         metrics.create_series_at_zero();
+        metrics.hold_handles();
         metrics
+    }
+
+    /// Takes the handles of the series created at zero above.
+    fn hold_handles(&mut self) {
+        self.per_model = self
+            .known_models
+            .iter()
+            .map(|model| {
+                let m = &[model.as_str()];
+                let series = ModelSeries {
+                    ttft: self.ttft.with_label_values(m),
+                    inter_token: self.inter_token.with_label_values(m),
+                    prompt_tps: self.prompt_tps.with_label_values(m),
+                    generation_tps: self.generation_tps.with_label_values(m),
+                    cache_hit_ratio: self.cache_hit_ratio.with_label_values(m),
+                    streams_active: self.streams_active.with_label_values(m),
+                };
+                (model.clone(), series)
+            })
+            .collect();
+        let generating: Vec<&str> = crate::policy::routes::generating_labels().collect();
+        self.per_route = crate::policy::routes::LABELS
+            .iter()
+            .map(|route| RouteSeries {
+                request_bytes: self.request_bytes.with_label_values(&[route]),
+                response_bytes: self.response_bytes.with_label_values(&[route]),
+                tokens: generating.contains(route).then(|| {
+                    TOKEN_KINDS.map(|kind| self.route_tokens.with_label_values(&[route, kind]))
+                }),
+            })
+            .collect();
+        self.per_server = self
+            .upstreams
+            .iter()
+            .map(|name| ServerSeries {
+                errors: UpstreamErrorKind::ALL
+                    .iter()
+                    .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()]))
+                    .collect(),
+                routing: RoutingOutcome::ALL
+                    .iter()
+                    .map(|o| self.routing.with_label_values(&[name, o.as_str()]))
+                    .collect(),
+                prompt_tokens: PromptTokenKind::ALL
+                    .iter()
+                    .map(|k| {
+                        self.upstream_prompt_tokens
+                            .with_label_values(&[name, k.as_str()])
+                    })
+                    .collect(),
+                forgotten: self.affinity_forgotten.with_label_values(&[name]),
+            })
+            .collect();
+        self.auth_failure_series = AuthFailure::ALL
+            .iter()
+            .map(|r| self.auth_failures.with_label_values(&[r.as_str()]))
+            .collect();
+        self.disconnect_series = DisconnectPhase::ALL
+            .iter()
+            .map(|p| self.client_disconnects.with_label_values(&[p.as_str()]))
+            .collect();
+    }
+
+    fn model_series(&self, model: Option<&str>) -> Option<&ModelSeries> {
+        model.and_then(|m| self.per_model.get(m))
+    }
+
+    fn server_series(&self, upstream: &str) -> Option<&ServerSeries> {
+        let i = self.upstreams.iter().position(|n| n == upstream)?;
+        self.per_server.get(i)
+    }
+
+    fn route_series(&self, route: &str) -> Option<&RouteSeries> {
+        let i = crate::policy::routes::LABELS
+            .iter()
+            .position(|l| *l == route)?;
+        self.per_route.get(i)
     }
 
     /// Registers the shared store's series (only with `state.redis`), at 0.
@@ -389,55 +508,85 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[r.route, model])
             .observe(r.duration.as_secs_f64());
-        self.request_bytes
-            .with_label_values(&[r.route])
-            .inc_by(r.bytes_in as u64);
-        self.response_bytes
-            .with_label_values(&[r.route])
-            .inc_by(r.bytes_out as u64);
+        let route = self.route_series(r.route);
+        match route {
+            Some(s) => {
+                s.request_bytes.inc_by(r.bytes_in as u64);
+                s.response_bytes.inc_by(r.bytes_out as u64);
+            }
+            None => {
+                self.request_bytes
+                    .with_label_values(&[r.route])
+                    .inc_by(r.bytes_in as u64);
+                self.response_bytes
+                    .with_label_values(&[r.route])
+                    .inc_by(r.bytes_out as u64);
+            }
+        }
         let Some(stats) = r.stats else { return };
         let tokens = stats.tokens();
-        for (kind, n) in
-            TOKEN_KINDS
-                .into_iter()
-                .zip([tokens.prompt, tokens.completion, tokens.cached])
+        let route_tokens = route.and_then(|s| s.tokens.as_ref());
+        for (i, (kind, n)) in TOKEN_KINDS
+            .into_iter()
+            .zip([tokens.prompt, tokens.completion, tokens.cached])
+            .enumerate()
         {
             self.tokens.with_label_values(&[model, key, kind]).inc_by(n);
-            self.route_tokens
-                .with_label_values(&[r.route, kind])
-                .inc_by(n);
+            match route_tokens {
+                Some(counters) => counters[i].inc_by(n),
+                None => self
+                    .route_tokens
+                    .with_label_values(&[r.route, kind])
+                    .inc_by(n),
+            }
         }
+        let series = self.model_series(r.model);
+        let histogram = |held: fn(&ModelSeries) -> &Histogram, vec: &HistogramVec| {
+            series.map_or_else(|| vec.with_label_values(&[model]), |s| held(s).clone())
+        };
         if let Some(t) = stats.timings {
             if let Some(tps) = t.prompt_per_second.filter(|v| v.is_finite() && *v > 0.0) {
-                self.prompt_tps.with_label_values(&[model]).observe(tps);
+                histogram(|s| &s.prompt_tps, &self.prompt_tps).observe(tps);
             }
             if let Some(tps) = t.predicted_per_second.filter(|v| v.is_finite() && *v > 0.0) {
-                self.generation_tps.with_label_values(&[model]).observe(tps);
+                histogram(|s| &s.generation_tps, &self.generation_tps).observe(tps);
             }
         }
         if let Some(ratio) = stats.cache_hit_ratio() {
-            self.cache_hit_ratio
-                .with_label_values(&[model])
-                .observe(ratio);
+            histogram(|s| &s.cache_hit_ratio, &self.cache_hit_ratio).observe(ratio);
         }
     }
 
     pub fn first_token(&self, model: Option<&str>, after: Duration) {
-        self.ttft
-            .with_label_values(&[self.model_label(model)])
+        self.first_token_histogram(model)
             .observe(after.as_secs_f64());
+    }
+
+    /// The time-to-first-token histogram of `model`, for a stream to hold.
+    pub fn first_token_histogram(&self, model: Option<&str>) -> Histogram {
+        match self.model_series(model) {
+            Some(s) => s.ttft.clone(),
+            None => self.ttft.with_label_values(&[self.model_label(model)]),
+        }
     }
 
     /// A histogram handle for one stream's per-chunk observations.
     pub fn inter_token_histogram(&self, model: Option<&str>) -> Histogram {
-        self.inter_token
-            .with_label_values(&[self.model_label(model)])
+        match self.model_series(model) {
+            Some(s) => s.inter_token.clone(),
+            None => self
+                .inter_token
+                .with_label_values(&[self.model_label(model)]),
+        }
     }
 
     pub fn stream_started(&self, model: Option<&str>) -> StreamGuard {
-        let gauge = self
-            .streams_active
-            .with_label_values(&[self.model_label(model)]);
+        let gauge = match self.model_series(model) {
+            Some(s) => s.streams_active.clone(),
+            None => self
+                .streams_active
+                .with_label_values(&[self.model_label(model)]),
+        };
         gauge.inc();
         StreamGuard(gauge)
     }
@@ -453,42 +602,68 @@ impl Metrics {
     }
 
     pub fn client_disconnect(&self, phase: DisconnectPhase) {
-        self.client_disconnects
-            .with_label_values(&[phase.as_str()])
-            .inc();
+        match self.disconnect_series.get(phase.index()) {
+            Some(c) => c.inc(),
+            None => self
+                .client_disconnects
+                .with_label_values(&[phase.as_str()])
+                .inc(),
+        }
     }
 
     /// `upstream` must be a configured server's name (bounded labels).
     pub fn upstream_error(&self, upstream: &str, kind: UpstreamErrorKind) {
-        self.upstream_errors
-            .with_label_values(&[upstream, kind.as_str()])
-            .inc();
+        match self
+            .server_series(upstream)
+            .and_then(|s| s.errors.get(kind.index()))
+        {
+            Some(c) => c.inc(),
+            None => self
+                .upstream_errors
+                .with_label_values(&[upstream, kind.as_str()])
+                .inc(),
+        }
     }
 
     /// A cache-affinity choice of server `upstream` (a configured name).
     pub fn routed(&self, upstream: &str, outcome: RoutingOutcome) {
-        self.routing
-            .with_label_values(&[upstream, outcome.as_str()])
-            .inc();
+        match self
+            .server_series(upstream)
+            .and_then(|s| s.routing.get(outcome.index()))
+        {
+            Some(c) => c.inc(),
+            None => self
+                .routing
+                .with_label_values(&[upstream, outcome.as_str()])
+                .inc(),
+        }
     }
 
     /// A model request's prompt at server `upstream`: all its tokens, the
     /// cached ones predicted, and those reported cached.
     pub fn upstream_prompt(&self, upstream: &str, prompt: u64, predicted: u64, cached: u64) {
+        let series = self.server_series(upstream);
         for (kind, n) in [
             (PromptTokenKind::Prompt, prompt),
             (PromptTokenKind::Predicted, predicted),
             (PromptTokenKind::Cached, cached),
         ] {
-            self.upstream_prompt_tokens
-                .with_label_values(&[upstream, kind.as_str()])
-                .inc_by(n);
+            match series.and_then(|s| s.prompt_tokens.get(kind.index())) {
+                Some(c) => c.inc_by(n),
+                None => self
+                    .upstream_prompt_tokens
+                    .with_label_values(&[upstream, kind.as_str()])
+                    .inc_by(n),
+            }
         }
     }
 
     /// The closed loop forgot index entries of server `upstream`.
     pub fn affinity_forgot(&self, upstream: &str) {
-        self.affinity_forgotten.with_label_values(&[upstream]).inc();
+        match self.server_series(upstream) {
+            Some(s) => s.forgotten.inc(),
+            None => self.affinity_forgotten.with_label_values(&[upstream]).inc(),
+        }
     }
 
     /// `llm_edge_upstream_up` of a configured server, kept by its [`Member`](crate::upstream::balance::Member).
@@ -497,9 +672,13 @@ impl Metrics {
     }
 
     pub fn auth_failure(&self, reason: AuthFailure) {
-        self.auth_failures
-            .with_label_values(&[reason.as_str()])
-            .inc();
+        match self.auth_failure_series.get(reason.index()) {
+            Some(c) => c.inc(),
+            None => self
+                .auth_failures
+                .with_label_values(&[reason.as_str()])
+                .inc(),
+        }
     }
 
     pub fn rate_limited(&self, key: Option<&str>, reason: LimitReason) {

@@ -36,7 +36,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -376,7 +376,10 @@ pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
     }
     edits.sort_by_key(|(span, _)| span.start);
     let grow: usize = edits.iter().map(|(_, b)| b.len()).sum();
-    let mut out = BytesMut::with_capacity(body.len() + grow);
+    let shrink: usize = edits.iter().map(|(span, _)| span.len()).sum();
+    // Exactly as long as the result: a full `Vec` becomes `Bytes` without
+    // a second allocation for its shared header.
+    let mut out = Vec::with_capacity((body.len() + grow).saturating_sub(shrink));
     let mut pos = 0;
     for (span, replacement) in &edits {
         out.extend_from_slice(&body[pos..span.start]);
@@ -384,7 +387,7 @@ pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
         pos = span.end;
     }
     out.extend_from_slice(&body[pos..]);
-    out.freeze()
+    Bytes::from(out)
 }
 
 /// Returns `body` with the top-level `model` value replaced by `upstream_name`
@@ -429,6 +432,32 @@ struct TopLevelVisitor {
     base: usize,
 }
 
+/// A member name, borrowed from the body unless it has escapes (serde's own
+/// `Cow<str>` always copies).
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
 impl<'de> Visitor<'de> for TopLevelVisitor {
     type Value = Scan;
 
@@ -445,7 +474,7 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
             stream: false,
             members: 0,
         };
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             scan.members += 1;
             match key.as_ref() {
                 "model" => {

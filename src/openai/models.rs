@@ -5,13 +5,15 @@
 //! the allow-lists, even while the upstream is down.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde_json::json;
 
 /// One public model and how to reach it upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRoute {
-    pub name: String,
+    pub name: Arc<str>,
     pub aliases: Vec<String>,
     pub upstream_name: String,
     pub owned_by: String,
@@ -26,6 +28,12 @@ pub struct Catalogue {
     index: HashMap<String, usize>,
     default: usize,
     created: u64,
+    /// `/v1/models` bodies, rendered once rather than per request: the
+    /// whole list (keys without an allow-list) when the catalogue is built,
+    /// an allow-list's on its first request. A reload builds a new
+    /// catalogue, so they never outlive the models they list.
+    all: Bytes,
+    restricted: Arc<Mutex<HashMap<Box<[String]>, Bytes>>>,
 }
 
 impl Catalogue {
@@ -34,19 +42,24 @@ impl Catalogue {
     pub fn new(routes: Vec<ModelRoute>, default: &str, created: u64) -> Option<Catalogue> {
         let mut index = HashMap::new();
         for (i, route) in routes.iter().enumerate() {
-            for name in std::iter::once(&route.name).chain(&route.aliases) {
-                if index.insert(name.clone(), i).is_some() {
+            let aliases = route.aliases.iter().map(String::as_str);
+            for name in std::iter::once(&*route.name).chain(aliases) {
+                if index.insert(name.to_string(), i).is_some() {
                     return None;
                 }
             }
         }
         let default = *index.get(default)?;
-        Some(Catalogue {
+        let mut catalogue = Catalogue {
             routes,
             index,
             default,
             created,
-        })
+            all: Bytes::new(),
+            restricted: Arc::default(),
+        };
+        catalogue.all = Bytes::from(catalogue.list_json(|_| true));
+        Some(catalogue)
     }
 
     /// Looks up a public name or alias; `None` means the default model.
@@ -67,7 +80,7 @@ impl Catalogue {
 
     /// Every name a client may send, public names first, then aliases.
     fn listed_names(&self) -> impl Iterator<Item = (&str, &ModelRoute)> {
-        let names = self.routes.iter().map(|r| (r.name.as_str(), r));
+        let names = self.routes.iter().map(|r| (&*r.name, r));
         let aliases = self
             .routes
             .iter()
@@ -94,6 +107,24 @@ impl Catalogue {
         json!({ "object": "list", "data": data }).to_string()
     }
 
+    /// The `GET /v1/models` body for a key with `allowed_models` (`None`:
+    /// every model), from the catalogue's cache.
+    pub fn list_body(&self, allowed_models: Option<&[String]>) -> Bytes {
+        let Some(allowed) = allowed_models else {
+            return self.all.clone();
+        };
+        let mut cache = match self.restricted.lock() {
+            Ok(cache) => cache,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(body) = cache.get(allowed) {
+            return body.clone();
+        }
+        let body = Bytes::from(self.list_json(|r| allowed.iter().any(|m| **m == *r.name)));
+        cache.insert(allowed.into(), body.clone());
+        body
+    }
+
     /// `GET /v1/models/{id}`.
     pub fn model_json(&self, id: &str) -> Option<String> {
         let route = self.index.get(id).map(|&i| &self.routes[i])?;
@@ -116,6 +147,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn cached_lists_are_the_rendered_ones() {
+        let c = catalogue();
+        assert_eq!(c.list_body(None), c.list_json(|_| true).as_bytes());
+        let only = vec!["llama".to_string()];
+        for _ in 0..2 {
+            assert_eq!(
+                c.list_body(Some(&only)),
+                c.list_json(|r| &*r.name == "llama").as_bytes()
+            );
+        }
+    }
+
     fn catalogue() -> Catalogue {
         Catalogue::new(
             vec![
@@ -131,9 +175,9 @@ mod tests {
     #[test]
     fn resolves_names_aliases_and_default() {
         let c = catalogue();
-        assert_eq!(c.resolve(Some("qwen")).unwrap().name, "qwen3");
+        assert_eq!(c.resolve(Some("qwen")).unwrap().name.as_ref(), "qwen3");
         assert_eq!(c.resolve(Some("llama")).unwrap().upstream_name, "llama");
-        assert_eq!(c.resolve(None).unwrap().name, "qwen3");
+        assert_eq!(c.resolve(None).unwrap().name.as_ref(), "qwen3");
         assert!(c.resolve(Some("gpt-4")).is_none());
         assert!(c.resolve(Some("/models/qwen3.gguf")).is_none());
     }
@@ -163,7 +207,8 @@ mod tests {
             .unwrap()
             .iter()
             .all(|m| m["object"] == "model"));
-        let only_llama: Value = serde_json::from_str(&c.list_json(|r| r.name == "llama")).unwrap();
+        let only_llama: Value =
+            serde_json::from_str(&c.list_json(|r| &*r.name == "llama")).unwrap();
         assert_eq!(only_llama["data"].as_array().unwrap().len(), 1);
     }
 

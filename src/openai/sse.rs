@@ -754,6 +754,9 @@ impl LineState<'_> {
 #[derive(Debug)]
 pub struct JsonCollector {
     body: Vec<u8>,
+    /// A body handed over whole ([`Accounting::feed_whole`]), read at once
+    /// rather than copied for later.
+    parsed: Option<ResponseStats>,
     too_big: bool,
     dialect: Dialect,
 }
@@ -769,12 +772,17 @@ impl JsonCollector {
     pub fn for_dialect(dialect: Dialect) -> JsonCollector {
         JsonCollector {
             body: Vec::new(),
+            parsed: None,
             too_big: false,
             dialect,
         }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
+        if self.parsed.take().is_some() {
+            // More after a whole body: no longer one JSON document.
+            self.too_big = true;
+        }
         if self.too_big {
             return;
         }
@@ -786,13 +794,32 @@ impl JsonCollector {
         }
     }
 
+    /// Takes `body` as the whole response: read now, not copied for later.
+    fn feed_whole(&mut self, body: &[u8]) {
+        if self.too_big || !self.body.is_empty() || self.parsed.is_some() {
+            self.feed(body);
+        } else if body.len() > MAX_JSON_BODY {
+            self.too_big = true;
+        } else {
+            self.parsed = Some(Self::read(self.dialect, body));
+        }
+    }
+
     pub fn finish(self) -> ResponseStats {
+        match self.parsed {
+            Some(stats) => stats,
+            None if self.too_big => ResponseStats::default(),
+            None => Self::read(self.dialect, &self.body),
+        }
+    }
+
+    fn read(dialect: Dialect, body: &[u8]) -> ResponseStats {
         let mut stats = ResponseStats::default();
-        if !self.too_big && !self.body.is_empty() {
+        if !body.is_empty() {
             // A whole response, not a delta: straight to the full parse.
             // One message, not a delta: `content_events` stays 0.
             stats.events += 1;
-            stats.absorb_full(self.dialect, None, &self.body);
+            stats.absorb_full(dialect, None, body);
         }
         stats
     }
@@ -813,7 +840,11 @@ impl Accounting {
     pub fn for_dialect(dialect: Dialect, is_sse: bool, content_type: &str) -> Accounting {
         if is_sse {
             Accounting::Sse(SseScanner::for_dialect(dialect))
-        } else if content_type.to_ascii_lowercase().contains("json") {
+        } else if content_type
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+        {
             Accounting::Json(JsonCollector::for_dialect(dialect))
         } else {
             Accounting::Off
@@ -830,6 +861,18 @@ impl Accounting {
                 collector.feed(chunk);
                 0
             }
+        }
+    }
+
+    /// [`Accounting::feed`] for a body that is complete: a JSON collector
+    /// reads it at once instead of keeping a copy.
+    pub fn feed_whole(&mut self, body: &[u8]) -> u64 {
+        match self {
+            Accounting::Json(collector) => {
+                collector.feed_whole(body);
+                0
+            }
+            other => other.feed(body),
         }
     }
 

@@ -31,7 +31,7 @@ use crate::errors::ApiError;
 /// model names it may use (`None`: every model).
 #[derive(Clone)]
 pub struct ApiKey {
-    pub id: String,
+    pub id: std::sync::Arc<str>,
     digest: [u8; 32],
     allowed_models: Option<Vec<String>>,
 }
@@ -48,7 +48,7 @@ impl std::fmt::Debug for ApiKey {
 impl ApiKey {
     pub fn new(id: String, digest: [u8; 32], allowed_models: Option<Vec<String>>) -> ApiKey {
         ApiKey {
-            id,
+            id: id.into(),
             digest,
             allowed_models,
         }
@@ -57,6 +57,11 @@ impl ApiKey {
     /// The identity used when the operator explicitly allows unauthenticated access.
     pub fn anonymous() -> ApiKey {
         ApiKey::new("anonymous".into(), [0; 32], None)
+    }
+
+    /// The public models it may use; `None`: all.
+    pub fn allowed_models(&self) -> Option<&[String]> {
+        self.allowed_models.as_deref()
     }
 
     pub fn allows(&self, public_model: &str) -> bool {
@@ -158,7 +163,7 @@ impl KeyTable {
     /// Configured key ids (the only values the `key` metric label takes besides
     /// `anonymous` and `invalid`).
     pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|k| k.id.as_str())
+        self.keys.iter().map(|k| &*k.id)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -304,10 +309,19 @@ mod tests {
     fn finds_the_right_key() {
         let t = table();
         assert_eq!(
-            t.authenticate(Some(b"Bearer sk-alice")).unwrap().id,
+            t.authenticate(Some(b"Bearer sk-alice"))
+                .unwrap()
+                .id
+                .as_ref(),
             "alice"
         );
-        assert_eq!(t.authenticate(Some(b"bearer  sk-bob ")).unwrap().id, "bob");
+        assert_eq!(
+            t.authenticate(Some(b"bearer  sk-bob "))
+                .unwrap()
+                .id
+                .as_ref(),
+            "bob"
+        );
     }
 
     #[test]
@@ -346,7 +360,7 @@ mod tests {
     #[test]
     fn anonymous_only_when_allowed() {
         let open = KeyTable::new(vec![], true);
-        assert_eq!(open.authenticate(None).unwrap().id, "anonymous");
+        assert_eq!(open.authenticate(None).unwrap().id.as_ref(), "anonymous");
         let closed = KeyTable::new(vec![], false);
         let err = closed.authenticate(Some(b"Bearer x")).unwrap_err();
         assert!(err.to_string().contains("no API keys configured"));
@@ -379,11 +393,14 @@ mod tests {
             false,
         );
         assert_eq!(
-            t.authenticate(Some(b"Bearer sk-same")).unwrap().id,
+            t.authenticate(Some(b"Bearer sk-same")).unwrap().id.as_ref(),
             "second"
         );
         assert_eq!(
-            t.authenticate(Some(b"Bearer sk-other")).unwrap().id,
+            t.authenticate(Some(b"Bearer sk-other"))
+                .unwrap()
+                .id
+                .as_ref(),
             "other"
         );
         assert_eq!(t.ids().collect::<Vec<_>>(), ["first", "other", "second"]);
@@ -398,7 +415,7 @@ mod tests {
         for i in (0..500).step_by(37) {
             let header = format!("Bearer sk-{i}");
             assert_eq!(
-                t.authenticate(Some(header.as_bytes())).unwrap().id,
+                t.authenticate(Some(header.as_bytes())).unwrap().id.as_ref(),
                 format!("k{i}")
             );
         }

@@ -104,8 +104,12 @@ fn too_many(reason: LimitReason, who: &str, max: u32, setting: &str) -> Refusal 
     }
 }
 
-/// One body being received; released when dropped.
-pub struct UploadSlot(#[allow(dead_code)] Vec<Guard>);
+/// One body being received: its key's and its address's counts (two fixed
+/// slots, no `Vec`), given back when dropped.
+pub struct UploadSlot {
+    _key: Option<Guard>,
+    _ip: Option<Guard>,
+}
 
 impl std::fmt::Debug for UploadSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,10 +129,13 @@ impl Uploads {
 
     /// Counts one more body of `key` from `ip`, or refuses it.
     pub fn enter(&self, key: &str, ip: Option<IpAddr>) -> Result<UploadSlot, Refusal> {
-        let mut guards = Vec::with_capacity(2);
+        let mut slot = UploadSlot {
+            _key: None,
+            _ip: None,
+        };
         if let Some(max) = self.per_key {
             let (guard, n) = self.keys.incr(key, 1);
-            guards.push(guard);
+            slot._key = Some(guard);
             if n > max as isize {
                 let who = format!("the API key '{key}'");
                 return Err(too_many(
@@ -141,7 +148,7 @@ impl Uploads {
         }
         if let (Some(max), Some(ip)) = (self.per_ip, ip) {
             let (guard, n) = self.ips.incr(ip, 1);
-            guards.push(guard);
+            slot._ip = Some(guard);
             if n > max as isize {
                 return Err(too_many(
                     LimitReason::IpUploads,
@@ -151,7 +158,7 @@ impl Uploads {
                 ));
             }
         }
-        Ok(UploadSlot(guards))
+        Ok(slot)
     }
 }
 

@@ -112,11 +112,16 @@ impl CorsPolicy {
 }
 
 /// Removes every `Access-Control-*` header an upstream response carries.
+/// A CORS response header (`Access-Control-*`, lower-case as `http` names are).
+pub fn is_cors_header(name: &str) -> bool {
+    name.starts_with("access-control-")
+}
+
 pub fn strip_upstream_cors(resp: &mut ResponseHeader) {
     let names: Vec<_> = resp
         .headers
         .keys()
-        .filter(|n| n.as_str().starts_with("access-control-"))
+        .filter(|n| is_cors_header(n.as_str()))
         .cloned()
         .collect();
     for name in names {

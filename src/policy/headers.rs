@@ -11,8 +11,9 @@
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
-use pingora_error::Result;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use pingora_error::{ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::UpstreamServer;
@@ -47,6 +48,12 @@ const NOT_FORWARDED: &[&str] = &[
     "forwarded",
     "x-real-ip",
 ];
+
+// Names the gateway writes, built at compile time (a name parsed at run
+// time is copied into a fresh buffer; a clone of these copies nothing).
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Query parameters that carry keys in some clients: never forwarded (nor logged).
 const KEY_PARAMS: &[&str] = &[
@@ -91,41 +98,74 @@ pub struct Forwarding<'a> {
     pub query: Option<&'a str>,
     /// `None`: a request without a body (no `Content-Length` is sent).
     pub body_len: Option<usize>,
-    pub request_id: Option<&'a str>,
+    pub request_id: Option<&'a HeaderValue>,
     pub client_ip: Option<IpAddr>,
 }
 
 /// The header llm-edge sends upstream for a body it has read (and
 /// rewritten), still without `Host` and `Authorization`: those depend on
 /// which server it goes to ([`address_to`]), which failover may change.
+///
+/// Built as plain `http` parts, without Pingora's map of header-name case:
+/// that map doubles the header maps and copies every name, and llama-server
+/// reads names case-insensitively. On the wire the common names are still
+/// title-cased by Pingora, the rest go lower-case (as the client's own
+/// extension headers already did).
 pub fn upstream_request(client: &RequestHeader, fwd: &Forwarding) -> Result<RequestHeader> {
-    let mut target = String::with_capacity(fwd.path.len() + fwd.query.map_or(0, str::len) + 1);
-    target.push_str(fwd.path);
-    if let Some(query) = fwd.query.and_then(filter_query) {
-        target.push('?');
-        target.push_str(&query);
-    }
-    let mut req = RequestHeader::build(
-        client.method.clone(),
-        target.as_bytes(),
-        Some(client.headers.len() + 4),
+    let query = fwd.query.and_then(filter_query);
+    let target = match (
+        &query,
+        crate::policy::routes::static_upstream_path(fwd.path),
+    ) {
+        (None, Some(path)) => Bytes::from_static(path.as_bytes()),
+        (None, None) => Bytes::copy_from_slice(fwd.path.as_bytes()),
+        (Some(query), _) => {
+            let mut target = String::with_capacity(fwd.path.len() + query.len() + 1);
+            target.push_str(fwd.path);
+            target.push('?');
+            target.push_str(query);
+            Bytes::from(target)
+        }
+    };
+    let uri = http::Uri::from_maybe_shared(target).or_err(
+        ErrorType::InvalidHTTPHeader,
+        "invalid upstream request target",
     )?;
+    let mut headers = HeaderMap::with_capacity(client.headers.len() + 4);
     for (name, value) in client.headers.iter() {
         let name_str = name.as_str();
         if !NOT_FORWARDED.contains(&name_str) && !hop_by_hop(name_str, &client.headers) {
-            req.append_header(name.clone(), value.clone())?;
+            headers.append(name.clone(), value.clone());
         }
     }
     if let Some(len) = fwd.body_len {
-        req.insert_header("Content-Length", len.to_string())?;
+        headers.insert(http::header::CONTENT_LENGTH, short_value(len)?);
     }
     if let Some(id) = fwd.request_id {
-        req.insert_header("X-Request-Id", id)?;
+        headers.insert(X_REQUEST_ID.clone(), id.clone());
     }
     if let Some(ip) = fwd.client_ip {
-        req.insert_header("X-Forwarded-For", ip.to_string())?;
+        headers.insert(X_FORWARDED_FOR.clone(), short_value(ip)?);
     }
-    Ok(req)
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = client.method.clone();
+    parts.uri = uri;
+    parts.headers = headers;
+    Ok(RequestHeader::from(parts))
+}
+
+/// A short value (a number, an address) as a header value, formatted on the
+/// stack: one allocation, where `to_string()` and `HeaderValue::from(usize)`
+/// take two.
+pub fn short_value(v: impl std::fmt::Display) -> Result<HeaderValue> {
+    use std::io::Write as _;
+    // Longer than any number or address text (an IPv6 one is at most 45).
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "{v}").or_err(ErrorType::InvalidHTTPHeader, "header value too long")?;
+    let len = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..len])
+        .or_err(ErrorType::InvalidHTTPHeader, "invalid header value")
 }
 
 /// `query` without key-like parameters; `None` when nothing is left.
@@ -202,25 +242,61 @@ pub fn downstream_response(
     is_sse: bool,
     http10: bool,
 ) -> Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 4))?;
+    // Plain `http` parts, without Pingora's header-name case map (see
+    // `upstream_request`): llama-server's own extension headers already
+    // reached the client lower-cased, now ours do too.
+    let mut headers = HeaderMap::with_capacity(upstream.headers.len() + 4);
     for (name, value) in upstream.headers.iter() {
-        if !hop_by_hop(name.as_str(), &upstream.headers) {
-            resp.append_header(name.clone(), value.clone())?;
+        let name_str = name.as_str();
+        // llama-server's CORS answer is never passed on: the gateway's policy decides.
+        if !hop_by_hop(name_str, &upstream.headers)
+            && !crate::policy::cors::is_cors_header(name_str)
+        {
+            headers.append(name.clone(), value.clone());
         }
     }
-    crate::policy::cors::strip_upstream_cors(&mut resp);
-    let has_length = resp.headers.contains_key("content-length");
+    let has_length = headers.contains_key(http::header::CONTENT_LENGTH);
     if is_sse || !has_length {
-        resp.remove_header("content-length");
+        headers.remove(http::header::CONTENT_LENGTH);
         if !http10 {
-            resp.insert_header("Transfer-Encoding", "chunked")?;
+            headers.insert(
+                http::header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
     }
     if is_sse {
-        resp.insert_header("X-Accel-Buffering", "no")?;
-        resp.insert_header("Cache-Control", "no-cache")?;
+        headers.insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
     }
-    Ok(resp)
+    Ok(response_from(upstream.status, headers))
+}
+
+/// A response header from plain parts (no header-name case map, no reason
+/// phrase): no allocation beyond `headers` itself.
+pub fn response_from(status: http::StatusCode, headers: HeaderMap) -> ResponseHeader {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = headers;
+    ResponseHeader::from(parts)
+}
+
+/// Sets `name` to `value`. On a header without a case
+/// map (the gateway's own, see [`response_from`]) the name is used as it is;
+/// Pingora's `insert_header` would copy it twice.
+pub fn set_header(resp: &mut ResponseHeader, name: HeaderName, value: HeaderValue) -> Result<()> {
+    // A case map or a reason phrase of its own would not survive the parts.
+    if resp.has_case() || resp.get_reason_phrase() != resp.status.canonical_reason() {
+        return resp.insert_header(name, value);
+    }
+    let taken = std::mem::replace(resp, response_from(resp.status, HeaderMap::new()));
+    let mut parts = http::response::Parts::from(taken);
+    parts.headers.insert(name, value);
+    *resp = ResponseHeader::from(parts);
+    Ok(())
 }
 
 /// What every response to a client carries, whoever wrote it: the request id
@@ -239,12 +315,12 @@ pub fn is_chunked(headers: &http::HeaderMap) -> bool {
 
 pub fn finish_client_response(
     resp: &mut ResponseHeader,
-    request_id: Option<&str>,
+    request_id: Option<&HeaderValue>,
     cors: &CorsPolicy,
     allowed_origin: Option<&str>,
 ) -> Result<()> {
     if let Some(id) = request_id {
-        resp.insert_header("X-Request-Id", id)?;
+        set_header(resp, X_REQUEST_ID.clone(), id.clone())?;
     }
     cors.apply(resp, allowed_origin)
 }

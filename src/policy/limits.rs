@@ -125,15 +125,17 @@ pub struct Limiter {
     global_in_flight: Arc<AtomicUsize>,
 }
 
-/// Releases the request's concurrency slots when dropped.
+/// Releases the request's concurrency slots when dropped: the global one
+/// and, for a configured key, the key's (two fixed slots, no `Vec`).
 #[derive(Debug)]
 pub struct LimitGuard {
-    counters: Vec<Arc<AtomicUsize>>,
+    global: Option<Arc<AtomicUsize>>,
+    key: Option<Arc<AtomicUsize>>,
 }
 
 impl Drop for LimitGuard {
     fn drop(&mut self) {
-        for c in &self.counters {
+        for c in [&self.global, &self.key].into_iter().flatten() {
             c.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -200,7 +202,8 @@ impl Limiter {
     /// Admits one request of `key_id`, or says why not.
     pub fn admit(&self, key_id: &str, now: Instant) -> Result<LimitGuard, Refusal> {
         let mut guard = LimitGuard {
-            counters: Vec::new(),
+            global: None,
+            key: None,
         };
         if !try_increment(&self.global_in_flight, self.global_max) {
             return Err(Refusal {
@@ -212,7 +215,7 @@ impl Limiter {
                 retry_after: Duration::from_secs(1),
             });
         }
-        guard.counters.push(self.global_in_flight.clone());
+        guard.global = Some(self.global_in_flight.clone());
         let Some(key) = self.keys.get(key_id) else {
             return Ok(guard);
         };
@@ -227,7 +230,7 @@ impl Limiter {
                 retry_after: Duration::from_secs(1),
             });
         }
-        guard.counters.push(key.in_flight.clone());
+        guard.key = Some(key.in_flight.clone());
         if let Some(bucket) = &key.bucket {
             let taken = match bucket.lock() {
                 Ok(mut b) => b.take(now),

@@ -101,6 +101,12 @@ const MODEL_ROUTES: &[(&str, Route)] = &[
     ("/v1/chat/completions/input_tokens", Route::ChatInputTokens),
 ];
 
+/// `path` as the static string of a model route's upstream path, if it is one
+/// (a header built from it then needs no copy of the path).
+pub fn static_upstream_path(path: &str) -> Option<&'static str> {
+    MODEL_ROUTES.iter().map(|(p, _)| *p).find(|p| *p == path)
+}
+
 impl Route {
     pub fn label(&self) -> &'static str {
         match self {

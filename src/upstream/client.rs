@@ -22,6 +22,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
@@ -132,6 +133,32 @@ pub struct Exchange {
     pub http: HttpSession,
 }
 
+/// Why [`UpstreamClient::send`] returned without a response header.
+#[derive(Debug)]
+pub enum Unsent {
+    /// It failed; `header` is the request header back when it was never
+    /// handed to a connection (a failed connect), for another server.
+    Failed {
+        failure: UpstreamFailure,
+        header: Option<Box<RequestHeader>>,
+    },
+    /// A pooled connection turned out stale while the request was written:
+    /// llama-server read none of it, so it goes out again on a fresh
+    /// connection ([`UpstreamClient::send_fresh`]). The header went with the
+    /// broken connection: the caller builds it again (rare, so the common
+    /// path keeps no copy).
+    Stale,
+}
+
+impl Unsent {
+    fn failed(failure: UpstreamFailure) -> Unsent {
+        Unsent::Failed {
+            failure,
+            header: None,
+        }
+    }
+}
+
 /// The connection pool and timeouts for one llama-server.
 pub struct UpstreamClient {
     transport: TransportConnector,
@@ -140,6 +167,10 @@ pub struct UpstreamClient {
     first_byte_timeout: Duration,
     pool_idle_timeout: Duration,
     health_timeout: Duration,
+    /// `Host` and `Authorization` for this server, rendered once: every
+    /// request carries them (a clone of a value is a reference count).
+    host: Option<HeaderValue>,
+    authorization: Option<HeaderValue>,
 }
 
 impl UpstreamClient {
@@ -148,6 +179,12 @@ impl UpstreamClient {
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         peer.options.total_connection_timeout = Some(cfg.connect_timeout);
         let transport = TransportConnector::new(Some(ConnectorOptions::new(256)));
+        let host = HeaderValue::from_str(&server.authority).ok();
+        let authorization = server.api_key.as_ref().and_then(|key| {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
         UpstreamClient {
             transport,
             peer,
@@ -155,7 +192,25 @@ impl UpstreamClient {
             first_byte_timeout: cfg.first_byte_timeout,
             pool_idle_timeout: cfg.pool_idle_timeout,
             health_timeout: cfg.health_timeout,
+            host,
+            authorization,
         }
+    }
+
+    /// Addresses `req` to this server: its `Host`, and its own key or none
+    /// (a header that went to another server first may carry that one's).
+    fn address(&self, req: &mut RequestHeader) -> pingora_error::Result<()> {
+        let invalid = || Error::explain(ErrorType::InvalidHTTPHeader, "invalid value while insert");
+        let host = self.host.clone().ok_or_else(invalid)?;
+        req.insert_header(http::header::HOST, host)?;
+        match (&self.authorization, &self.server.api_key) {
+            (Some(value), _) => req.insert_header("authorization", value.clone())?,
+            (None, Some(_)) => return Err(invalid()),
+            (None, None) => {
+                req.remove_header(&http::header::AUTHORIZATION);
+            }
+        }
+        Ok(())
     }
 
     pub fn server(&self) -> &UpstreamServer {
@@ -168,25 +223,27 @@ impl UpstreamClient {
 
     /// Sends the request (addressed to this server) and waits for the
     /// response header (cancel-safe: dropping the future drops the
-    /// connection, which stops llama-server).
+    /// connection, which stops llama-server). The header is handed over, not
+    /// copied: it comes back only when no connection took it.
     pub async fn send(
         &self,
-        req: &RequestHeader,
+        mut req: Box<RequestHeader>,
         body: &Bytes,
-    ) -> Result<Exchange, UpstreamFailure> {
-        let mut req = req.clone();
-        headers::address_to(&mut req, &self.server).map_err(UpstreamFailure::Invalid)?;
-        let req = &req;
+    ) -> Result<Exchange, Unsent> {
+        if let Err(e) = self.address(&mut req) {
+            return Err(Unsent::failed(UpstreamFailure::Invalid(e)));
+        }
         if let Some(stream) = self.transport.reused_stream(&self.peer).await {
             let http = HttpSession::new_with_options(stream, &self.peer);
-            match self.exchange_staged(http, req, body).await {
-                Ok(done) => return Ok(done),
+            return match self.exchange_staged(http, req, body).await {
+                Ok(done) => Ok(done),
                 // A stale pooled connection that refused the request itself:
                 // nothing was read upstream; try once more on a fresh one.
                 Err((UpstreamFailure::NoResponse(e), Stage::Writing)) => {
                     log::debug!(
                         "pooled upstream connection was stale ({e}); retrying on a new one"
                     );
+                    Err(Unsent::Stale)
                 }
                 Err((failure @ UpstreamFailure::NoResponse(_), Stage::Written)) => {
                     // Not re-sent (it may be running); said at info so a 502
@@ -196,24 +253,50 @@ impl UpstreamClient {
                         self.server.authority,
                         failure.short_reason()
                     );
-                    return Err(failure);
+                    Err(Unsent::failed(failure))
                 }
-                Err((other, _)) => return Err(other),
-            }
+                Err((other, _)) => Err(Unsent::failed(other)),
+            };
         }
+        self.connect_and_send(req, body).await
+    }
+
+    /// [`UpstreamClient::send`] on a new connection (after a stale pooled one).
+    pub async fn send_fresh(
+        &self,
+        mut req: Box<RequestHeader>,
+        body: &Bytes,
+    ) -> Result<Exchange, Unsent> {
+        if let Err(e) = self.address(&mut req) {
+            return Err(Unsent::failed(UpstreamFailure::Invalid(e)));
+        }
+        self.connect_and_send(req, body).await
+    }
+
+    async fn connect_and_send(
+        &self,
+        req: Box<RequestHeader>,
+        body: &Bytes,
+    ) -> Result<Exchange, Unsent> {
         // Boxed: the connect future is large and only needed when the pool
         // has no connection (it would otherwise grow every request's future).
-        let stream = Box::pin(self.transport.new_stream(&self.peer))
-            .await
-            .map_err(UpstreamFailure::Connect)?;
+        let stream = match Box::pin(self.transport.new_stream(&self.peer)).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                return Err(Unsent::Failed {
+                    failure: UpstreamFailure::Connect(e),
+                    header: Some(req),
+                })
+            }
+        };
         let http = HttpSession::new_with_options(stream, &self.peer);
-        self.exchange(http, req, body).await
+        self.exchange(http, req, body).await.map_err(Unsent::failed)
     }
 
     async fn exchange(
         &self,
         http: HttpSession,
-        req: &RequestHeader,
+        req: Box<RequestHeader>,
         body: &Bytes,
     ) -> Result<Exchange, UpstreamFailure> {
         self.exchange_staged(http, req, body)
@@ -225,7 +308,7 @@ impl UpstreamClient {
     async fn exchange_staged(
         &self,
         mut http: HttpSession,
-        req: &RequestHeader,
+        req: Box<RequestHeader>,
         body: &Bytes,
     ) -> Result<Exchange, (UpstreamFailure, Stage)> {
         // One deadline for sending the request and receiving the response
@@ -234,7 +317,7 @@ impl UpstreamClient {
         let limit = self.first_byte_timeout;
         let exchange = async {
             let write = async {
-                http.write_request_header(Box::new(req.clone())).await?;
+                http.write_request_header(req).await?;
                 if !body.is_empty() {
                     http.write_body(body).await?;
                 }
@@ -303,7 +386,7 @@ impl UpstreamClient {
                 .await
                 .map_err(UpstreamFailure::Connect)?;
             let http = HttpSession::new_with_options(stream, &self.peer);
-            let mut exchange = self.exchange(http, &req, &Bytes::new()).await?;
+            let mut exchange = self.exchange(http, Box::new(req), &Bytes::new()).await?;
             let status = exchange.http.get_status().map_or(0, |s| s.as_u16());
             let mut body = Vec::new();
             while let Ok(Some(chunk)) = exchange.http.read_body_ref().await {

@@ -43,7 +43,7 @@ use crate::policy::headers;
 use crate::policy::routes::Dialect;
 use crate::upstream::admission::Denied;
 use crate::upstream::balance::{FirstPick, Health, Lease, UpstreamSet};
-use crate::upstream::client::{Exchange, UpstreamFailure};
+use crate::upstream::client::{Exchange, Unsent, UpstreamFailure};
 
 /// Why a write to the client did not complete.
 enum WriteFailed {
@@ -64,12 +64,35 @@ async fn write_body(
     stall: Duration,
     deadline: Option<Instant>,
 ) -> Result<(), WriteFailed> {
+    let timer = tokio::time::sleep(stall);
+    tokio::pin!(timer);
+    write_body_timed(session, chunk, end, timer, stall, deadline).await
+}
+
+/// [`write_body`] with a timer the caller keeps (a stream's, moved for each
+/// chunk instead of registering a new one).
+async fn write_body_timed(
+    session: &mut Session,
+    chunk: Option<Bytes>,
+    end: bool,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    stall: Duration,
+    deadline: Option<Instant>,
+) -> Result<(), WriteFailed> {
     let stall_at = Instant::now() + stall;
     let limit = deadline.map_or(stall_at, |d| d.min(stall_at));
-    match tokio::time::timeout_at(limit, session.write_response_body(chunk, end)).await {
+    timer.as_mut().reset(limit);
+    // The write first, as `timeout_at` polls it: a write that completes
+    // at once never sees the timer.
+    let written = tokio::select! {
+        biased;
+        written = session.write_response_body(chunk, end) => Ok(written),
+        _ = timer => Err(()),
+    };
+    match written {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteFailed::ClientGone),
-        Err(_) => {
+        Err(()) => {
             // A write may have stopped half-way: the connection cannot be reused.
             session.set_keepalive(None);
             if deadline.is_some_and(|d| d < stall_at) {
@@ -96,7 +119,7 @@ pub async fn write_header(
 ) -> Result<(), GatewayError> {
     headers::finish_client_response(
         &mut resp,
-        ctx.request_id.as_deref(),
+        ctx.request_id.as_ref(),
         cors,
         ctx.cors_origin.as_deref(),
     )?;
@@ -170,7 +193,24 @@ pub struct Relay<'a> {
     pub accounting: bool,
     /// The request's cache-affinity key, if it has one.
     pub affinity: Option<&'a crate::openai::prefix::Affinity>,
+    /// The path it takes upstream.
+    pub path: UpstreamPath,
+    /// Whether it is sent with a `Content-Length` (a request with a body).
+    pub content_length: bool,
 }
+
+/// Which path a relayed request takes upstream.
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamPath {
+    /// This one: a model route's canonical path (never the client's spelling).
+    Fixed(&'static str),
+    /// The client's own (passthrough), without a trailing slash.
+    Client,
+}
+
+/// The least a stream's chunk buffer holds (typical SSE events are a few
+/// hundred bytes; several can arrive in one read).
+const CHUNK_BUFFER: usize = 1024;
 
 /// The largest non-streamed response read whole and checked; a larger one
 /// is relayed as it comes (only embeddings of big batches get there).
@@ -257,54 +297,87 @@ impl NotOpened {
     }
 }
 
+/// How far opening an exchange got, kept across a rebuild of the request
+/// header (see [`Unopened::Rebuild`]).
+#[derive(Default)]
+struct Opening {
+    tried: Vec<usize>,
+    failed: Option<(usize, UpstreamFailure)>,
+    full: Option<NotOpened>,
+    /// A lease whose pooled connection was stale: the request goes out
+    /// again on a fresh connection to the same server.
+    stale: Option<Lease>,
+    /// The server chosen before admission (with a shared store, its slot
+    /// may already be leased): the first attempt goes there.
+    first: Option<FirstPick>,
+}
+
+/// Why [`open`] returned without an exchange.
+enum Unopened {
+    /// No server took it: the answer.
+    Not(NotOpened),
+    /// The request header went with a stale connection: build it again
+    /// and call [`open`] once more.
+    Rebuild,
+}
+
 /// Picks a server, waits for one of its slots, sends the request; when the
-/// connect fails, marks that server down and tries the next one, and when
-/// its queue is full, tries the next one too.
+/// connect fails, marks that server down and tries the next one (the same
+/// header, re-addressed), and when its queue is full, tries the next one too.
 async fn open(
     relay: &Relay<'_>,
-    req: &RequestHeader,
+    st: &mut Opening,
+    req: &mut Option<Box<RequestHeader>>,
     body: &Bytes,
-    mut first: Option<FirstPick>,
-) -> Result<(Lease, Exchange), NotOpened> {
+) -> Result<(Lease, Exchange), Unopened> {
     let (set, metrics) = (relay.upstream, relay.metrics);
-    let mut tried: Vec<usize> = Vec::new();
-    let mut failed: Option<(usize, UpstreamFailure)> = None;
-    let mut full: Option<NotOpened> = None;
     loop {
-        let (index, choice, taken) = match first.take() {
-            Some(pick) => (pick.index, pick.choice, pick.slot),
-            None => {
-                let Some((index, choice)) = set.choose_for(relay.allowed, &tried, relay.affinity)
-                else {
-                    return Err(match full {
-                        Some(busy) if failed.is_none() => busy,
-                        _ => no_server_left(relay, failed),
-                    });
-                };
-                (index, choice, None)
-            }
+        let Some(header) = req.take() else {
+            return Err(Unopened::Rebuild);
         };
-        if let Some((previous, failure)) = failed.take() {
-            // Another server takes over: count the failure now.
-            metrics.upstream_error(&set.members()[previous].server().name, failure.kind());
-        }
-        let server = set.members()[index].server();
-        let waited = std::time::Instant::now();
-        let lease = set.lease(index, relay.key, taken).await;
-        if server.max_in_flight > 0 {
-            metrics.queue_waited(waited.elapsed());
-        }
-        let mut lease = match lease {
-            Ok(lease) => lease,
-            Err(Denied::QueueFull) => {
-                tried.push(index);
-                full = Some(busy(set, index, Denied::QueueFull));
-                continue;
+        let (index, lease, sent) = if let Some(lease) = st.stale.take() {
+            let sent = lease.member().client.send_fresh(header, body).await;
+            (lease.index(), lease, sent)
+        } else {
+            let (index, choice, taken) = match st.first.take() {
+                Some(pick) => (pick.index, pick.choice, pick.slot),
+                None => {
+                    let Some((index, choice)) =
+                        set.choose_for(relay.allowed, &st.tried, relay.affinity)
+                    else {
+                        return Err(Unopened::Not(match st.full.take() {
+                            Some(busy) if st.failed.is_none() => busy,
+                            _ => no_server_left(relay, st.failed.take()),
+                        }));
+                    };
+                    (index, choice, None)
+                }
+            };
+            if let Some((previous, failure)) = st.failed.take() {
+                // Another server takes over: count the failure now.
+                metrics.upstream_error(&set.members()[previous].server().name, failure.kind());
             }
-            Err(denied) => return Err(busy(set, index, denied)),
+            let server = set.members()[index].server();
+            let waited = std::time::Instant::now();
+            let lease = set.lease(index, relay.key, taken).await;
+            if server.max_in_flight > 0 {
+                metrics.queue_waited(waited.elapsed());
+            }
+            let mut lease = match lease {
+                Ok(lease) => lease,
+                Err(Denied::QueueFull) => {
+                    st.tried.push(index);
+                    st.full = Some(busy(set, index, Denied::QueueFull));
+                    *req = Some(header);
+                    continue;
+                }
+                Err(denied) => return Err(Unopened::Not(busy(set, index, denied))),
+            };
+            lease.choice = choice;
+            let sent = lease.member().client.send(header, body).await;
+            (index, lease, sent)
         };
-        lease.choice = choice;
-        match lease.member().client.send(req, body).await {
+        match sent {
             Ok(exchange) => {
                 // A 503 is llama-server loading its model (or overloaded):
                 // only the health check brings such a server back.
@@ -314,7 +387,11 @@ async fn open(
                 }
                 return Ok((lease, exchange));
             }
-            Err(failure) => {
+            Err(Unsent::Stale) => {
+                st.stale = Some(lease);
+                return Err(Unopened::Rebuild);
+            }
+            Err(Unsent::Failed { failure, header }) => {
                 if matches!(
                     failure,
                     UpstreamFailure::Connect(_) | UpstreamFailure::NoResponse(_)
@@ -322,10 +399,11 @@ async fn open(
                     set.mark(index, Health::Down, &failure.short_reason());
                 }
                 if !failure.nothing_sent() {
-                    return Err(NotOpened::failed(set, index, failure));
+                    return Err(Unopened::Not(NotOpened::failed(set, index, failure)));
                 }
-                tried.push(index);
-                failed = Some((index, failure));
+                st.tried.push(index);
+                st.failed = Some((index, failure));
+                *req = header;
             }
         }
     }
@@ -398,12 +476,41 @@ impl Relay<'_> {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        req: RequestHeader,
         body: Bytes,
         reservation: Reservation,
         first: Option<FirstPick>,
     ) -> Result<(), GatewayError> {
-        forward(self, session, ctx, req, body, reservation, first).await
+        forward(self, session, ctx, body, reservation, first).await
+    }
+
+    /// The header llama-server gets for this request (still unaddressed).
+    fn upstream_request(
+        &self,
+        client: &RequestHeader,
+        ctx: &RequestCtx,
+        body_len: usize,
+    ) -> pingora_error::Result<Box<RequestHeader>> {
+        let path = match self.path {
+            UpstreamPath::Fixed(path) => path,
+            // The client's own path, without a trailing slash.
+            UpstreamPath::Client => {
+                let path = client.uri.path();
+                path.strip_suffix('/')
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or(path)
+            }
+        };
+        let req = headers::upstream_request(
+            client,
+            &headers::Forwarding {
+                path,
+                query: client.uri.query(),
+                body_len: self.content_length.then_some(body_len),
+                request_id: ctx.request_id.as_ref(),
+                client_ip: ctx.client_ip,
+            },
+        )?;
+        Ok(Box::new(req))
     }
 }
 
@@ -411,7 +518,6 @@ async fn forward(
     relay: &Relay<'_>,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    req: RequestHeader,
     body: Bytes,
     reservation: Reservation,
     first: Option<FirstPick>,
@@ -420,15 +526,32 @@ async fn forward(
     let cfg = relay.upstream.config();
     let deadline = cfg.total_timeout.map(|t| Instant::from_std(ctx.start) + t);
 
-    let opened = tokio::select! {
-        opened = open(relay, &req, &body, first) => opened,
-        _ = session.as_downstream_mut().read_body_or_idle(true) => {
-            return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
-        }
-        _ = until(deadline) => {
-            return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
+    // One header for every attempt: failover re-addresses it; only a stale
+    // pooled connection, which takes it along, makes us build another.
+    let mut req = Some(relay.upstream_request(session.req_header(), ctx, body.len())?);
+    let mut opening = Opening {
+        first,
+        ..Opening::default()
+    };
+    let opened = loop {
+        let step = tokio::select! {
+            step = open(relay, &mut opening, &mut req, &body) => step,
+            _ = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
+            }
+            _ = until(deadline) => {
+                return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
+            }
+        };
+        match step {
+            Ok(opened) => break Ok(opened),
+            Err(Unopened::Not(not)) => break Err(not),
+            Err(Unopened::Rebuild) => {
+                req = Some(relay.upstream_request(session.req_header(), ctx, body.len())?);
+            }
         }
     };
+    drop(req);
     drop(body);
     drop(reservation);
     // Held until the response is over: the server's slot and its in-flight count.
@@ -481,9 +604,12 @@ async fn forward(
                         return Err(e.into());
                     }
                 };
-                ctx.accounting.feed(&body);
+                ctx.accounting.feed_whole(&body);
                 resp.remove_header("transfer-encoding");
-                resp.insert_header("Content-Length", body.len().to_string())?;
+                resp.insert_header(
+                    http::header::CONTENT_LENGTH,
+                    headers::short_value(body.len())?,
+                )?;
                 ctx.bytes_out += body.len();
                 write_header(session, ctx, relay.cors, resp).await?;
                 return match write_body(session, Some(body), true, cfg.idle_timeout, deadline).await
@@ -520,19 +646,29 @@ async fn forward(
         }
     }
 
-    let model = ctx.model.clone();
-    let _stream = is_sse.then(|| metrics.stream_started(model.as_deref()));
-    let inter_token = metrics.inter_token_histogram(model.as_deref());
+    // The stream's metric handles, looked up once.
+    let _stream = is_sse.then(|| metrics.stream_started(ctx.model.as_deref()));
+    let first_token = metrics.first_token_histogram(ctx.model.as_deref());
+    let inter_token = metrics.inter_token_histogram(ctx.model.as_deref());
     let mut last_token: Option<std::time::Instant> = None;
     let stall = cfg.idle_timeout;
     let total_timeout = || total_timeout_error(cfg.total_timeout.unwrap_or_default());
     // One idle timer and one total-deadline timer per response for reading
-    // from upstream, the idle one reset per chunk: registering a fresh timer
-    // for every chunk costs more than moving one.
+    // from upstream, and one stall timer for writing to the client, the
+    // idle and stall ones reset per chunk: registering a fresh timer for
+    // every chunk costs more than moving one.
     let total = until(deadline);
     tokio::pin!(total);
     let idle = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle);
+    let write_stall = tokio::time::sleep(stall);
+    tokio::pin!(write_stall);
+    // Each chunk is copied out of Pingora's buffer into this one and handed
+    // to the client as a frozen slice of it. Once the client's write has
+    // dropped that slice the next chunk reuses the same memory: no
+    // allocation per chunk (sized for typical SSE events; it grows for a
+    // larger piece).
+    let mut out = bytes::BytesMut::new();
     loop {
         idle.as_mut().reset(Instant::now() + cfg.idle_timeout);
         let next = tokio::select! {
@@ -547,7 +683,13 @@ async fn forward(
             _ = &mut total => {
                 return end_broken_response(session, ctx, is_sse, total_timeout(), stall).await;
             }
-            read = exchange.http.read_body_bytes() => Ok(read),
+            read = exchange.http.read_body_ref() => {
+                Ok(read.map(|r| r.map(|piece| {
+                    out.reserve(piece.len().max(CHUNK_BUFFER));
+                    out.extend_from_slice(piece);
+                    out.split().freeze()
+                })))
+            }
             _ = &mut idle => Err(()),
             _ = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(ctx.client_left(DisconnectPhase::Streaming));
@@ -559,12 +701,13 @@ async fn forward(
                 if ctx.accounting.feed(&chunk) > 0 {
                     let now = std::time::Instant::now();
                     match last_token {
-                        None => metrics.first_token(model.as_deref(), now - ctx.start),
+                        None => first_token.observe((now - ctx.start).as_secs_f64()),
                         Some(prev) => inter_token.observe((now - prev).as_secs_f64()),
                     }
                     last_token = Some(now);
                 }
-                match write_body(session, Some(chunk), false, stall, deadline).await {
+                let timer = write_stall.as_mut();
+                match write_body_timed(session, Some(chunk), false, timer, stall, deadline).await {
                     Ok(()) => {}
                     Err(WriteFailed::ClientGone) => {
                         return Err(ctx.client_left(DisconnectPhase::Streaming));
@@ -645,7 +788,7 @@ async fn end_broken_response(
     if is_sse {
         ctx.error_code = Some(err.code());
         let dialect = ctx.route.as_ref().map_or(Dialect::OpenAi, |r| r.dialect());
-        let event = err.sse_event_in(dialect, ctx.request_id.as_deref());
+        let event = err.sse_event_in(dialect, ctx.request_id());
         ctx.bytes_out += event.len();
         return match write_body(session, Some(event), true, stall, None).await {
             Ok(()) => Ok(()),
@@ -677,7 +820,17 @@ async fn read_whole(
     deadline: Option<Instant>,
 ) -> Result<Whole, GatewayError> {
     let cfg = relay.upstream.config();
-    let mut buf = bytes::BytesMut::new();
+    // Sized by the announced length when there is one: the body is then
+    // read into one buffer of exactly its size (no growth, and no second
+    // allocation when it becomes `Bytes`).
+    let announced = exchange
+        .http
+        .resp_header()
+        .and_then(|h| h.headers.get(http::header::CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut buf = bytes::BytesMut::with_capacity(announced.min(WHOLE_MAX));
     let total = until(deadline);
     tokio::pin!(total);
     loop {
@@ -686,14 +839,17 @@ async fn read_whole(
             _ = &mut total => {
                 return Err(total_timeout_error(cfg.total_timeout.unwrap_or_default()).into());
             }
-            read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_bytes()) => read,
+            // Copied straight from Pingora's buffer (`read_body_bytes` would
+            // copy each piece once more).
+            read = tokio::time::timeout(cfg.idle_timeout, exchange.http.read_body_ref()) => {
+                read.map(|r| r.map(|piece| piece.map(|piece| buf.extend_from_slice(piece))))
+            }
             _ = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(ctx.client_left(DisconnectPhase::BeforeFirstToken));
             }
         };
         match next {
-            Ok(Ok(Some(chunk))) => {
-                buf.extend_from_slice(&chunk);
+            Ok(Ok(Some(()))) => {
                 if buf.len() > WHOLE_MAX {
                     return Ok(Whole::Partial(buf.freeze()));
                 }

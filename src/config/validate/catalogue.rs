@@ -97,14 +97,14 @@ pub(super) fn validate_models(
             upstreams.push(index);
         }
         routes.push(ModelRoute {
-            name: m.name,
+            name: m.name.into(),
             aliases: m.aliases,
             upstream_name,
             owned_by: m.owned_by.unwrap_or_else(|| "llm-edge".into()),
             upstreams,
         });
     }
-    let default = default_model.unwrap_or_else(|| routes[0].name.clone());
+    let default = default_model.unwrap_or_else(|| routes[0].name.to_string());
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -180,7 +180,7 @@ pub(super) fn validate_keys(
                             format!("'{name}' is not a configured model or alias"),
                         )
                     })?;
-                    names.push(route.name.clone());
+                    names.push(route.name.to_string());
                 }
                 Some(names)
             }

@@ -27,7 +27,7 @@ fn client_request() -> RequestHeader {
     req
 }
 
-fn fwd<'a>(body_len: usize, request_id: Option<&'a str>) -> Forwarding<'a> {
+fn fwd<'a>(body_len: usize, request_id: Option<&'a HeaderValue>) -> Forwarding<'a> {
     Forwarding {
         path: "/v1/chat/completions",
         query: Some("x=1"),
@@ -39,7 +39,8 @@ fn fwd<'a>(body_len: usize, request_id: Option<&'a str>) -> Forwarding<'a> {
 
 #[test]
 fn client_key_is_replaced_by_the_upstream_key() {
-    let mut req = upstream_request(&client_request(), &fwd(42, Some("r1"))).unwrap();
+    let id = HeaderValue::from_static("r1");
+    let mut req = upstream_request(&client_request(), &fwd(42, Some(&id))).unwrap();
     address_to(&mut req, &upstream(Some("up-secret"))).unwrap();
     assert_eq!(req.headers["authorization"], "Bearer up-secret");
     assert_eq!(req.headers["content-length"], "42");
@@ -150,7 +151,8 @@ fn sized_responses_keep_their_length() {
     assert_eq!(down.status.as_u16(), 400);
     assert_eq!(down.headers["content-length"], "12");
     assert!(!down.headers.contains_key("transfer-encoding"));
-    finish_client_response(&mut down, Some("r"), &CorsPolicy::default(), None).unwrap();
+    let id = HeaderValue::from_static("r");
+    finish_client_response(&mut down, Some(&id), &CorsPolicy::default(), None).unwrap();
     assert_eq!(down.headers["x-request-id"], "r");
 }
 
