@@ -440,6 +440,26 @@ async fn through_haproxy_two_edges_together_keep_a_keys_requests_tokens_and_day_
     );
 }
 
+/// A request leases the fleet's slot with its key's admission when this
+/// edge has a slot free at that moment; another request may take that free
+/// slot first. The first must not wait here holding the fleet's slot while
+/// the second holds this edge's slot and polls the store for it.
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn a_fleet_slot_leased_at_admission_is_never_held_while_waiting_for_this_edges_slot() {
+    let upstream = "  max_in_flight: 2\n  queue_timeout: 2s\n";
+    let (_redis, _mock, gws) = fleet(1, upstream, "", "").await;
+    // Rounds of a burst: each begins with the edge's slots free, so every
+    // request of the burst is admitted with a fleet slot on offer.
+    for round in 0..40 {
+        let results = hammer(&gws[0].url(), ERIN, 6, 6, chat(3)).await;
+        assert!(
+            results.iter().all(|s| *s == 200),
+            "round {round}: {results:?} (a request waited out upstream.queue_timeout)"
+        );
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs redis-server; scripts/test.sh runs it"]
 async fn a_two_slot_upstream_never_sees_more_than_two_in_flight_from_two_edges() {

@@ -81,6 +81,18 @@ impl SlotQueue {
         s.in_flight < self.limit && s.queued == 0
     }
 
+    /// A slot now, or none (nobody waiting is overtaken).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<SlotPermit> {
+        let mut s = self.lock();
+        if s.in_flight < self.limit && s.queued == 0 {
+            s.in_flight += 1;
+            return Some(SlotPermit {
+                queue: Some(self.clone()),
+            });
+        }
+        None
+    }
+
     /// Waits for a slot for a request of `key`, at most `timeout`.
     /// Cancel-safe: dropping the future leaves the queue.
     pub async fn acquire(
@@ -161,6 +173,29 @@ impl Drop for LeaveQueue<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn try_acquire_takes_a_free_slot_and_never_overtakes_a_waiter() {
+        let q = SlotQueue::new(1, 100);
+        let first = q.try_acquire().expect("a free slot");
+        assert!(q.try_acquire().is_none(), "the only slot is taken");
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire("k", Duration::from_secs(10)).await.map(drop) }
+        });
+        for _ in 0..1000 {
+            if q.queued() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(q.queued(), 1);
+        // The freed slot goes to the waiter, not to a request that asks now.
+        drop(first);
+        assert!(q.try_acquire().is_none());
+        waiter.await.unwrap().unwrap();
+        assert!(q.try_acquire().is_some(), "free again");
+    }
 
     #[tokio::test]
     async fn never_more_than_the_limit_and_fifo_within_a_key() {

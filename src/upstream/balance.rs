@@ -429,15 +429,19 @@ impl UpstreamSet {
         let started = tokio::time::Instant::now();
         let mut lease = self.assign(index);
         if let Some(slots) = &self.members[index].slots {
+            // A slot across edges leased at admission is kept only with this
+            // edge's slot in hand at once: one that waited here while holding
+            // it could wait for a request that holds this edge's slot and
+            // polls for the one it holds.
+            if let Some((permit, taken)) = taken.and_then(|t| Some((slots.try_acquire()?, t))) {
+                lease.slot = Some(permit);
+                lease.shared_slot = Some(SharedSlot::Leased(taken));
+                return Ok(lease);
+            }
             lease.slot = Some(slots.acquire(key, self.cfg.queue_timeout).await?);
             if let Some(store) = self.shared.get() {
-                lease.shared_slot = match taken {
-                    Some(taken) => Some(SharedSlot::Leased(taken)),
-                    None => {
-                        let deadline = started + self.cfg.queue_timeout;
-                        self.shared_slot(store, index, deadline).await?
-                    }
-                };
+                let deadline = started + self.cfg.queue_timeout;
+                lease.shared_slot = self.shared_slot(store, index, deadline).await?;
             }
         }
         Ok(lease)
