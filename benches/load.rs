@@ -1469,7 +1469,10 @@ async fn scenario_non_streaming(plan: &Plan, env: &Env, table: &mut Table) {
         [None, cpu[1], cpu[2]],
         1,
         Cmp::NginxRatio,
-        verdict(cpu[1].zip(cpu[2]).map(|(e, n)| e <= 1.5 * n), "≤ 1.5× nginx"),
+        verdict(
+            cpu[1].zip(cpu[2]).map(|(e, n)| e <= 1.5 * n),
+            "≤ 1.5× nginx",
+        ),
     );
     if plan.quick {
         for (k, r) in &results {
@@ -1688,14 +1691,7 @@ async fn scenario_slow(plan: &Plan, env: &Env, table: &mut Table, n: usize) {
     );
     // Every stream's first token while the streams are still opening.
     let ttft = cols(&results, |r| pct(&mut r.ttft_us.clone(), 0.99));
-    table.add(
-        &sc,
-        "time to first token p99 (µs)",
-        ttft,
-        0,
-        Cmp::Ratio,
-        "",
-    );
+    table.add(&sc, "time to first token p99 (µs)", ttft, 0, Cmp::Ratio, "");
     let added = [
         None,
         ttft[1].zip(ttft[0]).map(|(e, d)| e - d),
