@@ -336,57 +336,135 @@ pub struct Rewrite<'a> {
     pub insert_as: InsertAs,
 }
 
+/// One change to a body: `span`'s bytes replaced by `text` (an empty span
+/// at the object start inserts).
+struct Edit {
+    span: Range<usize>,
+    text: Text,
+}
+
+/// What an edit writes, rendered straight into the result (and once into a
+/// counter, for the result's exact size).
+#[derive(Clone, Copy)]
+enum Text {
+    /// The upstream model name, as a JSON string.
+    Model,
+    /// The token cap.
+    Cap,
+    /// Inserted members (`"model":...`, then the cap's field), with a comma
+    /// after them when the object already had members.
+    Members { model: bool, cap: bool, comma: bool },
+}
+
+impl Text {
+    fn render(self, w: &mut impl std::io::Write, rw: &Rewrite, cap: u64) -> std::io::Result<()> {
+        match self {
+            Text::Model => serde_json::to_writer(&mut *w, rw.upstream_model)?,
+            Text::Cap => write!(w, "{cap}")?,
+            Text::Members {
+                model,
+                cap: with_cap,
+                comma,
+            } => {
+                if model {
+                    w.write_all(b"\"model\":")?;
+                    serde_json::to_writer(&mut *w, rw.upstream_model)?;
+                }
+                if with_cap {
+                    if model {
+                        w.write_all(b",")?;
+                    }
+                    write!(w, "\"{}\":{cap}", rw.insert_as.field())?;
+                }
+                if comma {
+                    w.write_all(b",")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many bytes [`Text::render`] writes.
+    fn len(self, rw: &Rewrite, cap: u64) -> std::io::Result<usize> {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        self.render(&mut count, rw, cap)?;
+        Ok(count.0)
+    }
+}
+
 /// Applies `rw` by splicing bytes; every other byte stays as the client sent it.
+/// Nothing is allocated but the result (the edits are rendered into it).
 pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
-    let Ok(model_json) = serde_json::to_string(rw.upstream_model) else {
-        return body;
-    };
-    // (span, replacement) edits; an empty span at the object start inserts.
-    let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
-    let mut inserted: Vec<String> = Vec::new();
+    let mut edits: smallvec::SmallVec<[Edit; 4]> = smallvec::SmallVec::new();
+    let mut insert_model = false;
     match &info.model {
         // Compare decoded names: `"m\u0061"` already is `ma` and stays as sent.
-        Some(field) if field.name != rw.upstream_model => {
-            edits.push((field.span.clone(), model_json.into_bytes()));
-        }
+        Some(field) if field.name != rw.upstream_model => edits.push(Edit {
+            span: field.span.clone(),
+            text: Text::Model,
+        }),
         Some(_) => {}
-        None => inserted.push(format!("\"model\":{model_json}")),
+        None => insert_model = true,
     }
+    let mut insert_cap = false;
+    let cap = rw.max_tokens.unwrap_or(0);
     if let Some(cap) = rw.max_tokens {
         let read = rw.insert_as.read_by_upstream();
-        if !info.token_limits.iter().any(|f| read.contains(&f.name)) {
-            inserted.push(format!("\"{}\":{cap}", rw.insert_as.field()));
-        }
+        insert_cap = !info.token_limits.iter().any(|f| read.contains(&f.name));
         for field in &info.token_limits {
             if field.value.is_none_or(|v| v > cap) {
-                edits.push((field.span.clone(), cap.to_string().into_bytes()));
+                edits.push(Edit {
+                    span: field.span.clone(),
+                    text: Text::Cap,
+                });
             }
         }
     }
-    if !inserted.is_empty() {
+    if insert_model || insert_cap {
         let at = info.object_start + 1;
-        let mut text = inserted.join(",");
-        if info.has_members {
-            text.push(',');
-        }
-        edits.push((at..at, text.into_bytes()));
+        edits.push(Edit {
+            span: at..at,
+            text: Text::Members {
+                model: insert_model,
+                cap: insert_cap,
+                comma: info.has_members,
+            },
+        });
     }
     if edits.is_empty() {
         return body;
     }
-    edits.sort_by_key(|(span, _)| span.start);
-    let grow: usize = edits.iter().map(|(_, b)| b.len()).sum();
-    let shrink: usize = edits.iter().map(|(span, _)| span.len()).sum();
+    edits.sort_by_key(|e| e.span.start);
+    let mut size = body.len();
+    for e in &edits {
+        let Ok(len) = e.text.len(rw, cap) else {
+            return body;
+        };
+        size = size + len - e.span.len();
+    }
     // Exactly as long as the result: a full `Vec` becomes `Bytes` without
     // a second allocation for its shared header.
-    let mut out = Vec::with_capacity((body.len() + grow).saturating_sub(shrink));
+    let mut out = Vec::with_capacity(size);
     let mut pos = 0;
-    for (span, replacement) in &edits {
-        out.extend_from_slice(&body[pos..span.start]);
-        out.extend_from_slice(replacement);
-        pos = span.end;
+    for e in &edits {
+        out.extend_from_slice(&body[pos..e.span.start]);
+        if e.text.render(&mut out, rw, cap).is_err() {
+            return body;
+        }
+        pos = e.span.end;
     }
     out.extend_from_slice(&body[pos..]);
+    debug_assert_eq!(out.len(), size);
     Bytes::from(out)
 }
 
