@@ -112,6 +112,24 @@ impl Redis {
         assert_eq!(line.trim(), "+OK", "{words:?}");
     }
 
+    /// A command whose answer is a bulk string (e.g. `SCRIPT LOAD`'s sha).
+    fn bulk(&self, words: &[&str]) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut out = format!("*{}\r\n", words.len());
+        for w in words {
+            out.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+        s.write_all(out.as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with('$'), "{words:?}: {line}");
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
     /// Stalls the whole store for `seconds` (DEBUG SLEEP), as an overloaded
     /// or paused Redis would; returns when it answers again.
     fn stall(&self, seconds: f64) {
@@ -556,6 +574,38 @@ async fn key_limits_and_the_upstream_slot_cost_one_store_round_trip_per_request(
             && redis.zcard(&slots_key(&mock)) == 0
     })
     .await;
+}
+
+/// After a flush, a request without a slot to lease (another edge's, a
+/// passthrough, one that queues here) loads admit.lua alone; the next
+/// request's pipelined admission then finds slot.lua missing. Only the
+/// missing script may run again: the key's limits are taken once.
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test.sh runs it"]
+async fn a_store_that_has_only_the_admission_script_takes_a_keys_limits_once() {
+    let upstream = "  max_in_flight: 4\n  queue_timeout: 10s\n";
+    let (redis, _mock, gws) = fleet(1, upstream, "", "").await;
+    let edge = &gws[0];
+    let warm = hammer_counted(&edge.url(), ERIN, 1, 1, chat(3)).await;
+    assert_eq!(warm[0].0, 200);
+    eventually("the warm-up settled", || {
+        redis.day_used("erin") == warm[0].1 as i64
+    })
+    .await;
+    redis.ok(&["SCRIPT", "FLUSH"]);
+    let sha = redis.bulk(&["SCRIPT", "LOAD", include_str!("../src/shared/admit.lua")]);
+    assert_eq!(sha.len(), 40, "{sha}");
+    let one = hammer_counted(&edge.url(), ERIN, 1, 1, chat(3)).await;
+    assert_eq!(one[0].0, 200);
+    let expected = (warm[0].1 + one[0].1) as i64;
+    // Before the fix: its reservation twice, less one settlement.
+    eventually_within(
+        Duration::from_secs(5),
+        "the day's quota counts each request's tokens once",
+        || redis.day_used("erin") == expected,
+    )
+    .await;
+    assert_eq!(redis.number("ZCARD", "llm-edge:{k:erin}:conc"), 0);
 }
 
 /// Writes a CA and a certificate for 127.0.0.1 signed by it into `dir`

@@ -272,28 +272,47 @@ impl SharedState {
                 take.key(&key).arg(max).arg(&slot_member).arg(ttl);
                 let (reply, taken): (Vec<i64>, i64) = self
                     .call(StoreOp::Admit, |mut conn| async move {
+                        let scripts = [&admit, &take];
                         let mut pipe = redis::pipe();
-                        pipe.invoke_script(&admit).invoke_script(&take);
-                        match pipe.query_async(&mut conn).await {
-                            Err(e)
-                                if e.kind()
-                                    == redis::ErrorKind::Server(
-                                        redis::ServerErrorKind::NoScript,
-                                    ) =>
-                            {
-                                // A restarted or flushed store: load both
-                                // (slot first, so wherever admit.lua is
-                                // loaded slot.lua is too, and a retry never
-                                // takes the key's limits twice), then once more.
-                                redis::pipe()
-                                    .load_script(&self.slot)
-                                    .load_script(&self.admit)
-                                    .query_async::<()>(&mut conn)
-                                    .await?;
-                                pipe.query_async(&mut conn).await
+                        pipe.ignore_errors();
+                        scripts.iter().for_each(|s| {
+                            pipe.invoke_script(s);
+                        });
+                        let mut replies: Vec<redis::RedisResult<redis::Value>> =
+                            pipe.query_async(&mut conn).await?;
+                        // A restarted or flushed store lacks a script: load
+                        // both and run again only the ones that did not run
+                        // (one of them may have, e.g. when admit.lua alone
+                        // was loaded by a request without a slot to lease:
+                        // running it again would take the key's limits twice).
+                        let missing: Vec<usize> = (0..replies.len())
+                            .filter(|&i| matches!(&replies[i], Err(e) if is_no_script(e)))
+                            .collect();
+                        if !missing.is_empty() {
+                            let mut again = redis::pipe();
+                            again.load_script(&self.slot).ignore();
+                            again.load_script(&self.admit).ignore();
+                            again.ignore_errors();
+                            for &i in &missing {
+                                again.invoke_script(scripts[i]);
                             }
-                            other => other,
+                            let redone: Vec<redis::RedisResult<redis::Value>> =
+                                again.query_async(&mut conn).await?;
+                            for (i, r) in missing.into_iter().zip(redone) {
+                                replies[i] = r;
+                            }
                         }
+                        let mut replies = replies.into_iter();
+                        let (Some(admitted), Some(taken)) = (replies.next(), replies.next()) else {
+                            return Err(redis::RedisError::from((
+                                redis::ErrorKind::Client,
+                                "a short pipeline reply",
+                            )));
+                        };
+                        Ok((
+                            redis::from_redis_value(admitted?)?,
+                            redis::from_redis_value(taken?)?,
+                        ))
                     })
                     .await?;
                 // Held from here on, so that a refusal below gives it back.
@@ -525,6 +544,11 @@ impl SharedState {
             }
         }
     }
+}
+
+/// The store answered that it does not have a script (restarted, flushed).
+fn is_no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
