@@ -60,7 +60,7 @@ pub struct Choice {
 struct Entry {
     /// When it was last recorded (the index's own counter).
     last: u64,
-    /// Tokens its block adds to the prefix before it.
+    /// Tokens its block adds to the prefix before it (at least 1).
     tokens: u64,
 }
 
@@ -142,6 +142,11 @@ impl Index {
                 e.last = last;
             }
             None => {
+                // Every entry costs at least one token of the budget: a
+                // session key (which adds no tokens) or a tiny block still
+                // takes memory, and a client sending a new session per
+                // request must not grow the index without bound.
+                let tokens = tokens.max(1);
                 self.entries.insert(hash, Entry { last, tokens });
                 self.used += tokens;
             }

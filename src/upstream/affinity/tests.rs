@@ -48,6 +48,19 @@ fn the_budget_evicts_the_least_recently_used() {
 }
 
 #[test]
+fn new_sessions_without_new_tokens_cannot_grow_the_index_past_its_budget() {
+    let mut idx = Index::new(500);
+    for session in 0..10_000 {
+        // The same prompt, a new session key each time.
+        let mut k = key(0, 1);
+        k.explicit = Some(1_000_000 + session);
+        idx.record(&k);
+    }
+    assert!(idx.used() <= 500, "{}", idx.used());
+    assert!(idx.len() <= 500, "{} entries", idx.len());
+}
+
+#[test]
 fn an_explicit_key_matches_the_whole_prefix() {
     let mut idx = Index::new(10_000);
     let mut k = key(0, 2);
