@@ -236,10 +236,13 @@ fn bench_affinity(c: &mut Criterion) {
     let mut g = c.benchmark_group("affinity");
     for (label, size, messages) in [("1KiB", 1024usize, 3usize), ("100KiB", 100 << 10, 40)] {
         let body = conversation(size, messages);
-        assert_eq!(prefix::derive(&body, "qwen3", None).blocks.len(), messages);
+        assert_eq!(
+            prefix::derive(&body, "qwen3", None, "bench").blocks.len(),
+            messages
+        );
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_with_input(BenchmarkId::new("derive", label), &body, |b, body| {
-            b.iter(|| prefix::derive(black_box(body), "qwen3", None));
+            b.iter(|| prefix::derive(black_box(body), "qwen3", None, "bench"));
         });
     }
     g.finish();

@@ -366,7 +366,7 @@ impl GatewayProxy {
                 let header = header
                     .and_then(|h| session.get_header(h))
                     .and_then(|v| v.to_str().ok());
-                Box::new(prefix::derive(&body, &route.name, header))
+                Box::new(prefix::derive(&body, &route.name, header, &key.id))
             })
             .filter(|a| !a.is_empty());
         // With a shared store, the server is chosen now, so that its slot

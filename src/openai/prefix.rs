@@ -173,10 +173,12 @@ fn string_of(raw: Option<&RawValue>) -> Option<String> {
 }
 
 /// The hash of an explicit session key, namespaced by model.
-fn explicit_hash(model: &str, key: &str) -> u64 {
+fn explicit_hash(model: &str, owner: &str, key: &str) -> u64 {
     let mut h = hasher();
     h.write(b"explicit\0");
     h.write(model.as_bytes());
+    h.write_u8(0);
+    h.write(owner.as_bytes());
     h.write_u8(0);
     h.write(key.as_bytes());
     h.finish()
@@ -256,7 +258,11 @@ fn push_items(chain: &mut Chain, raw: &RawValue) {
 /// public name the request resolved to); `header_key` is the value of the
 /// configured session header, if the request has one. A body that is not a
 /// JSON object gives an empty key (the caller has checked it already).
-pub fn derive(body: &[u8], model: &str, header_key: Option<&str>) -> Affinity {
+/// A session key is the API key `owner`'s own: another key sending the same
+/// session value (`"user": "1"`) neither matches nor corrects its entry.
+/// Prompt prefixes are shared across keys (a common system prompt is one
+/// cache).
+pub fn derive(body: &[u8], model: &str, header_key: Option<&str>, owner: &str) -> Affinity {
     let Ok(text) = std::str::from_utf8(body) else {
         return Affinity::default();
     };
@@ -278,7 +284,7 @@ pub fn derive(body: &[u8], model: &str, header_key: Option<&str>) -> Affinity {
         .or_else(|| header_key.filter(|k| !k.is_empty()).map(str::to_string))
         .or(metadata_user)
         .or_else(|| string_of(m.user))
-        .map(|key| explicit_hash(model, &key));
+        .map(|key| explicit_hash(model, owner, &key));
 
     let mut chain = Chain::new(model);
     if m.system.is_some() || m.instructions.is_some() || m.tools.is_some() {

@@ -7,6 +7,11 @@ fn chat(messages: serde_json::Value) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The affinity key as API key `k` derives it.
+fn derive(body: &[u8], model: &str, header_key: Option<&str>) -> Affinity {
+    super::derive(body, model, header_key, "k")
+}
+
 fn hashes(a: &Affinity) -> Vec<u64> {
     a.blocks.iter().map(|b| b.hash).collect()
 }
@@ -93,7 +98,7 @@ fn explicit_keys_in_order_of_precedence() {
             .extend(extra.as_object().unwrap().clone());
         v.to_string().into_bytes()
     };
-    let key = |k: &str| Some(explicit_hash("m", k));
+    let key = |k: &str| Some(explicit_hash("m", "k", k));
     assert_eq!(
         derive(&body(json!({"user": "u"})), "m", None).explicit,
         key("u")
@@ -178,4 +183,17 @@ fn nothing_to_hash() {
     assert!(derive(b"{}", "m", None).is_empty());
     assert!(derive(b"not json", "m", None).is_empty());
     assert!(derive(b"[1,2]", "m", None).is_empty());
+}
+
+#[test]
+fn a_session_key_belongs_to_its_api_key_and_a_prefix_does_not() {
+    let b = json!({"user": "1", "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+        .into_bytes();
+    let (a, other) = (
+        super::derive(&b, "m", None, "alice"),
+        super::derive(&b, "m", None, "bob"),
+    );
+    assert_ne!(a.explicit, other.explicit);
+    assert_eq!(hashes(&a), hashes(&other));
 }
