@@ -370,3 +370,31 @@ async fn a_401_keeps_the_connection_when_the_body_is_small() {
     assert!(closed, "{reply}");
     assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
 }
+
+/// The drain is for wrong keys only: a client the per-address throttle
+/// refuses (429) gets its answer and the connection closes, its body unread.
+#[tokio::test]
+async fn a_throttled_address_is_answered_and_closed_without_reading_its_body() {
+    let (_mock, gw) = setup("downstream:\n  max_auth_failures_per_minute: 2\n").await;
+    let refused = "POST /v1/chat/completions HTTP/1.1\r\nHost: e\r\nAuthorization: Bearer sk-wrong\r\nContent-Length: 1000\r\n\r\n";
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        s.write_all(refused.as_bytes()).await.unwrap();
+        s.write_all("x".repeat(1000).as_bytes()).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+            .await
+            .unwrap();
+        statuses.push(reply[9..12].to_string());
+        if reply.starts_with("HTTP/1.1 429") {
+            assert!(reply.contains("Connection: close"), "{reply}");
+            break;
+        }
+        assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    }
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("429"),
+        "{statuses:?}"
+    );
+}

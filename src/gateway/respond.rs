@@ -42,10 +42,16 @@ impl GatewayProxy {
         ctx.error_code = Some(err.code());
         ctx.auth_failure = err.auth_failure();
         let mut body_unread = !session.is_body_done();
-        if body_unread && small_declared_body(session) {
-            // A small body is cheaper to read than a new connection (a
-            // client retrying with the right key, or a scanner, would
-            // otherwise pay a handshake per refusal).
+        // Only a wrong or missing key's small body is read: a client
+        // retrying with the right key would otherwise pay a handshake per
+        // 401. Every other refusal (a limit, an overload, a throttled
+        // address) spends nothing more on the request and closes.
+        let wrong_key = matches!(err, ApiError::MissingKey(_) | ApiError::InvalidKey(_));
+        if body_unread
+            && wrong_key
+            && headers::client_keeps_alive(ctx.http10, &session.req_header().headers)
+            && small_declared_body(session)
+        {
             body_unread = !drain(session).await;
         }
         if body_unread {
