@@ -360,17 +360,7 @@ impl serde::Serialize for Message<'_> {
 /// `body` as JSON in a buffer of exactly its length, measured by a first
 /// pass: a full `Vec` becomes `Bytes` without a second allocation.
 fn encode(body: &impl serde::Serialize) -> Bytes {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut len = Count(0);
+    let mut len = crate::openai::ByteCount(0);
     // Neither pass can fail: these structs have string keys and no maps,
     // and neither writer refuses bytes.
     let _ = serde_json::to_writer(&mut len, body);

@@ -357,7 +357,13 @@ enum Text {
 }
 
 impl Text {
-    fn render(self, w: &mut impl std::io::Write, rw: &Rewrite, cap: u64) -> std::io::Result<()> {
+    /// Writes the edit's bytes. Nothing here can fail (serializing a `&str`,
+    /// writers that never refuse bytes), so a rewrite is never skipped.
+    fn render(self, w: &mut impl std::io::Write, rw: &Rewrite, cap: u64) {
+        let _ = self.write(w, rw, cap);
+    }
+
+    fn write(self, w: &mut impl std::io::Write, rw: &Rewrite, cap: u64) -> std::io::Result<()> {
         match self {
             Text::Model => serde_json::to_writer(&mut *w, rw.upstream_model)?,
             Text::Cap => write!(w, "{cap}")?,
@@ -385,20 +391,10 @@ impl Text {
     }
 
     /// How many bytes [`Text::render`] writes.
-    fn len(self, rw: &Rewrite, cap: u64) -> std::io::Result<usize> {
-        struct Count(usize);
-        impl std::io::Write for Count {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0 += buf.len();
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut count = Count(0);
-        self.render(&mut count, rw, cap)?;
-        Ok(count.0)
+    fn len(self, rw: &Rewrite, cap: u64) -> usize {
+        let mut count = super::ByteCount(0);
+        self.render(&mut count, rw, cap);
+        count.0
     }
 }
 
@@ -418,7 +414,7 @@ pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
     }
     let mut insert_cap = false;
     let cap = rw.max_tokens.unwrap_or(0);
-    if let Some(cap) = rw.max_tokens {
+    if rw.max_tokens.is_some() {
         let read = rw.insert_as.read_by_upstream();
         insert_cap = !info.token_limits.iter().any(|f| read.contains(&f.name));
         for field in &info.token_limits {
@@ -445,22 +441,16 @@ pub fn rewrite(body: Bytes, info: &RequestBody, rw: &Rewrite) -> Bytes {
         return body;
     }
     edits.sort_by_key(|e| e.span.start);
-    let mut size = body.len();
-    for e in &edits {
-        let Ok(len) = e.text.len(rw, cap) else {
-            return body;
-        };
-        size = size + len - e.span.len();
-    }
+    let size = edits.iter().fold(body.len(), |size, e| {
+        size + e.text.len(rw, cap) - e.span.len()
+    });
     // Exactly as long as the result: a full `Vec` becomes `Bytes` without
     // a second allocation for its shared header.
     let mut out = Vec::with_capacity(size);
     let mut pos = 0;
     for e in &edits {
         out.extend_from_slice(&body[pos..e.span.start]);
-        if e.text.render(&mut out, rw, cap).is_err() {
-            return body;
-        }
+        e.text.render(&mut out, rw, cap);
         pos = e.span.end;
     }
     out.extend_from_slice(&body[pos..]);

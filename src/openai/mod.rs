@@ -10,3 +10,18 @@ pub mod body;
 pub mod models;
 pub mod prefix;
 pub mod sse;
+
+/// A writer that only counts: how long a rendering is, measured before it
+/// is rendered into a buffer of exactly that size (a full `Vec` becomes
+/// `Bytes` without a second allocation).
+pub(crate) struct ByteCount(pub usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
