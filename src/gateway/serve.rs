@@ -359,16 +359,18 @@ impl GatewayProxy {
             None => None,
         };
         let max_tokens = self.reserve_tokens(ctx, key, api_route, &info, body.len(), max_tokens)?;
-        // The affinity key comes from the body as the client sent it.
-        let affinity = (api_route.generates() && !self.state.upstream.is_single())
-            .then(|| {
-                let header = self.state.upstream.config().affinity_header.as_deref();
-                let header = header
-                    .and_then(|h| session.get_header(h))
-                    .and_then(|v| v.to_str().ok());
-                Box::new(prefix::derive(&body, &route.name, header, &key.id))
-            })
-            .filter(|a| !a.is_empty());
+        // The affinity key comes from the body as the client sent it (only
+        // when it can change where the request goes).
+        let affinity = (api_route.generates()
+            && self.state.upstream.routes_by_affinity(&route.upstreams))
+        .then(|| {
+            let header = self.state.upstream.config().affinity_header.as_deref();
+            let header = header
+                .and_then(|h| session.get_header(h))
+                .and_then(|v| v.to_str().ok());
+            Box::new(prefix::derive(&body, &route.name, header, &key.id))
+        })
+        .filter(|a| !a.is_empty());
         // With a shared store, the server is chosen now, so that its slot
         // across edges is leased in the key's admission round trip.
         let upstream = &self.state.upstream;

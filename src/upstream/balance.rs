@@ -317,6 +317,13 @@ impl UpstreamSet {
         self.choose_from(allowed, tried, start)
     }
 
+    /// Whether requests for a model served by `allowed` (empty: all) are
+    /// routed by cache affinity: `cache_affinity` routing and more than one
+    /// server to choose from. Only then is an affinity key worth deriving.
+    pub fn routes_by_affinity(&self, allowed: &[usize]) -> bool {
+        self.cfg.routing == config::Routing::CacheAffinity && self.candidates(allowed) > 1
+    }
+
     /// [`UpstreamSet::choose`] for a request with an affinity key: with
     /// `cache_affinity` routing and several candidates, the server holding
     /// its longest prefix within bounded load, and how it was chosen.
@@ -326,11 +333,7 @@ impl UpstreamSet {
         tried: &[usize],
         key: Option<&Affinity>,
     ) -> Option<(usize, Option<Choice>)> {
-        let key = key.filter(|k| {
-            !k.is_empty()
-                && self.cfg.routing == config::Routing::CacheAffinity
-                && self.candidates(allowed) > 1
-        });
+        let key = key.filter(|k| !k.is_empty() && self.routes_by_affinity(allowed));
         let Some(key) = key else {
             return self.choose(allowed, tried).map(|i| (i, None));
         };
