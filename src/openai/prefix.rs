@@ -38,6 +38,19 @@ pub const BYTES_PER_TOKEN: u64 = 4;
 /// Bytes per block of a plain-text `prompt` (`/v1/completions`).
 pub const TEXT_BLOCK: usize = 1024;
 
+/// Every block up to this many is kept; past it, 32 per doubling of the
+/// count (block `i` is kept when it is a multiple of `2^(log2 i - 5)`), and
+/// always the last one. The rule depends on `i` alone, so two turns of a
+/// conversation keep the same blocks of their common prefix, and a body of
+/// many tiny messages costs a server's index a few hundred lookups, not one
+/// per message.
+pub const DENSE_BLOCKS: usize = 64;
+
+/// Whether block `i` of a prefix is kept (see [`DENSE_BLOCKS`]).
+fn kept(i: usize) -> bool {
+    i < DENSE_BLOCKS || i.is_multiple_of(1 << (i.ilog2() - 5))
+}
+
 /// One prefix block: its chained hash and the estimated prompt tokens of
 /// the whole prefix up to and including it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +322,12 @@ pub fn derive(body: &[u8], model: &str, header_key: Option<&str>, owner: &str) -
             Err(_) => chain.push_json(b'p', &[Some(prompt)]),
         }
     }
+    let last = chain.blocks.len().saturating_sub(1);
+    let mut i = 0;
+    chain.blocks.retain(|_| {
+        i += 1;
+        kept(i - 1) || i - 1 == last
+    });
     Affinity {
         explicit,
         blocks: chain.blocks,

@@ -197,3 +197,25 @@ fn a_session_key_belongs_to_its_api_key_and_a_prefix_does_not() {
     assert_ne!(a.explicit, other.explicit);
     assert_eq!(hashes(&a), hashes(&other));
 }
+
+#[test]
+fn many_tiny_messages_make_few_blocks_and_turns_keep_the_same_ones() {
+    let turn = |n: usize| {
+        let messages: Vec<_> = (0..n)
+            .map(|i| json!({"role": "user", "content": i.to_string()}))
+            .collect();
+        derive(&chat(json!(messages)), "m", None)
+    };
+    let (a, b) = (turn(20_000), turn(20_002));
+    assert!(
+        a.blocks.len() <= 64 + 32 * 9 + 1,
+        "{} blocks",
+        a.blocks.len()
+    );
+    // The common prefix keeps the same blocks (all but a's last, which is
+    // only kept as the last).
+    let shared = a.blocks.len() - 1;
+    assert_eq!(hashes(&a)[..shared], hashes(&b)[..shared]);
+    // Short conversations keep every block.
+    assert_eq!(turn(50).blocks.len(), 50);
+}
